@@ -1,0 +1,99 @@
+# xnorcam — `make help` lists the targets.
+#
+# Everything runs inside .venv, created on first use. Stamp files inside the
+# venv remember which requirements were installed, so re-runs are instant and a
+# changed requirements file triggers a re-install.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+HOST ?=
+INSTALL_ARGS ?=
+# ../shared beside the clone (datasets, the ARM meter); XNORCAM_SHARED overrides.
+SHARED ?= $(if $(XNORCAM_SHARED),$(XNORCAM_SHARED),$(CURDIR)/../shared)
+ARMCOST ?= $(SHARED)/tools/armcost/armcost
+
+VENV_STAMP := $(VENV)/.xnorcam-venv
+RUNTIME_STAMP := $(VENV)/.xnorcam-runtime
+DEV_STAMP := $(VENV)/.xnorcam-dev
+
+.DEFAULT_GOAL := help
+.PHONY: help setup setup-dev run test test-arm bench bench-arm train eval soak fuzz lint deploy clean distclean
+
+help: ## list the targets
+	@echo "xnorcam: binary-network object detection for the Raspberry Pi Zero 2 W"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: PYTHON=$(PYTHON) ARGS='...' (run) PYTEST_ARGS='...' (test) HOST=user@host (deploy)"
+
+$(VENV_STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "xnorcam needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) -V 2>&1). Try: make PYTHON=python3.11 ..." >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+		echo "Could not create $(VENV). On Debian/Ubuntu/Raspberry Pi OS: sudo apt install python3-venv" >&2; exit 1; }
+	@touch $@
+
+$(RUNTIME_STAMP): requirements.txt $(VENV_STAMP)
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(DEV_STAMP): requirements.txt requirements-dev.txt requirements-train.txt $(VENV_STAMP)
+	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-train.txt
+	@touch $@ $(RUNTIME_STAMP)
+
+setup: $(RUNTIME_STAMP) ## create .venv and install the runtime requirements
+setup-dev: $(DEV_STAMP) ## create .venv with runtime, test and training requirements
+
+run: setup ## run the demo source with the shipped model (window if a display exists, log on stdout); ARGS="..." adds flags
+	$(PY) -m app --source demo --preview auto --log - $(ARGS)
+
+test: setup-dev ## run the test suite (no tests collected is a failure)
+	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; fi; \
+	exit $$rc
+
+test-arm: ## run tests/arm/kernel_checks.py under the aarch64 meter (skipped without ../shared)
+	@if [ ! -x "$(ARMCOST)" ]; then \
+		echo "test-arm: SKIPPED: armcost not found at $(ARMCOST) (set ARMCOST=... or XNORCAM_SHARED=...)"; exit 0; fi; \
+	test -f tests/arm/kernel_checks.py || { echo "test-arm: tests/arm/kernel_checks.py is missing" >&2; exit 1; }; \
+	PYTHONPATH=$(CURDIR) "$(ARMCOST)" run tests/arm/kernel_checks.py
+
+bench: setup ## time the pipeline, then binary vs float network (last line: JSON)
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) -m app bench --json
+
+bench-arm: setup ## estimate Pi Zero 2 W timings with the aarch64 instruction meter
+	$(PY) benchmarks/bench_arm.py
+
+train: setup-dev ## train the person detector (train/configs/person.toml)
+	$(PY) -m train.train --config train/configs/person.toml
+
+eval: setup-dev ## mAP of the shipped model through the runtime Detector
+	$(PY) -m app eval
+
+soak: setup ## long run of the pipeline: memory, drops, log rotation
+	$(PY) benchmarks/soak.py
+
+fuzz: setup-dev ## long property-based runs (hypothesis profile "fuzz")
+	$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=fuzz
+
+lint: setup-dev ## ruff check app train tests benchmarks
+	$(PY) -m ruff check $(wildcard app train tests benchmarks)
+
+deploy: ## copy the project to HOST over ssh and install it there: make deploy HOST=pi@xnorcam.local
+	@test -n "$(HOST)" || { echo "usage: make deploy HOST=user@host [INSTALL_ARGS=--dry-run]" >&2; exit 2; }
+	tar --exclude-vcs --exclude=./.venv --exclude=./runs --exclude='__pycache__' \
+		--exclude=./.pytest_cache --exclude=./.hypothesis --exclude=./.ruff_cache --exclude=./.numba_cache \
+		-czf - . | ssh $(HOST) 'rm -rf xnorcam-src && mkdir xnorcam-src && tar -xzf - -C xnorcam-src'
+	ssh -t $(HOST) 'sudo bash xnorcam-src/deploy/install.sh $(INSTALL_ARGS)'
+
+clean: ## remove caches (keeps .venv)
+	rm -rf .pytest_cache .hypothesis .ruff_cache .numba_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## remove caches and .venv
+	rm -rf $(VENV)
