@@ -1,0 +1,131 @@
+"""A random-weight model of the default architecture (for benchmarks and tests).
+
+Thresholds are calibrated on a synthetic frame (each set to the median of its
+channel's pre-activation), so about half the bits of every layer are set, as
+in a trained network; a random threshold would leave most channels constant
+and make the benchmark and the parity tests meaningless.
+
+    python -m app.randmodel --out FILE [--seed N] [--width W --height H --channels C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import cv2
+import numpy as np
+
+from app import bits, reference
+from app.modelfile import Layer, Model, write_model
+
+DEFAULT_WIDTHS = (32, 64, 128, 256, 256)
+# Anchors (w, h) for a 192x192 input, scaled with the input size: upright people.
+BASE_ANCHORS = ((20.0, 44.0), (48.0, 104.0), (110.0, 170.0))
+
+
+def synthetic_frame(seed: int = 0, width: int = 320, height: int = 240, channels: int = 3) -> np.ndarray:
+    """A camera-like uint8 frame: smooth shapes, edges and sensor noise (BGR or grey)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(max(2, height // 24), max(2, width // 24), 3), dtype=np.uint8)
+    img = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(8, max(9, width // 3))), y0 + int(rng.integers(16, max(17, height // 2)))
+        img[y0:y1, x0:x1] += rng.integers(-90, 90, size=3, dtype=np.int16)
+    img += rng.integers(-6, 7, size=img.shape, dtype=np.int16)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return img if channels == 3 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+
+
+def _thresholds(y: np.ndarray, rng, flip_fraction: float = 0.1):
+    """Per-channel median threshold (half the bits set) and some flipped channels."""
+    yy = y.reshape(-1, y.shape[-1])
+    thr = np.median(yy, axis=0).round().astype(np.int64)
+    flip = (rng.random(y.shape[-1]) < flip_fraction).astype(np.uint8)
+    thr = np.clip(thr, bits.INT32_MIN, bits.INT32_MAX).astype(np.int32)
+    return thr, flip
+
+
+def _random_words(rng, shape_prefix: tuple, channels: int) -> np.ndarray:
+    return bits.pack(rng.random(shape_prefix + (channels,)) < 0.5)
+
+
+def random_model(
+    seed: int = 0,
+    width: int = 192,
+    height: int = 192,
+    channels: int = 1,
+    classes=("person",),
+    widths=DEFAULT_WIDTHS,
+) -> Model:
+    """The default architecture (ARCHITECTURE.md) with random weights and calibrated thresholds."""
+    if len(widths) != 5:
+        raise ValueError(f"widths must have 5 entries (stem, 3 binary convs, real conv), got {widths}")
+    rng = np.random.default_rng(seed)
+    classes = tuple(classes)
+    anchors = np.array(BASE_ANCHORS, dtype=np.float32) * np.float32(min(width, height) / 192.0)
+    n_out = anchors.shape[0] * (5 + len(classes))
+    frame = synthetic_frame(seed, width, height, channels)
+    x = frame.reshape(height, width, channels)
+    layers = []
+
+    w_stem = rng.integers(-64, 65, size=(widths[0], 3, 3, channels)).astype(np.int8)
+    y = reference.stem_acc(x, w_stem, 2)
+    thr, flip = _thresholds(y, rng)
+    layers.append(Layer("stem", {"kernel": 3, "stride": 2, "in_ch": channels, "out_ch": widths[0]},
+                        {"weight": w_stem, "threshold": thr, "flip": flip}))
+    act = bits.pack(bits.threshold_bits(y, thr, flip))
+    c = widths[0]
+    for i, out_ch in enumerate(widths[1:]):
+        last = i == len(widths) - 2
+        if i < 3:
+            layers.append(Layer("maxpool2", {}, {}))
+            act = reference.maxpool2(act, c)
+        w = _random_words(rng, (out_ch, 3, 3), c)
+        y = reference.bconv_y(act, c, w, 1)
+        params = {"kernel": 3, "stride": 1, "in_ch": c, "out_ch": out_ch, "output": "real" if last else "bits"}
+        if last:
+            k = 9 * c
+            scale = (rng.uniform(0.5, 1.5, out_ch) / np.sqrt(k)).astype(np.float32)
+            med = np.median(y.reshape(-1, out_ch), axis=0)
+            bias = (-scale * med + rng.normal(0, 0.1, out_ch)).astype(np.float32)
+            layers.append(Layer("bconv", params, {"weight": w, "scale": scale, "bias": bias}))
+        else:
+            thr, flip = _thresholds(y, rng)
+            layers.append(Layer("bconv", params, {"weight": w, "threshold": thr, "flip": flip}))
+            act = bits.pack(bits.threshold_bits(y, thr, flip))
+        c = out_ch
+    hw = rng.normal(0, 1.0 / np.sqrt(c), size=(n_out, c)).astype(np.float32)
+    hb = rng.normal(0, 0.1, size=n_out).astype(np.float32)
+    hb[4 :: 5 + len(classes)] -= 2.5  # objectness: a few boxes per frame, not hundreds
+    layers.append(Layer("head", {"in_ch": c, "out_ch": n_out}, {"weight": hw, "bias": hb}))
+    return Model(
+        input_width=width,
+        input_height=height,
+        channels=channels,
+        class_names=classes,
+        anchors=anchors,
+        layers=tuple(layers),
+        metadata={"name": "random", "description": "random weights, thresholds calibrated on a synthetic frame",
+                  "seed": seed},
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app.randmodel", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="model file to write")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--height", type=int, default=192)
+    ap.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    ap.add_argument("--classes", default="person", help="comma-separated class names")
+    args = ap.parse_args(argv)
+    model = random_model(args.seed, args.width, args.height, args.channels, tuple(args.classes.split(",")))
+    write_model(args.out, model)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

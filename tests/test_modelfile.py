@@ -1,0 +1,191 @@
+"""Model file: round trip, and every kind of bad file is one ModelFormatError naming the file and the problem."""
+
+import dataclasses
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from app import modelfile
+from app.modelfile import Layer, ModelFormatError, read_model, write_model
+
+
+def _same(a, b):
+    assert (a.input_width, a.input_height, a.channels, a.class_names) == (b.input_width, b.input_height, b.channels, b.class_names)
+    np.testing.assert_array_equal(a.anchors, b.anchors)
+    assert a.metadata == b.metadata and (a.score_threshold, a.nms_iou) == (b.score_threshold, b.nms_iou)
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        assert la.op == lb.op and la.params == lb.params and la.tensors.keys() == lb.tensors.keys()
+        for k in la.tensors:
+            assert la.tensors[k].dtype == lb.tensors[k].dtype
+            np.testing.assert_array_equal(la.tensors[k], lb.tensors[k])
+
+
+def test_roundtrip(rand_model, rand_model_file):
+    _same(rand_model, read_model(rand_model_file))
+
+
+def test_roundtrip_unicode_names_and_metadata(rand_model, tmp_path):
+    m = dataclasses.replace(rand_model, class_names=("persönlich",), metadata={"name": "é", "epochs": 3},
+                            score_threshold=0.3, nms_iou=0.5)
+    write_model(tmp_path / "u.xnc", m)
+    _same(m, read_model(tmp_path / "u.xnc"))
+
+
+def _split(raw):
+    magic, version, hlen = struct.unpack_from("<8sII", raw)
+    header = json.loads(raw[16:16 + hlen])
+    start = 16 + hlen
+    start += (-start) % 64
+    return version, header, raw[start:-32]
+
+
+def _join(version, header, data):
+    h = json.dumps(header).encode()
+    start = 16 + len(h)
+    body = struct.pack("<8sII", modelfile.MAGIC, version, len(h)) + h + b"\0" * ((-start) % 64) + data
+    return body + hashlib.sha256(body).digest()
+
+
+def _expect(path, *fragments):
+    with pytest.raises(ModelFormatError) as e:
+        read_model(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("cut", [0, 5, 15, 16, 100, 1000, -33, -1])
+def test_truncated(rand_model_file, tmp_path, cut):
+    raw = rand_model_file.read_bytes()
+    p = tmp_path / "t.xnc"
+    p.write_bytes(raw[:cut] if cut >= 0 else raw[:cut])
+    _expect(p, "truncated" if cut not in (-1,) else "")
+
+
+@pytest.mark.parametrize("where", [20, 3000, -40, -5])
+def test_corrupted_byte(rand_model_file, tmp_path, where):
+    raw = bytearray(rand_model_file.read_bytes())
+    raw[where] ^= 0x10
+    p = tmp_path / "c.xnc"
+    p.write_bytes(bytes(raw))
+    msg = _expect(p)
+    assert "checksum" in msg or "header" in msg
+
+
+def test_wrong_magic_and_version_and_missing(rand_model_file, tmp_path):
+    raw = rand_model_file.read_bytes()
+    p = tmp_path / "v.xnc"
+    p.write_bytes(b"GARBAGE!" + raw[8:])
+    _expect(p, "not an xnorcam model")
+    version, header, data = _split(raw)
+    p.write_bytes(_join(2, header, data))
+    _expect(p, "version 2")
+    _expect(tmp_path / "nope.xnc", "cannot read")
+    p.write_bytes(raw + b"x")
+    _expect(p, "trailing")
+
+
+def _mutate(rand_model_file, tmp_path, fn):
+    version, header, data = _split(rand_model_file.read_bytes())
+    data = bytearray(data)
+    fn(header, data)
+    p = tmp_path / "m.xnc"
+    p.write_bytes(_join(version, header, bytes(data)))
+    return p
+
+
+def _tensor_bytes(header, data, layer, name):
+    d = header["layers"][layer]["tensors"][name]
+    return d["offset"], d["nbytes"]
+
+
+def _set_float(header, data, layer, name, value):
+    off, _ = _tensor_bytes(header, data, layer, name)
+    data[off:off + 4] = np.float32(value).tobytes()
+
+
+def _set_byte(header, data, layer, name, value):
+    off, _ = _tensor_bytes(header, data, layer, name)
+    data[off] = value
+
+
+CASES = {
+    "head not last": (lambda h, d: h["layers"].insert(7, h["layers"].pop(8)), "exactly one head"),
+    "two heads": (lambda h, d: h["layers"].append(h["layers"][8]), "exactly one head"),
+    "wrong head out_ch": (lambda h, d: h.update(class_names=["a", "b"]), "A*(5+C)"),
+    "flip 2": (lambda h, d: _set_byte(h, d, 0, "flip", 2), "flip"),
+    "nan scale": (lambda h, d: _set_float(h, d, 7, "scale", np.nan), "non-finite"),
+    "inf head": (lambda h, d: _set_float(h, d, 8, "weight", np.inf), "non-finite"),
+    "negative anchor": (lambda h, d: h["anchors"][0].__setitem__(0, -3.0), "anchors"),
+    "no anchors": (lambda h, d: h.update(anchors=[]), "anchors"),
+    "duplicate classes": (lambda h, d: h.update(class_names=["p", "p"]), "unique"),
+    "empty class name": (lambda h, d: h.update(class_names=[""]), "class name"),
+    "no classes": (lambda h, d: h.update(class_names=[]), "class_names"),
+    "in_ch chain": (lambda h, d: h["layers"][2]["params"].update(in_ch=16), "in_ch"),
+    "bad dtype": (lambda h, d: h["layers"][0]["tensors"]["threshold"].update(dtype="float32"), "dtype"),
+    "bad shape": (lambda h, d: h["layers"][0]["tensors"]["threshold"].update(shape=[4, 8]), "shape"),
+    "offset outside": (lambda h, d: h["layers"][0]["tensors"]["flip"].update(offset=10**9), "outside"),
+    "missing tensor": (lambda h, d: h["layers"][0]["tensors"].pop("flip"), "missing tensors"),
+    "unknown op": (lambda h, d: h["layers"][1].update(op="avgpool"), "unknown op"),
+    "bad kernel": (lambda h, d: h["layers"][2]["params"].update(kernel=5), "kernel"),
+    "bool param": (lambda h, d: h["layers"][2]["params"].update(stride=True), "stride"),
+    "unknown param": (lambda h, d: h["layers"][2]["params"].update(dilation=2), "unknown params"),
+    "huge input": (lambda h, d: h["input"].update(width=100000), "input_width"),
+    "tiny input": (lambda h, d: h["input"].update(width=4), "too small"),
+    "channels 2": (lambda h, d: h["input"].update(channels=2), "channels"),
+    "stem not first": (lambda h, d: h["layers"].insert(0, h["layers"].pop(1)), "stem"),
+    "bad iou": (lambda h, d: h["decode"].update(nms_iou=3), "nms_iou"),
+    "layers not list": (lambda h, d: h.update(layers={}), "layers"),
+    "wrong format": (lambda h, d: h.update(format="onnx"), "format"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_inconsistent_files(rand_model_file, tmp_path, name):
+    fn, fragment = CASES[name]
+    _expect(_mutate(rand_model_file, tmp_path, fn), fragment)
+
+
+def test_header_not_json(rand_model_file, tmp_path):
+    version, header, data = _split(rand_model_file.read_bytes())
+    h = b"{not json"
+    body = struct.pack("<8sII", modelfile.MAGIC, version, len(h)) + h
+    p = tmp_path / "j.xnc"
+    p.write_bytes(body + hashlib.sha256(body).digest())
+    _expect(p, "JSON")
+
+
+def test_padding_bits_in_weights_rejected(rand_model, tmp_path):
+    # layer 2 has in_ch=32: bit 40 of a weight word is past the last channel
+    layers = list(rand_model.layers)
+    w = layers[2].tensors["weight"].copy()
+    w[0, 0, 0, 0] |= np.uint64(1 << 40)
+    layers[2] = Layer("bconv", layers[2].params, {**layers[2].tensors, "weight": w})
+    bad = dataclasses.replace(rand_model, layers=tuple(layers))
+    with pytest.raises(ModelFormatError, match="past in_ch"):
+        write_model(tmp_path / "w.xnc", bad)
+
+
+def test_writer_validates(rand_model, tmp_path):
+    bad = dataclasses.replace(rand_model, anchors=np.zeros((3, 2), np.float32))
+    with pytest.raises(ModelFormatError, match="anchors"):
+        write_model(tmp_path / "a.xnc", bad)
+    assert not (tmp_path / "a.xnc").exists()
+    with pytest.raises(ModelFormatError, match="metadata"):
+        write_model(tmp_path / "b.xnc", dataclasses.replace(rand_model, metadata={"x": object()}))
+
+
+def test_tensors_are_aligned(rand_model_file):
+    version, header, data = _split(rand_model_file.read_bytes())
+    raw = rand_model_file.read_bytes()
+    hlen = struct.unpack_from("<I", raw, 12)[0]
+    assert (16 + hlen + (-(16 + hlen)) % 64) % 64 == 0
+    for layer in header["layers"]:
+        for d in layer["tensors"].values():
+            assert d["offset"] % 64 == 0
