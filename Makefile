@@ -79,7 +79,11 @@ soak: setup ## long run of the pipeline: memory, drops, log rotation
 	$(PY) benchmarks/soak.py
 
 fuzz: setup-dev ## long property-based runs (hypothesis profile "fuzz")
-	$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=fuzz
+	@profile=fuzz; \
+	grep -qs 'register_profile("fuzz"' tests/conftest.py || { \
+		profile=thorough; echo "fuzz: tests/conftest.py registers no 'fuzz' profile; using '$$profile'"; }; \
+	echo "$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=$$profile"; \
+	$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=$$profile
 
 lint: setup-dev ## ruff check app train tests benchmarks
 	$(PY) -m ruff check $(wildcard app train tests benchmarks)
