@@ -1,0 +1,278 @@
+"""The camera app's configuration: frozen dataclasses loaded strictly from TOML.
+
+One file (``/etc/xnorcam/config.toml`` when it exists, else the built-in
+defaults, or ``--config FILE``), then command-line overrides. Anything that is
+not understood is refused with a ``ConfigError`` naming the key, the value and
+what is allowed, before the camera is opened: a typo in a config file must
+never silently fall back to a default on an unattended camera.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/xnorcam/config.toml")
+
+SOURCE_KINDS = ("auto", "demo", "picamera2", "images", "opencv")
+PREVIEW_MODES = ("auto", "drm", "window", "none")
+
+
+class ConfigError(ValueError):
+    """The configuration (file or flags) is not acceptable; the message says why."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    spec: str = "auto"
+    fps: float = 15.0
+    loop: bool = False
+    width: int = 320
+    height: int = 240
+    preview_width: int = 640
+    preview_height: int = 480
+    camera_num: int = 0
+    hang_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    model: str = ""
+    threads: int = 1
+    score_threshold: float | None = None
+    class_thresholds: dict[str, float] = field(default_factory=dict)
+    nms_iou: float | None = None
+    max_detections: int = 100
+    classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    mode: str = "auto"
+    record: str = ""
+    record_fps: float = 10.0
+    hud: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    path: str = ""
+    only_detections: bool = False
+    max_mb: float = 10.0
+    files: int = 5
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    idle_grace_s: float = 10.0
+    status_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+
+
+_SECTIONS: dict[str, type] = {
+    "source": SourceConfig,
+    "detector": DetectorConfig,
+    "preview": PreviewConfig,
+    "log": LogConfig,
+    "watchdog": WatchdogConfig,
+}
+
+
+# --- per-key rules -----------------------------------------------------------
+# Each rule: (kind, detail). Kinds: "float" (lo, hi, lo_open), "int" (lo, hi),
+# "bool", "str", "choice" (values), "optfloat" (lo, hi, lo_open), "classmap",
+# "names". Ranges are inclusive unless lo_open.
+
+_RULES: dict[str, tuple[str, Any]] = {
+    "source.spec": ("sourcespec", None),
+    "source.fps": ("float", (0.0, 1000.0, False)),
+    "source.loop": ("bool", None),
+    "source.width": ("int", (16, 4096)),
+    "source.height": ("int", (16, 4096)),
+    "source.preview_width": ("int", (16, 4096)),
+    "source.preview_height": ("int", (16, 4096)),
+    "source.camera_num": ("int", (0, 16)),
+    "source.hang_timeout_s": ("float", (0.0, 3600.0, True)),
+    "source.backoff_initial_s": ("float", (0.0, 3600.0, True)),
+    "source.backoff_max_s": ("float", (0.0, 3600.0, True)),
+    "detector.model": ("str", None),
+    "detector.threads": ("int", (1, 64)),
+    "detector.score_threshold": ("optfloat", (0.0, 1.0, True)),
+    "detector.class_thresholds": ("classmap", None),
+    "detector.nms_iou": ("optfloat", (0.0, 1.0, True)),
+    "detector.max_detections": ("int", (1, 10000)),
+    "detector.classes": ("names", None),
+    "preview.mode": ("choice", PREVIEW_MODES),
+    "preview.record": ("str", None),
+    "preview.record_fps": ("float", (0.0, 240.0, True)),
+    "preview.hud": ("bool", None),
+    "log.path": ("str", None),
+    "log.only_detections": ("bool", None),
+    "log.max_mb": ("float", (0.0, 1e6, False)),
+    "log.files": ("int", (1, 1000)),
+    "watchdog.idle_grace_s": ("float", (0.0, 86400.0, False)),
+    "watchdog.status_interval_s": ("float", (0.0, 3600.0, True)),
+}
+
+
+def _range_text(lo: float, hi: float, lo_open: bool = False) -> str:
+    return f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
+
+
+def _check_number(key: str, value: Any, lo: float, hi: float, lo_open: bool, integer: bool) -> float | int:
+    # bool is an int in Python; `threads = true` must not mean 1.
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {kind} ({_range_text(lo, hi, lo_open)})")
+    if not integer:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_range_text(lo, hi, lo_open)}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise ConfigError(f"{key} = {value!r} is out of range: expected {_range_text(lo, hi, lo_open)}")
+    return value
+
+
+def check_source_spec(key: str, value: str) -> str:
+    """Validate a source spec string's shape (not whether the device exists)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
+    kind, _, arg = value.partition(":")
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
+    if kind in ("images", "opencv") and not arg:
+        raise ConfigError(f"{key} = {value!r} is not allowed: '{kind}:' needs a target, e.g. {_SPEC_EXAMPLE[kind]}")
+    if kind in ("auto", "demo", "picamera2") and arg:
+        raise ConfigError(f"{key} = {value!r} is not allowed: '{kind}' takes no ':' argument")
+    return value
+
+
+_SPEC_FORMS = ("auto", "demo", "picamera2", "images:<dir or glob>", "opencv:<file|index|url>")
+_SPEC_EXAMPLE = {"images": "images:photos/ or images:'photos/*.jpg'", "opencv": "opencv:0 or opencv:clip.mp4"}
+
+
+def _check(key: str, value: Any) -> Any:
+    kind, detail = _RULES[key]
+    if kind == "float":
+        return _check_number(key, value, *detail, integer=False)
+    if kind == "int":
+        lo, hi = detail
+        return _check_number(key, value, lo, hi, False, integer=True)
+    if kind == "optfloat":
+        return None if value is None else _check_number(key, value, *detail, integer=False)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a string")
+        return value
+    if kind == "choice":
+        if value not in detail:
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(map(repr, detail))}")
+        return value
+    if kind == "sourcespec":
+        return check_source_spec(key, value)
+    if kind == "names":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a list of class names, e.g. [\"person\"]")
+        return tuple(value)
+    if kind == "classmap":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a table of class name = threshold")
+        out = {}
+        for name, thr in value.items():
+            out[str(name)] = _check_number(f"{key}.{name}", thr, 0.0, 1.0, True, integer=False)
+        return out
+    raise AssertionError(kind)  # a rule kind without a checker is a bug here
+
+
+def from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from nested dicts (parsed TOML), refusing anything unknown."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of sections, got {type(data).__name__}")
+    sections = {}
+    for name, body in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown section [{name}]; allowed sections: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: {name} = {body!r} is not allowed: expected a [{name}] table")
+        cls = _SECTIONS[name]
+        allowed = [f.name for f in fields(cls)]
+        values = {}
+        for key, value in body.items():
+            if key not in allowed:
+                raise ConfigError(
+                    f"{where}: unknown key {name}.{key} (value {value!r}); allowed keys in [{name}]: {', '.join(allowed)}"
+                )
+            try:
+                values[key] = _check(f"{name}.{key}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        sections[name] = cls(**values)
+    config = Config(**sections)
+    try:
+        _check_cross(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return config
+
+
+def _check_cross(config: Config) -> None:
+    s = config.source
+    if s.backoff_max_s < s.backoff_initial_s:
+        raise ConfigError(
+            f"source.backoff_max_s = {s.backoff_max_s:g} is out of range: expected >= source.backoff_initial_s "
+            f"({s.backoff_initial_s:g})"
+        )
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load ``path``, or the default file when it exists, or the built-in defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.is_file():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    return from_dict(data, where=f"config file {path}")
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply ``{"section.key": value}`` overrides (from flags), validated like the file."""
+    updated: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if dotted not in _RULES:
+            raise ConfigError(f"unknown setting {dotted}")
+        section, key = dotted.split(".", 1)
+        updated.setdefault(section, {})[key] = _check(dotted, value)
+    new = config
+    for section, values in updated.items():
+        new = replace(new, **{section: replace(getattr(new, section), **values)})
+    _check_cross(new)
+    return new

@@ -1,0 +1,118 @@
+"""Strict TOML config: defaults, every key of the example file, errors that name the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from app import config as cfgmod
+from app.config import Config, ConfigError, from_dict, load, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "deploy" / "config.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_builtin_defaults_when_default_file_absent(monkeypatch, tmp_path):
+    monkeypatch.setattr(cfgmod, "DEFAULT_CONFIG_PATH", tmp_path / "missing.toml")
+    c = load()
+    assert c == Config()
+    assert c.source.spec == "auto" and c.detector.threads == 1 and c.preview.mode == "auto"
+
+
+def test_default_file_is_used_when_present(monkeypatch, tmp_path):
+    p = write(tmp_path, '[source]\nspec = "demo"\n')
+    monkeypatch.setattr(cfgmod, "DEFAULT_CONFIG_PATH", p)
+    assert load().source.spec == "demo"
+
+
+def test_example_config_loads_and_documents_every_key():
+    c = load(EXAMPLE)
+    assert c.log.path == "/var/log/xnorcam/detections.jsonl"
+    text = EXAMPLE.read_text()
+    # Every key the loader knows appears in the example, set or commented out.
+    for dotted in cfgmod._RULES:
+        section, key = dotted.split(".")
+        assert f"[{section}]" in text
+        assert re.search(rf"^#? ?{key} = ", text, re.M), f"{dotted} is not documented in {EXAMPLE.name}"
+
+
+def test_example_optional_keys_load_when_uncommented(tmp_path):
+    text = EXAMPLE.read_text()
+    for key in ("score_threshold", "nms_iou"):
+        text, n = re.subn(rf"^# ({key} = )", r"\1", text, flags=re.M)
+        assert n == 1
+    c = load(write(tmp_path, text))
+    assert c.detector.score_threshold == pytest.approx(0.35)
+    assert c.detector.nms_iou == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize(
+    "toml, names",
+    [
+        ('[source]\nspecc = "demo"\n', ["source.specc", "'demo'", "spec"]),
+        ("[camera]\nx = 1\n", ["[camera]", "source"]),
+        ('[detector]\nthreads = "2"\n', ["detector.threads", "'2'", "integer"]),
+        ("[detector]\nthreads = 0\n", ["detector.threads", "0", ">= 1"]),
+        ("[detector]\nthreads = true\n", ["detector.threads", "True", "integer"]),
+        ("[detector]\nscore_threshold = 1.5\n", ["detector.score_threshold", "1.5", "<= 1"]),
+        ("[detector]\nscore_threshold = 0\n", ["detector.score_threshold", "0", "> 0"]),
+        ("[detector]\nnms_iou = nan\n", ["detector.nms_iou", "nan"]),
+        ("[detector]\nclass_thresholds = { person = 2 }\n", ["detector.class_thresholds.person", "2"]),
+        ("[detector]\nclasses = \"person\"\n", ["detector.classes", "'person'", "list"]),
+        ('[preview]\nmode = "hdmi"\n', ["preview.mode", "'hdmi'", "'drm'", "'window'", "'none'"]),
+        ('[source]\nspec = "webcam"\n', ["source.spec", "'webcam'", "images:<dir or glob>"]),
+        ('[source]\nspec = "images:"\n', ["source.spec", "needs a target"]),
+        ('[source]\nspec = "demo:x"\n', ["source.spec", "takes no"]),
+        ("[source]\nfps = -1\n", ["source.fps", "-1", ">= 0"]),
+        ("[log]\nfiles = 0\n", ["log.files", "0"]),
+        ("[log]\nonly_detections = 1\n", ["log.only_detections", "true or false"]),
+        ("[source]\nbackoff_initial_s = 5.0\nbackoff_max_s = 1.0\n", ["source.backoff_max_s", "backoff_initial_s"]),
+        ("source = 3\n", ["source", "3", "table"]),
+    ],
+)
+def test_bad_values_are_refused_naming_key_value_and_allowed(tmp_path, toml, names):
+    p = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as err:
+        load(p)
+    message = str(err.value)
+    assert str(p) in message
+    for part in names:
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_not_toml_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[source\n"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load(tmp_path / "nope.toml")
+
+
+def test_values_are_converted_and_frozen(tmp_path):
+    c = load(write(tmp_path, '[source]\nfps = 3\n[detector]\nclasses = ["person"]\nclass_thresholds = {person = 0.6}\n'))
+    assert c.source.fps == 3.0 and isinstance(c.source.fps, float)
+    assert c.detector.classes == ("person",)
+    assert c.detector.class_thresholds == {"person": 0.6}
+    with pytest.raises(AttributeError):
+        c.source.fps = 1.0  # type: ignore[misc]
+
+
+def test_overrides_are_validated_like_the_file():
+    c = with_overrides(Config(), {"source.spec": "images:x", "detector.threads": 2, "detector.score_threshold": 0.5})
+    assert (c.source.spec, c.detector.threads, c.detector.score_threshold) == ("images:x", 2, 0.5)
+    with pytest.raises(ConfigError, match="detector.threads"):
+        with_overrides(Config(), {"detector.threads": 0})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        with_overrides(Config(), {"detector.nope": 1})
+
+
+def test_from_dict_refuses_non_table():
+    with pytest.raises(ConfigError):
+        from_dict([])  # type: ignore[arg-type]
