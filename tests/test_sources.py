@@ -85,7 +85,8 @@ def test_images_are_paced_at_fps(tmp_path):
 
 def test_demo_needs_nothing_and_moves():
     src = DemoSource(width=160, height=120, fps=0, frames_per_photo=4)
-    got = list(itertools.islice(frames(src), 4 * len(src._files) + 1))
+    n_photos = len(sources.list_images(str(sources.DEMO_DIR)))
+    got = list(itertools.islice(frames(src), 4 * n_photos + 1))
     assert all(f.pixels.shape == (120, 160, 3) and f.pixels.dtype == np.uint8 for f in got)
     assert not np.array_equal(got[0].pixels, got[1].pixels)  # pan/zoom within one photo
     assert not np.array_equal(got[3].pixels, got[4].pixels)  # the next photo
