@@ -1,0 +1,135 @@
+"""Every numba kernel equals its numpy twin (app/reference.py) bit for bit."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app import bits, kernels, reference
+from app.bits import INT32_MAX, INT32_MIN
+
+
+def _padded(words):
+    h, w, n = words.shape
+    buf = np.zeros(kernels.padded_shape(h, w, n), np.uint64)
+    kernels.interior(buf)[:] = words
+    return buf
+
+
+def _edge_thresholds(rng, y):
+    """Thresholds mixing random values, INT32_MIN/MAX and values exactly equal to some y."""
+    n = y.shape[-1]
+    flat = y.reshape(-1, n)
+    thr = rng.integers(flat.min() - 2, flat.max() + 3, n).astype(np.int64)
+    pick = rng.random(n)
+    exact = flat[rng.integers(0, flat.shape[0], n), np.arange(n)]
+    thr = np.where(pick < 0.4, exact, thr)
+    thr = np.where(pick > 0.9, INT32_MIN, thr)
+    thr = np.where((pick > 0.8) & (pick <= 0.9), INT32_MAX, thr)
+    flip = (rng.random(n) < 0.5).astype(np.uint8)
+    return np.clip(thr, INT32_MIN, INT32_MAX).astype(np.int32), flip
+
+
+def _row_splits(rng, n):
+    cuts = sorted(set([0, n] + list(rng.integers(0, n + 1, 2))))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+@given(st.integers(1, 13), st.integers(1, 13), st.sampled_from([1, 3]), st.integers(1, 130),
+       st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
+def test_stem(h, w, c, n_out, k, s, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (n_out, k, k, c)).astype(np.int8)
+    y = reference.stem_acc(x, wt, s)
+    thr, flip = _edge_thresholds(rng, y)
+    want = reference.stem(x, wt, thr, flip, s)
+    p = k // 2
+    u = np.zeros((h + 2 * p, w + 2 * p, c), np.int32)
+    kernels.stem_pad(x, k, u)
+    out = np.zeros(kernels.padded_shape(want.shape[0], want.shape[1], want.shape[2]), np.uint64)
+    wtt = np.ascontiguousarray(wt.astype(np.int32).reshape(n_out, -1).T)
+    for r0, r1 in _row_splits(rng, want.shape[0]):
+        kernels.stem_rows(u, wtt, thr, flip, k, s, out, r0, r1)
+    np.testing.assert_array_equal(kernels.interior(out), want)
+    assert not out[0].any() and not out[-1].any() and not out[:, 0].any() and not out[:, -1].any()
+
+
+def _bconv_case(h, w, c, n_out, k, s, seed):
+    rng = np.random.default_rng(seed)
+    x = bits.pack(rng.random((h, w, c)) < rng.uniform(0.1, 0.9))
+    wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
+    return rng, x, wt
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 300), st.integers(1, 130),
+       st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
+def test_bconv_bits(h, w, c, n_out, k, s, seed):
+    rng, x, wt = _bconv_case(h, w, c, n_out, k, s, seed)
+    y = reference.bconv_y(x, c, wt, s)
+    thr, flip = _edge_thresholds(rng, y)
+    want = reference.bconv_bits(x, c, wt, s, thr, flip)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    for r0, r1 in _row_splits(rng, want.shape[0]):
+        kernels.bconv_bits_rows(_padded(x), wt.reshape(n_out, -1), k * k * c, k, s, thr, flip, out, r0, r1)
+    np.testing.assert_array_equal(kernels.interior(out), want)
+    if n_out % 64:
+        assert not np.any(out[..., -1] >> np.uint64(n_out % 64)), "bits past the last channel must stay 0"
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 300), st.integers(1, 70),
+       st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
+def test_bconv_real(h, w, c, n_out, k, s, seed):
+    rng, x, wt = _bconv_case(h, w, c, n_out, k, s, seed)
+    scale = rng.normal(0, 1, n_out).astype(np.float32)
+    bias = rng.normal(0, 3, n_out).astype(np.float32)
+    want = reference.bconv_real(x, c, wt, s, scale, bias)
+    out = np.full(want.shape, np.nan, np.float32)
+    for r0, r1 in _row_splits(rng, want.shape[0]):
+        kernels.bconv_real_rows(_padded(x), wt.reshape(n_out, -1), k * k * c, k, s, scale, bias, out, r0, r1)
+    np.testing.assert_array_equal(out, want)
+
+
+@given(st.integers(1, 11), st.integers(1, 11), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_pool(h, w, c, seed):
+    rng = np.random.default_rng(seed)
+    x = bits.pack(rng.random((h, w, c)) < 0.8)
+    want = reference.maxpool2(x, c)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    kernels.pool_rows(_padded(x), out, 0, want.shape[0])
+    np.testing.assert_array_equal(kernels.interior(out), want)
+
+
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_head_and_unpack(h, w, c, n_out, seed):
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0, 4, (h, w, c)).astype(np.float32)
+    wt = rng.normal(0, 1, (n_out, c)).astype(np.float32)
+    b = rng.normal(0, 1, n_out).astype(np.float32)
+    out = np.zeros((h, w, n_out), np.float32)
+    kernels.head_rows(r, wt, b, out, 0, h)
+    np.testing.assert_allclose(out, reference.head(r, wt, b), rtol=1e-5, atol=1e-5)
+    v = np.where(rng.random((h, w, c)) < 0.5, -1, 1)
+    pm = np.zeros((h, w, c), np.float32)
+    kernels.unpack_pm1(_padded(bits.pack(v)), c, pm)
+    np.testing.assert_array_equal(pm, v.astype(np.float32))
+
+
+def test_popcount_intrinsic_edges():
+    from numba import njit
+
+    @njit
+    def pc(v):
+        return kernels.popc(v)
+
+    for v in (0, 1, 2**63, 2**64 - 1, 0x5555555555555555):
+        assert pc(np.uint64(v)) == bin(v).count("1")
+
+
+def test_parallel_wrappers_match_serial():
+    rng, x, wt = _bconv_case(11, 7, 70, 65, 3, 1, 5)
+    thr = rng.integers(-20, 20, 65).astype(np.int32)
+    flip = (rng.random(65) < 0.5).astype(np.uint8)
+    want = reference.bconv_bits(x, 70, wt, 1, thr, flip)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    kernels.bconv_bits_par(_padded(x), wt.reshape(65, -1), 9 * 70, 3, 1, thr, flip, out, 4)
+    np.testing.assert_array_equal(kernels.interior(out), want)

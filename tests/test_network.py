@@ -1,0 +1,89 @@
+"""The numba network equals the numpy reference network exactly (traces) and closely (head)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app import bits, reference
+from app.modelfile import Layer, Model, validate
+from app.network import Network
+from app.randmodel import random_model, synthetic_frame
+
+
+def _compare(model, x, threads=1):
+    head, trace = Network(model, threads=threads).forward(x, trace=True)
+    want_head, want_trace = reference.forward(model, x, trace=True)
+    assert sorted(trace) == sorted(want_trace)
+    for i in want_trace:
+        assert trace[i].dtype == want_trace[i].dtype and trace[i].shape == want_trace[i].shape, i
+        np.testing.assert_array_equal(trace[i], want_trace[i], err_msg=f"layer {i} ({model.layers[i].op})")
+    np.testing.assert_allclose(head, want_head, rtol=1e-5, atol=1e-5)
+    return trace
+
+
+def _frame(model, seed):
+    img = synthetic_frame(seed, model.input_width, model.input_height, model.channels)
+    return img.reshape(model.input_height, model.input_width, model.channels)
+
+
+def test_default_architecture_matches_reference(rand_model):
+    trace = _compare(rand_model, _frame(rand_model, 1))
+    # a meaningful test: the calibrated thresholds leave roughly half the bits set
+    frac = bits.unpack(trace[6], 256).mean()
+    assert -0.6 < frac < 0.6
+
+
+@given(st.integers(0, 2**16), st.integers(17, 70), st.integers(17, 70), st.sampled_from([1, 3]),
+       st.lists(st.integers(1, 140), min_size=5, max_size=5), st.integers(1, 3))
+def test_random_architectures_match_reference(seed, w, h, c, widths, n_classes):
+    model = random_model(seed, w, h, c, tuple(f"c{i}" for i in range(n_classes)), tuple(widths))
+    _compare(model, _frame(model, seed + 1))
+
+
+def _custom_model(rng, c_in=3):
+    """Stem 5x5 s1, 1x1 stride-2 bconv, 3x3 stride-2 bconv, pool, head fed by bits (not by a real conv)."""
+    def bconv(cin, cout, k, s):
+        w = bits.pack(rng.random((cout, k, k, cin)) < 0.5)
+        t = rng.integers(-k * k * cin // 4, k * k * cin // 4 + 1, cout).astype(np.int32)
+        return Layer("bconv", {"kernel": k, "stride": s, "in_ch": cin, "out_ch": cout, "output": "bits"},
+                     {"weight": w, "threshold": t, "flip": (rng.random(cout) < 0.5).astype(np.uint8)})
+    layers = (
+        Layer("stem", {"kernel": 5, "stride": 1, "in_ch": c_in, "out_ch": 70},
+              {"weight": rng.integers(-9, 10, (70, 5, 5, c_in)).astype(np.int8),
+               "threshold": rng.integers(-300, 300, 70).astype(np.int32), "flip": (rng.random(70) < 0.3).astype(np.uint8)}),
+        bconv(70, 129, 1, 2),
+        bconv(129, 65, 3, 2),
+        Layer("maxpool2", {}, {}),
+        Layer("head", {"in_ch": 65, "out_ch": 7}, {"weight": rng.normal(0, 1, (7, 65)).astype(np.float32),
+                                                   "bias": np.zeros(7, np.float32)}),
+    )
+    m = Model(input_width=45, input_height=31, channels=c_in, class_names=("a", "b"),
+              anchors=np.array([[4.0, 5.0]], np.float32), layers=layers)
+    validate(m)
+    return m
+
+
+def test_custom_layers_strides_and_head_from_bits():
+    rng = np.random.default_rng(7)
+    model = _custom_model(rng)
+    x = rng.integers(0, 256, (31, 45, 3), dtype=np.uint8)
+    _compare(model, x)
+
+
+def test_threads_match_reference(rand_model):
+    _compare(rand_model, _frame(rand_model, 2), threads=2)
+
+
+def test_rejects_wrong_input(rand_model):
+    net = Network(rand_model)
+    for bad in (np.zeros((192, 192), np.uint8), np.zeros((192, 191, 1), np.uint8), np.zeros((192, 192, 1), np.int16)):
+        with pytest.raises(ValueError, match="expected a letterboxed uint8"):
+            net.forward(bad)
+    with pytest.raises(ValueError, match="threads"):
+        Network(rand_model, threads=0)
+
+
+def test_non_contiguous_input(rand_model):
+    x = np.asfortranarray(_frame(rand_model, 4))
+    np.testing.assert_allclose(Network(rand_model).forward(x), reference.forward(rand_model, x), rtol=1e-5, atol=1e-5)
