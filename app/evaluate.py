@@ -1,0 +1,363 @@
+"""``python -m app eval``: COCO-style mAP of a model file through the runtime Detector (the exact Pi code).
+
+    python -m app eval [--model FILE] [--data DIR] [--format yolo|voc|coco] [--class NAME] [--limit N]
+
+Without ``--data`` it evaluates the held-out validation split (person/clinic and
+coco_mini, sources training never sees) from the shared datasets folder. It
+prints mAP@0.5 and mAP@0.5:0.95 (pycocotools), precision and recall at the
+model's default score threshold, and as the LAST line one JSON object with the
+keys map50, map50_95, images, precision, recall.
+
+Only numpy, cv2 and app modules are imported here; pycocotools (a dev
+dependency, not on the Pi) and the Detector are imported when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# A low threshold gives COCO's AP the whole precision-recall curve; P/R use the model's own threshold.
+EVAL_SCORE_THRESHOLD = 0.005
+VALIDATION_SPLIT = (("person/clinic", "yolo"), ("coco_mini", "coco"))
+
+
+class EvalDataError(ValueError):
+    """The evaluation data cannot be read; the message names the file."""
+
+
+@dataclass
+class GroundTruth:
+    image: Path
+    boxes: np.ndarray  # (n,4) float64 x1,y1,x2,y2 in image pixels
+    names: list  # class name per box
+
+
+# ------------------------------------------------------------------ data
+
+
+def shared_root() -> Path:
+    env = os.environ.get("XNORCAM_SHARED")
+    return Path(env) if env else (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
+
+
+def detect_format(folder: Path) -> str:
+    if (folder / "labels").is_dir() or (folder / "data.yaml").exists():
+        return "yolo"
+    ann = folder / "annotations"
+    if ann.is_dir() and any(ann.glob("*.json")):
+        return "coco"
+    if (ann.is_dir() and any(ann.glob("*.xml"))) or any(folder.glob("*.xml")):
+        return "voc"
+    raise EvalDataError(f"{folder}: cannot tell the dataset format (no labels/, annotations/*.json or *.xml); pass --format")
+
+
+def _yaml_names(path: Path) -> list | None:
+    if not path.exists():
+        return None
+    names, lines = {}, path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("names:"):
+            rest = line[6:].split("#", 1)[0].strip()
+            if rest.startswith("["):
+                return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
+            listed = []
+            for sub in lines[i + 1 :]:
+                if sub.strip() and not sub.startswith((" ", "\t")):
+                    break
+                s = sub.strip()
+                if s.startswith("- "):
+                    listed.append(s[2:].strip().strip("'\""))
+                elif ":" in s:
+                    k, v = s.split(":", 1)
+                    names[int(k)] = v.strip().strip("'\"")
+            return listed or [names.get(k, str(k)) for k in range(max(names) + 1)] if (listed or names) else None
+    return None
+
+
+def _image_size(path: Path) -> tuple:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise EvalDataError(f"{path}: cannot decode image")
+    return img.shape[1], img.shape[0]
+
+
+def load_yolo(folder: Path) -> list:
+    names = _yaml_names(folder / "data.yaml")
+    out = []
+    img_dir = folder / "images"
+    if not img_dir.is_dir():
+        raise EvalDataError(f"{folder}: no images/ folder")
+    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        lab = folder / "labels" / (img.stem + ".txt")
+        boxes, cls = [], []
+        if lab.exists():
+            w, h = _image_size(img)
+            for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    c, cx, cy, bw, bh = line.split()
+                    c, cx, cy, bw, bh = int(c), float(cx), float(cy), float(bw), float(bh)
+                except ValueError:
+                    raise EvalDataError(f"{lab}:{ln}: expected 'class cx cy w h', got {line.strip()!r}") from None
+                boxes.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+                cls.append(names[c] if names and 0 <= c < len(names) else str(c))
+        out.append(GroundTruth(img, np.asarray(boxes, np.float64).reshape(-1, 4), cls))
+    return out
+
+
+def load_voc(folder: Path) -> list:
+    ann = folder / "annotations" if (folder / "annotations").is_dir() else folder
+    out = []
+    for xml in sorted(ann.glob("*.xml")):
+        try:
+            root = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise EvalDataError(f"{xml}: malformed XML ({e})") from None
+        img = folder / "images" / (root.findtext("filename") or "").strip()
+        if not img.is_file():
+            cands = [folder / "images" / (xml.stem + s) for s in IMAGE_SUFFIXES]
+            img = next((c for c in cands if c.is_file()), None)
+            if img is None:
+                raise EvalDataError(f"{xml}: its image is not in {folder / 'images'}")
+        boxes, cls = [], []
+        for k, obj in enumerate(root.iter("object"), 1):
+            try:
+                bb = obj.find("bndbox")
+                boxes.append([float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")])
+            except (AttributeError, TypeError, ValueError):
+                raise EvalDataError(f"{xml}: object {k}: bad <bndbox>") from None
+            cls.append((obj.findtext("name") or "").strip())
+        out.append(GroundTruth(img, np.asarray(boxes, np.float64).reshape(-1, 4), cls))
+    return out
+
+
+def load_coco(folder: Path) -> list:
+    out = []
+    jsons = sorted((folder / "annotations").glob("*.json")) if (folder / "annotations").is_dir() else []
+    if not jsons:
+        raise EvalDataError(f"{folder}: no annotations/*.json")
+    for js in jsons:
+        try:
+            d = json.loads(js.read_text(encoding="utf-8"))
+            cats = {c["id"]: c["name"] for c in d["categories"]}
+            images = {im["id"]: im for im in d["images"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EvalDataError(f"{js}: not a COCO detection file ({e!r})") from None
+        # instances_val2017.json -> val2017/ (COCO's own layout), else images/
+        sub = js.stem.split("_", 1)[-1]
+        img_dir = folder / sub if (folder / sub).is_dir() else folder / "images"
+        per = {i: ([], []) for i in images}
+        for a in d.get("annotations", []):
+            if a.get("iscrowd", 0) or a["image_id"] not in per:
+                continue
+            x, y, w, h = a["bbox"]
+            per[a["image_id"]][0].append([x, y, x + w, y + h])
+            per[a["image_id"]][1].append(cats.get(a["category_id"], str(a["category_id"])))
+        for iid in sorted(images):
+            img = img_dir / images[iid]["file_name"]
+            if not img.is_file():
+                raise EvalDataError(f"{js}: image {img.name!r} not found in {img_dir}")
+            b, c = per[iid]
+            out.append(GroundTruth(img, np.asarray(b, np.float64).reshape(-1, 4), c))
+    return out
+
+
+LOADERS = {"yolo": load_yolo, "voc": load_voc, "coco": load_coco}
+
+
+def load_dataset(folder, fmt: str | None = None) -> list:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalDataError(f"{folder}: no such dataset folder")
+    return LOADERS[fmt or detect_format(folder)](folder)
+
+
+def validation_split() -> list:
+    root = shared_root() / "datasets"
+    if not root.is_dir():
+        raise EvalDataError(
+            f"no --data given and the shared datasets ({root}) are absent: pass --data DIR [--format yolo|voc|coco]"
+        )
+    out = []
+    for sub, fmt in VALIDATION_SPLIT:
+        out += load_dataset(root / sub, fmt)
+    return out
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def coco_metrics(gts: list, dets: list, num_classes: int, shapes: list) -> dict:
+    """mAP@0.5 and mAP@0.5:0.95 with pycocotools.
+
+    gts: per image (boxes (n,4) xyxy px, classes (n,) int); dets: per image float32 (N,6);
+    shapes: per image (h, w). Returns map50, map50_95 and the 101-point PR curve at IoU 0.5.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, results = [], [], []
+    for i, ((boxes, classes), (h, w)) in enumerate(zip(gts, shapes)):
+        images.append({"id": i, "width": int(w), "height": int(h)})
+        for b, c in zip(np.asarray(boxes, np.float64).reshape(-1, 4), classes):
+            bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "iscrowd": 0,
+                         "bbox": [float(b[0]), float(b[1]), bw, bh], "area": bw * bh})
+        for d in np.asarray(dets[i], np.float64).reshape(-1, 6):
+            results.append({"image_id": i, "category_id": int(d[5]) + 1, "score": float(d[4]),
+                            "bbox": [float(d[0]), float(d[1]), float(d[2] - d[0]), float(d[3] - d[1])]})
+    empty = {"map50": 0.0, "map50_95": 0.0, "pr_recall": np.linspace(0, 1, 101), "pr_precision": np.zeros(101)}
+    if not anns or not results:
+        return empty
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns,
+                      "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    prec = ev.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all recalls, classes, area all, 100 dets
+    valid = prec > -1
+    curve = np.where(valid, prec, 0).sum(1) / np.maximum(valid.sum(1), 1)
+    return {"map50": max(0.0, float(ev.stats[1])), "map50_95": max(0.0, float(ev.stats[0])),
+            "pr_recall": np.linspace(0, 1, 101), "pr_precision": curve}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+
+
+def precision_recall(gts: list, dets: list, score_threshold: float, iou: float = 0.5) -> tuple:
+    """Greedy one-to-one matching (by score) at ``iou``, counting detections above ``score_threshold``."""
+    tp = fp = n_gt = 0
+    for (boxes, classes), d in zip(gts, dets):
+        boxes, classes = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes)
+        d = np.asarray(d, np.float64).reshape(-1, 6)
+        d = d[d[:, 4] >= score_threshold]
+        d = d[np.argsort(-d[:, 4], kind="stable")]
+        n_gt += len(boxes)
+        used = np.zeros(len(boxes), bool)
+        ious = _iou(d[:, :4], boxes) if len(d) and len(boxes) else np.zeros((len(d), len(boxes)))
+        for k in range(len(d)):
+            cand = np.where(~used & (classes == d[k, 5]), ious[k], -1.0) if len(boxes) else np.zeros(0)
+            j = int(np.argmax(cand)) if cand.size else -1
+            if j >= 0 and cand[j] >= iou:
+                used[j] = True
+                tp += 1
+            else:
+                fp += 1
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / n_gt if n_gt else 0.0
+    return precision, recall
+
+
+def evaluate(detect, samples: list, class_names, score_threshold: float, limit: int = 0, progress=None) -> dict:
+    """Run ``detect(image) -> (N,6)`` over GroundTruth samples; boxes of classes the model lacks are ignored."""
+    index = {n: i for i, n in enumerate(class_names)}
+    samples = samples[:limit] if limit else samples
+    gts, dets, shapes = [], [], []
+    for s in progress(samples) if progress else samples:
+        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise EvalDataError(f"{s.image}: cannot decode image")
+        keep = [k for k, n in enumerate(s.names) if n in index]
+        gts.append((s.boxes[keep], np.array([index[s.names[k]] for k in keep], np.int64)))
+        dets.append(np.asarray(detect(img), np.float32).reshape(-1, 6))
+        shapes.append(img.shape[:2])
+    m = coco_metrics(gts, dets, len(class_names), shapes)
+    p, r = precision_recall(gts, dets, score_threshold)
+    m.update(precision=p, recall=r, images=len(samples), boxes=int(sum(len(g[0]) for g in gts)))
+    return m
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m app eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model file (default: the shipped models/person.xnc)")
+    ap.add_argument("--data", help="dataset folder (default: the held-out validation split in ../shared)")
+    ap.add_argument("--format", choices=sorted(LOADERS), help="dataset format (default: detected)")
+    ap.add_argument("--class", dest="cls", help="evaluate only this class name (default: all of the model's classes)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
+    return ap
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.limit < 0:
+        print("--limit must be >= 0", file=sys.stderr)
+        return 2
+    from app.detector import Detector
+    from app.modelfile import ModelFormatError
+
+    try:
+        det = Detector(args.model, score_threshold=EVAL_SCORE_THRESHOLD)
+    except ModelFormatError as e:
+        print(f"model refused: {e}", file=sys.stderr)
+        return 65
+    except OSError as e:
+        print(f"cannot load the model: {e}", file=sys.stderr)
+        return 1
+    names = list(det.class_names)
+    threshold = float(getattr(det, "model_score_threshold", None) or _default_threshold(args.model))
+    try:
+        samples = load_dataset(args.data, args.format) if args.data else validation_split()
+    except EvalDataError as e:
+        print(f"evaluation data: {e}", file=sys.stderr)
+        return 2 if not args.data else 1
+    if args.cls:
+        if args.cls not in names:
+            print(f"--class {args.cls!r} is not one of the model's classes {names}", file=sys.stderr)
+            return 2
+        names = [n if n == args.cls else f"\0{n}" for n in names]  # other classes match no label
+    data = args.data or "validation split (person/clinic + coco_mini)"
+    print(f"model: {args.model or 'default'}  data: {data}  images: {len(samples[: args.limit or None])}")
+    try:
+        m = evaluate(det.detect, samples, names, threshold, args.limit)
+    except EvalDataError as e:
+        print(f"evaluation data: {e}", file=sys.stderr)
+        return 1
+    print(f"mAP@0.5      {m['map50']:.4f}")
+    print(f"mAP@0.5:0.95 {m['map50_95']:.4f}")
+    print(f"precision    {m['precision']:.4f}  recall {m['recall']:.4f}  (score >= {threshold:g}, IoU 0.5)")
+    out = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "boxes")}
+    out["score_threshold"] = threshold
+    print(json.dumps(out))
+    return 0
+
+
+def _default_threshold(model_path) -> float:
+    from app.modelfile import read_model
+
+    if model_path is None:
+        model_path = Path(__file__).resolve().parents[1] / "models" / "person.xnc"
+    return float(read_model(model_path).score_threshold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Detection datasets (YOLO txt, PASCAL VOC xml, COCO json), their strict config, and the in-RAM image cache.
+
+Every loader returns :class:`Sample` s whose boxes are normalised ``x1,y1,x2,y2``
+in 0..1 of the image, with class indices into the config's ``classes`` list.
+Classes are matched by NAME (data.yaml ``names``, VOC ``<name>``, COCO
+categories); labels of other known classes are dropped, so their objects count
+as background. A malformed label raises :class:`LabelError` naming the file and
+line; with ``on_error = "skip"`` the image is skipped and the message kept in a
+report instead, so a bad file never stops an epoch half way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tomllib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FORMATS = ("yolo", "voc", "coco")
+# Normalised coordinates a hair outside 0..1 are rounding in the exporter, not errors.
+_EDGE_TOLERANCE = 0.01
+
+
+class LabelError(ValueError):
+    """One malformed label: the message names the file (and line) and what is wrong."""
+
+
+class ConfigError(ValueError):
+    """A training/dataset config that cannot be used."""
+
+
+# ------------------------------------------------------------------ config
+
+
+def strict(cls, data: dict, where: str):
+    """Build frozen dataclass ``cls`` from ``data``, rejecting unknown keys with a clear message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    path: str  # relative to the data root, or absolute
+    format: str
+    split: str = "train"  # "train" or "val"
+    annotations: str = ""  # COCO: json file(s), relative to path; "a.json,b.json" allowed
+    images: str = ""  # COCO: image folder(s) matching annotations, comma separated
+    masks: bool = False  # YOLO: masks/NAME.png instance masks for copy-paste
+    limit: int = 0  # keep at most this many images (0 = all), for smoke runs
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError(f"source {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
+        if self.split not in ("train", "val"):
+            raise ConfigError(f"source {self.name!r}: split must be 'train' or 'val', got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    classes: tuple
+    sources: tuple
+    root: str = "auto"  # "auto": $XNORCAM_SHARED/datasets or <repo>/../shared/datasets
+    on_error: str = "skip"  # "skip" or "stop"
+    cache_long_side: int = 224
+    cache_file: str = ""  # e.g. runs/cache-person.npz; "" = no disk cache
+
+    def __post_init__(self):
+        if self.on_error not in ("skip", "stop"):
+            raise ConfigError(f"data.on_error must be 'skip' or 'stop', got {self.on_error!r}")
+        if not self.classes:
+            raise ConfigError("data.classes must name at least one class")
+
+    @staticmethod
+    def from_dict(d: dict) -> "DataConfig":
+        d = dict(d)
+        srcs = tuple(strict(SourceConfig, s, f"data.sources[{i}]") for i, s in enumerate(d.pop("sources", [])))
+        d["classes"] = tuple(d.get("classes", ()))
+        return strict(DataConfig, {**d, "sources": srcs}, "data")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def shared_root() -> Path:
+    env = os.environ.get("XNORCAM_SHARED")
+    return Path(env) if env else (repo_root() / ".." / "shared").resolve()
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return shared_root() / "datasets" if cfg.root == "auto" else Path(cfg.root)
+
+
+def load_toml(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------ samples
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    boxes: np.ndarray  # (N,4) float32 normalised x1,y1,x2,y2
+    classes: np.ndarray  # (N,) int64 index into the config's classes
+    source: str
+    mask: Path | None = None
+
+
+@dataclass
+class LoadReport:
+    problems: list = field(default_factory=list)
+
+    def add(self, msg: str):
+        self.problems.append(msg)
+
+
+def _finish_box(x1, y1, x2, y2, where: str):
+    vals = (x1, y1, x2, y2)
+    if not all(math.isfinite(v) for v in vals):
+        raise LabelError(f"{where}: non-finite coordinate in {vals}")
+    t = _EDGE_TOLERANCE
+    if min(vals) < -t or max(vals) > 1 + t:
+        raise LabelError(f"{where}: box {tuple(round(v, 4) for v in vals)} lies outside the image")
+    x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in vals)
+    if x2 <= x1 or y2 <= y1:
+        raise LabelError(f"{where}: box has no area ({x1:.4f},{y1:.4f},{x2:.4f},{y2:.4f})")
+    return x1, y1, x2, y2
+
+
+def parse_yaml_names(path: Path) -> list:
+    """The ``names:`` of an Ultralytics data.yaml (dict form ``0: person``, block list, or inline list)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot read ({exc})") from None
+    for i, line in enumerate(lines):
+        stripped = line.split("#", 1)[0].rstrip()
+        if not stripped.startswith("names:"):
+            continue
+        rest = stripped[len("names:") :].strip()
+        if rest.startswith("["):
+            return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
+        names: dict = {}
+        listed = []
+        for j, sub in enumerate(lines[i + 1 :], start=i + 2):
+            s = sub.split("#", 1)[0].rstrip()
+            if not s.strip():
+                continue
+            if not s.startswith((" ", "\t")):
+                break
+            s = s.strip()
+            if s.startswith("- "):
+                listed.append(s[2:].strip().strip("'\""))
+            elif ":" in s:
+                k, v = s.split(":", 1)
+                try:
+                    names[int(k)] = v.strip().strip("'\"")
+                except ValueError:
+                    raise LabelError(f"{path}:{j}: bad names entry {s!r}") from None
+        if listed:
+            return listed
+        if names:
+            return [names.get(k, f"class{k}") for k in range(max(names) + 1)]
+        break
+    raise LabelError(f"{path}: no 'names:' list found")
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suf in IMAGE_SUFFIXES:
+        p = folder / (stem + suf)
+        if p.exists():
+            return p
+    return None
+
+
+def load_yolo(folder: Path, keep: list, source: str, report: LoadReport, stop: bool, masks: bool = False) -> list:
+    folder = Path(folder)
+    yaml = folder / "data.yaml"
+    names = parse_yaml_names(yaml) if yaml.exists() else None
+    img_dir, lab_dir = folder / "images", folder / "labels"
+    if not img_dir.is_dir():
+        raise LabelError(f"{folder}: no images/ folder")
+    index = {n: keep.index(n) for n in keep}
+    out = []
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    label_stems = {p.stem for p in lab_dir.glob("*.txt")} if lab_dir.is_dir() else set()
+    image_stems = {p.stem for p in images}
+    for stem in sorted(label_stems - image_stems):
+        msg = f"{lab_dir / (stem + '.txt')}: label has no image in {img_dir}"
+        if stop:
+            raise LabelError(msg)
+        report.add(msg)
+    for img in images:
+        lab = lab_dir / (img.stem + ".txt")
+        try:
+            boxes, classes = [], []
+            if lab.exists():
+                for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    where = f"{lab}:{ln}"
+                    parts = line.split()
+                    if len(parts) != 5:
+                        raise LabelError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}")
+                    try:
+                        cls = int(parts[0])
+                        cx, cy, w, h = (float(v) for v in parts[1:])
+                    except ValueError:
+                        raise LabelError(f"{where}: bad number in {line.strip()!r}") from None
+                    if names is not None and not 0 <= cls < len(names):
+                        raise LabelError(f"{where}: unknown class {cls} (data.yaml names {len(names)} classes)")
+                    name = names[cls] if names is not None else str(cls)
+                    if w <= 0 or h <= 0:
+                        raise LabelError(f"{where}: box width/height must be > 0, got {w}, {h}")
+                    box = _finish_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, where)
+                    if name in index:
+                        boxes.append(box)
+                        classes.append(index[name])
+            mask = None
+            if masks:
+                m = folder / "masks" / (img.stem + ".png")
+                mask = m if m.exists() else None
+            out.append(_sample(img, boxes, classes, source, mask))
+        except (LabelError, OSError) as exc:
+            if stop:
+                raise LabelError(str(exc)) from None
+            report.add(str(exc))
+    return out
+
+
+def _sample(img, boxes, classes, source, mask=None) -> Sample:
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return Sample(Path(img), b, np.asarray(classes, dtype=np.int64), source, mask)
+
+
+def load_voc(folder: Path, keep: list, source: str, report: LoadReport, stop: bool) -> list:
+    """``annotations/*.xml`` beside ``images/``; every object name is a class, kept ones by name."""
+    folder = Path(folder)
+    ann_dir = folder / "annotations" if (folder / "annotations").is_dir() else folder
+    img_dir = folder / "images"
+    index = {n: keep.index(n) for n in keep}
+    out = []
+    for xml in sorted(ann_dir.glob("*.xml")):
+        try:
+            try:
+                root = ET.parse(xml).getroot()
+            except ET.ParseError as exc:
+                raise LabelError(f"{xml}:{exc.position[0]}: malformed XML ({exc})") from None
+            fname = (root.findtext("filename") or "").strip()
+            img = img_dir / fname if fname else None
+            if img is None or not img.exists():
+                img = _find_image(img_dir, xml.stem)
+            if img is None:
+                raise LabelError(f"{xml}: image {fname or xml.stem!r} not found in {img_dir}")
+            try:
+                w = float(root.findtext("size/width") or 0)
+                h = float(root.findtext("size/height") or 0)
+            except ValueError:
+                raise LabelError(f"{xml}: bad <size>") from None
+            if w <= 0 or h <= 0:
+                shape = cv2.imread(str(img), cv2.IMREAD_GRAYSCALE)
+                if shape is None:
+                    raise LabelError(f"{img}: cannot decode image")
+                h, w = shape.shape[:2]
+            boxes, classes = [], []
+            for k, obj in enumerate(root.iter("object"), 1):
+                where = f"{xml}: object {k}"
+                name = (obj.findtext("name") or "").strip()
+                if not name:
+                    raise LabelError(f"{where}: missing <name>")
+                bb = obj.find("bndbox")
+                if bb is None:
+                    raise LabelError(f"{where}: missing <bndbox>")
+                try:
+                    x1, y1, x2, y2 = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+                except (TypeError, ValueError):
+                    raise LabelError(f"{where}: bad number in <bndbox>") from None
+                box = _finish_box(x1 / w, y1 / h, x2 / w, y2 / h, where)
+                if name in index:
+                    boxes.append(box)
+                    classes.append(index[name])
+            out.append(_sample(img, boxes, classes, source))
+        except (LabelError, OSError) as exc:
+            if stop:
+                raise LabelError(str(exc)) from None
+            report.add(str(exc))
+    return out
+
+
+def load_coco(json_path: Path, img_dir: Path, keep: list, source: str, report: LoadReport, stop: bool) -> list:
+    json_path, img_dir = Path(json_path), Path(img_dir)
+    try:
+        d = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabelError(f"{json_path}: cannot read COCO json ({exc})") from None
+    try:
+        cats = {int(c["id"]): str(c["name"]) for c in d["categories"]}
+        images = {int(im["id"]): im for im in d["images"]}
+        anns = d.get("annotations", [])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabelError(f"{json_path}: not a COCO detection file ({exc!r})") from None
+    index = {n: keep.index(n) for n in keep}
+    per_image: dict = {i: ([], []) for i in images}
+    bad_images: dict = {}
+    for k, a in enumerate(anns):
+        where = f"{json_path}: annotations[{k}]"
+        try:
+            iid = int(a["image_id"])
+            if iid not in images:
+                raise LabelError(f"{where}: unknown image_id {iid}")
+            cid = int(a["category_id"])
+            if cid not in cats:
+                raise LabelError(f"{where}: unknown category_id {cid}")
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if w <= 0 or h <= 0:
+                raise LabelError(f"{where}: bbox width/height must be > 0, got {w}, {h}")
+            iw, ih = float(images[iid]["width"]), float(images[iid]["height"])
+            box = _finish_box(x / iw, y / ih, (x + w) / iw, (y + h) / ih, where)
+            if a.get("iscrowd", 0):
+                continue  # crowd regions are neither objects to find nor background to punish
+            if cats[cid] in index:
+                per_image[iid][0].append(box)
+                per_image[iid][1].append(index[cats[cid]])
+        except (LabelError, KeyError, TypeError, ValueError) as exc:
+            msg = str(exc) if isinstance(exc, LabelError) else f"{where}: malformed annotation ({exc!r})"
+            if stop:
+                raise LabelError(msg) from None
+            report.add(msg)
+            if "image_id" in a and isinstance(a.get("image_id"), int):
+                bad_images[a["image_id"]] = msg
+    out = []
+    for iid in sorted(images):
+        if iid in bad_images:
+            continue  # a half-labelled image would teach that its missing object is background
+        img = img_dir / str(images[iid].get("file_name", ""))
+        if not img.is_file():
+            msg = f"{json_path}: image {img.name!r} (id {iid}) not found in {img_dir}"
+            if stop:
+                raise LabelError(msg)
+            report.add(msg)
+            continue
+        out.append(_sample(img, *per_image[iid], source))
+    return out
+
+
+def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport, stop: bool) -> list:
+    path = Path(src.path) if Path(src.path).is_absolute() else root / src.path
+    if not path.exists():
+        raise LabelError(f"source {src.name!r}: {path} does not exist")
+    if src.format == "yolo":
+        samples = load_yolo(path, classes, src.name, report, stop, masks=src.masks)
+    elif src.format == "voc":
+        samples = load_voc(path, classes, src.name, report, stop)
+    else:
+        anns = [a.strip() for a in src.annotations.split(",") if a.strip()]
+        imgs = [a.strip() for a in src.images.split(",") if a.strip()]
+        if not anns or len(anns) != len(imgs):
+            raise ConfigError(f"source {src.name!r}: COCO needs matching 'annotations' and 'images' lists")
+        samples = []
+        for a, i in zip(anns, imgs):
+            samples += load_coco(path / a, path / i, classes, src.name, report, stop)
+    return samples[: src.limit] if src.limit else samples
+
+
+def load_split(cfg: DataConfig, split: str, report: LoadReport | None = None) -> list:
+    report = report if report is not None else LoadReport()
+    root = data_root(cfg)
+    out = []
+    for src in cfg.sources:
+        if src.split == split:
+            out += load_source(src, root, list(cfg.classes), report, cfg.on_error == "stop")
+    return out
+
+
+# ------------------------------------------------------------------ RAM cache
+
+
+@dataclass
+class Cache:
+    """Decoded grey images shrunk to a long side, with their boxes in cached-image pixels.
+
+    ``cutouts`` are person instances (grey patch + 0/1 mask) from instance masks,
+    for copy-paste augmentation.
+    """
+
+    images: list  # uint8 (h,w)
+    boxes: list  # float32 (n,4) x1,y1,x2,y2 in cached pixels
+    classes: list  # int64 (n,)
+    sources: list  # str per image
+    cutouts: list = field(default_factory=list)  # (patch uint8 (h,w), mask uint8 (h,w), class)
+
+    def __len__(self):
+        return len(self.images)
+
+
+def _resize_long(img: np.ndarray, long_side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = long_side / max(h, w)
+    if s >= 1:
+        return img
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def build_cache(samples: list, long_side: int, report: LoadReport | None = None, progress=None) -> Cache:
+    report = report if report is not None else LoadReport()
+    cache = Cache([], [], [], [])
+    it = progress(samples) if progress else samples
+    for s in it:
+        img = cv2.imread(str(s.image), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            report.add(f"{s.image}: cannot decode image (skipped)")
+            continue
+        small = _resize_long(img, long_side)
+        h, w = small.shape
+        cache.images.append(small)
+        cache.boxes.append((s.boxes * np.array([w, h, w, h], np.float32)).astype(np.float32))
+        cache.classes.append(s.classes.copy())
+        cache.sources.append(s.source)
+        if s.mask is not None:
+            cache.cutouts += _cutouts(small, s)
+    return cache
+
+
+def _cutouts(small: np.ndarray, s: Sample) -> list:
+    m = cv2.imread(str(s.mask), cv2.IMREAD_UNCHANGED)
+    if m is None or m.ndim != 2:
+        return []
+    h, w = small.shape
+    m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+    out = []
+    cls = int(s.classes[0]) if len(s.classes) else 0
+    for inst in np.unique(m):
+        if inst == 0:
+            continue
+        ys, xs = np.nonzero(m == inst)
+        if len(ys) < 64:
+            continue
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        out.append((small[y0:y1, x0:x1].copy(), (m[y0:y1, x0:x1] == inst).astype(np.uint8), cls))
+    return out
+
+
+def save_cache(cache: Cache, path) -> None:
+    """One .npz of flat arrays plus offsets (no object arrays, so it loads with allow_pickle=False)."""
+    shapes = np.array([im.shape for im in cache.images], np.int64).reshape(-1, 2)
+    counts = np.array([len(b) for b in cache.boxes], np.int64)
+    cut_shapes = np.array([c[0].shape for c in cache.cutouts], np.int64).reshape(-1, 2)
+    cat = lambda xs, dt: np.concatenate([x.ravel() for x in xs]).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp.npz")
+    np.savez(
+        tmp,
+        pixels=cat(cache.images, np.uint8),
+        shapes=shapes,
+        boxes=cat(cache.boxes, np.float32).reshape(-1, 4),
+        classes=cat(cache.classes, np.int64),
+        counts=counts,
+        sources=np.array(cache.sources, dtype=np.str_),
+        cut_pixels=cat([c[0] for c in cache.cutouts], np.uint8),
+        cut_masks=cat([c[1] for c in cache.cutouts], np.uint8),
+        cut_shapes=cut_shapes,
+        cut_classes=np.array([c[2] for c in cache.cutouts], np.int64),
+    )
+    os.replace(tmp, path)
+
+
+def load_cache(path) -> Cache:
+    with np.load(path, allow_pickle=False) as z:
+        pix, shapes, boxes, classes, counts = z["pixels"], z["shapes"], z["boxes"], z["classes"], z["counts"]
+        cache = Cache([], [], [], [str(s) for s in z["sources"]])
+        p = b = 0
+        for (h, w), n in zip(shapes, counts):
+            cache.images.append(pix[p : p + h * w].reshape(h, w))
+            cache.boxes.append(boxes[b : b + n])
+            cache.classes.append(classes[b : b + n])
+            p += h * w
+            b += n
+        p = 0
+        for (h, w), c in zip(z["cut_shapes"], z["cut_classes"]):
+            cache.cutouts.append(
+                (z["cut_pixels"][p : p + h * w].reshape(h, w), z["cut_masks"][p : p + h * w].reshape(h, w), int(c))
+            )
+            p += h * w
+    return cache
+
+
+def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, progress=None) -> Cache:
+    """The split's cache, from ``cache_file`` (suffixed by split) when it exists, else built (and saved)."""
+    path = None
+    if cfg.cache_file:
+        base = Path(cfg.cache_file)
+        base = base if base.is_absolute() else repo_root() / base
+        key = hashlib.sha1(repr((cfg.classes, cfg.sources, str(data_root(cfg)))).encode()).hexdigest()[:8]
+        path = base.with_name(f"{base.stem}-{split}-{cfg.cache_long_side}-{key}.npz")
+        if path.exists():
+            return load_cache(path)
+    cache = build_cache(load_split(cfg, split, report), cfg.cache_long_side, report, progress)
+    if path is not None:
+        save_cache(cache, path)
+    return cache

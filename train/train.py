@@ -1,0 +1,393 @@
+"""Train the binary detector (or its float twin), then export and evaluate it.
+
+    python -m train.train --config train/configs/person.toml [--float-twin] [--minutes M] [--smoke]
+
+Seeded; checkpoints carry their config (torch.save of tensors and plain data,
+loaded with weights_only=True). A time budget ends the run on time: the
+learning-rate schedule runs on the fraction of the budget (or of the epochs)
+used, whichever is larger, so a short budget still anneals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import queue
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.augment import AugmentConfig, BatchMaker, no_augment
+from train.data import ConfigError, DataConfig, LoadReport, cached_split, load_toml, repo_root, strict
+from train.loss import YoloLoss, kmeans_anchors
+from train.model import Detector, ModelConfig
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    epochs: int = 300
+    minutes: float = 45.0
+    lr: float = 0.002
+    weight_decay: float = 0.0005
+    warmup_steps: int = 200
+    threads: int = 2
+    val_every_minutes: float = 10.0
+    out_dir: str = "runs/person"
+    export_to: str = "models/person.xnc"
+    box_gain: float = 0.15
+    obj_gain: float = 1.0
+    cls_gain: float = 0.05
+    grad_clip: float = 10.0
+    max_steps: int = 0  # 0 = no limit (smoke runs set it)
+
+
+def load_config(path) -> dict:
+    raw = load_toml(path)
+    unknown = sorted(set(raw) - {"data", "model", "train", "augment"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}")
+    m = dict(raw.get("model", {}))
+    if "widths" in m:
+        m["widths"] = tuple(m["widths"])
+    return {
+        "data": DataConfig.from_dict(raw.get("data", {})),
+        "model": strict(ModelConfig, m, "model"),
+        "train": strict(TrainConfig, raw.get("train", {}), "train"),
+        "augment": strict(AugmentConfig, raw.get("augment", {}), "augment"),
+    }
+
+
+def config_dict(cfg: dict) -> dict:
+    """Plain JSON-able form (for checkpoints and model metadata)."""
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return {k: plain(asdict(v)) for k, v in cfg.items()}
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def letterbox_wh(cache, width, height) -> np.ndarray:
+    """Box sizes in input pixels as the letterbox would scale them (for anchors)."""
+    out = []
+    for img, b in zip(cache.images, cache.boxes):
+        if len(b):
+            s = min(width / img.shape[1], height / img.shape[0])
+            out.append((b[:, 2:] - b[:, :2]) * s)
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+class Prefetch:
+    """Makes augmented batches on a helper thread (torch ops release the GIL) while the model trains."""
+
+    def __init__(self, maker: BatchMaker, n: int, batch: int, seed: int, depth: int = 3):
+        self.maker, self.n, self.batch = maker, n, batch
+        self.rng = np.random.default_rng(seed + 1)
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self.stop:
+            for start in range(0, self.n - self.batch + 1, self.batch):
+                if self.stop:
+                    return
+                idx = self.perm[start : start + self.batch] if start else self._new_perm()[: self.batch]
+                try:
+                    item = self.maker.make(idx)
+                except Exception as exc:  # noqa: BLE001 - reported in the main thread, never kills the epoch silently
+                    item = exc
+                self.q.put(item)
+
+    def _new_perm(self):
+        self.perm = self.rng.permutation(self.n)
+        return self.perm
+
+    def get(self):
+        item = self.q.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self):
+        self.stop = True
+        while not self.q.empty():
+            self.q.get_nowait()
+
+
+@torch.no_grad()
+def predict_cache(model, cache, width, height, anchors, batch=64):
+    """Detections (in cached-image pixels) for every cached image, decoded by the runtime's app.decode."""
+    from app.decode import decode
+    from app.preprocess import Letterbox
+
+    model.eval()
+    maker = BatchMaker(cache, no_augment(), width, height)
+    dets = []
+    for start in range(0, len(cache), batch):
+        idx = list(range(start, min(len(cache), start + batch)))
+        x, _ = maker.make(idx, augment=False)
+        head = model(x).permute(0, 2, 3, 1).contiguous().numpy()
+        for k, i in enumerate(idx):
+            h, w = cache.images[i].shape
+            s = min(width / w, height / h)
+            lb = Letterbox(s, (width - round(w * s)) // 2, (height - round(h * s)) // 2)
+            dets.append(decode(head[k], anchors, (width, height), lb, (h, w), score_threshold=0.005))
+    return dets
+
+
+def validate(model, cache, cfg, anchors, num_classes) -> dict:
+    from app.evaluate import coco_metrics, precision_recall
+
+    m = cfg["model"]
+    dets = predict_cache(model, cache, m.input_width, m.input_height, anchors)
+    gts = list(zip(cache.boxes, cache.classes))
+    out = coco_metrics(gts, dets, num_classes, [im.shape for im in cache.images])
+    out["precision"], out["recall"] = precision_recall(gts, dets, 0.25)
+    return out
+
+
+def save_checkpoint(path, model, cfg, anchors, class_names, extra):
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": config_dict(cfg),
+            "anchors": np.asarray(anchors, np.float32).tolist(),
+            "class_names": list(class_names),
+            **extra,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path):
+    """(model in eval mode, checkpoint dict). weights_only=True: nothing is unpickled."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    mc = dict(ck["config"]["model"])
+    mc["widths"] = tuple(mc["widths"])
+    model = Detector(ModelConfig(**mc), num_classes=len(ck["class_names"]))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, ck
+
+
+def plot_curves(history, out_png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [h["step"] for h in history["train"]]
+    for key in ("loss", "box", "obj"):
+        vals = [h[key] for h in history["train"]]
+        if key == "loss":
+            k = max(1, len(vals) // 50)
+            vals = np.convolve(vals, np.ones(k) / k, mode="same")
+        ax[0].plot(steps, vals, label=key)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    ax[0].set_title("training loss")
+    if history["val"]:
+        vs = [h["step"] for h in history["val"]]
+        ax[1].plot(vs, [h["map50"] for h in history["val"]], "o-", label="mAP@0.5")
+        ax[1].plot(vs, [h["map50_95"] for h in history["val"]], "o-", label="mAP@0.5:0.95")
+        ax[1].legend()
+    ax[1].set_xlabel("step")
+    ax[1].set_title("validation (cached val images)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def plot_pr(metrics: dict, out_png, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(metrics["pr_recall"], metrics["pr_precision"])
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}: AP@0.5 = {metrics['map50']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def train(cfg: dict, out_dir: Path, log=print) -> dict:
+    tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
+    torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    t_data = time.time()
+    report = LoadReport()
+    train_cache = cached_split(dc, "train", report, progress=lambda x: tqdm(x, desc="cache train", leave=False))
+    val_cache = cached_split(dc, "val", report, progress=lambda x: tqdm(x, desc="cache val", leave=False))
+    for p in report.problems[:20]:
+        log(f"data: {p}")
+    if len(report.problems) > 20:
+        log(f"data: ... {len(report.problems) - 20} more problems")
+    log(f"data: train {len(train_cache)} images ({sum(map(len, train_cache.boxes))} boxes, "
+        f"{len(train_cache.cutouts)} cut-outs), val {len(val_cache)} images; {time.time() - t_data:.1f}s")
+    if len(train_cache) < tc.batch_size:
+        raise ConfigError(f"only {len(train_cache)} training images, fewer than batch_size {tc.batch_size}")
+
+    anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
+    log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
+    nc = len(dc.classes)
+    model = Detector(mc, nc).to(device)
+    crit = YoloLoss(anchors, model.stride, nc, tc.box_gain, tc.obj_gain, tc.cls_gain)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Latent binary weights only carry a sign: decay would just pull them across zero.
+        binary_latent = mc.binary and name.endswith("weight") and p.dim() == 4 and "conv" not in name
+        (no_decay if p.dim() == 1 or binary_latent else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    steps_per_epoch = len(train_cache) // tc.batch_size
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    budget = tc.minutes * 60.0
+    maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
+    pre = Prefetch(maker, len(train_cache), tc.batch_size, tc.seed)
+    history = {"train": [], "val": []}
+    best = -1.0
+    kind = "binary" if mc.binary else "float"
+    t0 = last_val = time.time()
+    step = 0
+    bar = tqdm(total=total_steps, desc=f"train {kind}", dynamic_ncols=True, mininterval=2.0)
+    try:
+        while step < total_steps:
+            elapsed = time.time() - t0
+            progress = max(step / total_steps, elapsed / budget)
+            if progress >= 1.0:
+                break
+            warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
+            lr = tc.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            model.train()
+            x, tg = pre.get()
+            head = model(x.to(device))
+            loss, parts = crit(head, tg.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            model.clip_latent()
+            step += 1
+            rec = {"step": step, "loss": float(loss) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
+            history["train"].append(rec)
+            left = max(0.0, min(budget - (time.time() - t0),
+                                (time.time() - t0) / max(step, 1) * (total_steps - step)))
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", box=f"{parts['box']:.3f}", obj=f"{parts['obj']:.4f}",
+                            ep=f"{step / steps_per_epoch:.1f}", left=f"{int(left // 60)}:{int(left % 60):02d}")
+            bar.update(1)
+            if time.time() - last_val > tc.val_every_minutes * 60 and len(val_cache):
+                v = validate(model, val_cache, cfg, anchors, nc)
+                last_val = time.time()
+                history["val"].append({"step": step, "map50": v["map50"], "map50_95": v["map50_95"]})
+                bar.write(f"val @ step {step}: mAP50 {v['map50']:.4f} mAP50-95 {v['map50_95']:.4f}")
+                save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, {"step": step, "val": v["map50"]})
+                if v["map50"] > best:
+                    best = v["map50"]
+                    save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, {"step": step, "val": best})
+    finally:
+        bar.close()
+        pre.close()
+    wall = time.time() - t0
+    final = validate(model, val_cache, cfg, anchors, nc) if len(val_cache) else {"map50": 0.0, "map50_95": 0.0}
+    history["val"].append({"step": step, "map50": final["map50"], "map50_95": final["map50_95"]})
+    log(f"done: {step} steps ({step / max(1, steps_per_epoch):.2f} epochs) in {wall / 60:.1f} min on {device}; "
+        f"val (cached) mAP50 {final['map50']:.4f} mAP50-95 {final['map50_95']:.4f}")
+    extra = {"step": step, "val": final["map50"], "wall_s": wall, "epochs": step / max(1, steps_per_epoch),
+             "device": str(device), "threads": tc.threads}
+    save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, extra)
+    if final["map50"] >= best:
+        save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, extra)
+    with open(out_dir / "history.json", "w") as f:
+        json.dump({**history, "summary": {k: v for k, v in extra.items()}}, f)
+    plot_curves(history, out_dir / "curves.png")
+    return {"model": model, "anchors": anchors, "final": final, **extra}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="train/configs/person.toml")
+    ap.add_argument("--float-twin", action="store_true", help="train the float twin (same topology, real values)")
+    ap.add_argument("--minutes", type=float, help="time budget override")
+    ap.add_argument("--out", help="output folder override")
+    ap.add_argument("--threads", type=int, help="torch threads override")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
+    ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"config: {e}", file=sys.stderr)
+        return 78
+    if args.float_twin:
+        cfg["model"] = replace(cfg["model"], binary=False)
+    if args.minutes is not None:
+        cfg["train"] = replace(cfg["train"], minutes=args.minutes)
+    if args.threads:
+        cfg["train"] = replace(cfg["train"], threads=args.threads)
+    if args.smoke:
+        srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
+        cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
+        cfg["train"] = replace(cfg["train"], max_steps=6, batch_size=8, val_every_minutes=1e9)
+    out = Path(args.out) if args.out else repo_root() / cfg["train"].out_dir
+    if args.float_twin and not args.out:
+        out = out.with_name(out.name + "-float")
+    train(cfg, out)
+    kind = "binary" if cfg["model"].binary else "float"
+    if args.no_export or args.smoke:
+        return 0
+    if cfg["model"].binary:
+        from train.export import export_checkpoint
+
+        target = repo_root() / cfg["train"].export_to
+        export_checkpoint(out / "best.pt", target, command=" ".join(["python -m train.train", *(argv or sys.argv[1:])]))
+        print(f"exported {target}")
+        from app.evaluate import main as eval_main
+
+        return eval_main(["--model", str(target)])
+    from train.export import evaluate_torch
+
+    m = evaluate_torch(out / "best.pt")
+    plot_pr(m, out / "pr.png", f"{kind} twin")
+    print(json.dumps({k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
