@@ -1,0 +1,119 @@
+"""Pure drawing: detections and a small HUD onto pixels.
+
+``render`` returns a new BGR image (the frame, converted from grey when
+needed, with boxes drawn on it) for the OpenCV window and the recorder.
+``render_rgba`` returns a transparent RGBA image holding only the drawings,
+for picamera2's DRM ``set_overlay``: the camera frame itself is never copied.
+Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@dataclass(frozen=True)
+class Hud:
+    fps: float
+    latency_ms: float
+    dropped: int
+
+    def text(self) -> str:
+        return f"{self.fps:4.1f} fps  det {self.latency_ms:5.1f} ms  dropped {self.dropped}"
+
+
+@lru_cache(maxsize=256)
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A bright, stable colour per class index as (R, G, B); neighbours differ by the golden angle."""
+    hue = (index * 0.618033988749895 + 0.33) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def label_text(det_class: int, score: float, class_names: Sequence[str]) -> str:
+    name = class_names[det_class] if 0 <= det_class < len(class_names) else f"class{det_class}"
+    return f"{name} {score:.2f}"
+
+
+def _style(height: int) -> tuple[float, int]:
+    """Font scale and line thickness that stay readable from 240 to 1080 lines."""
+    scale = max(0.35, height / 600.0)
+    return scale, max(1, round(height / 240.0))
+
+
+def _draw(
+    canvas: np.ndarray,
+    detections: np.ndarray,
+    class_names: Sequence[str],
+    hud: Hud | None,
+    scale: tuple[float, float],
+    rgba: bool,
+) -> None:
+    h, w = canvas.shape[:2]
+    font_scale, thick = _style(h)
+    sx, sy = scale
+
+    def colour(rgb: tuple[int, int, int]) -> tuple[int, ...]:
+        return (*rgb, 255) if rgba else (rgb[2], rgb[1], rgb[0])
+
+    dets = np.asarray(detections, dtype=np.float32).reshape(-1, 6)
+    for x1, y1, x2, y2, score, cls in dets:
+        cls_i = int(cls)
+        c = colour(class_colour(cls_i))
+        p1 = (int(round(x1 * sx)), int(round(y1 * sy)))
+        p2 = (int(round(x2 * sx)), int(round(y2 * sy)))
+        cv2.rectangle(canvas, p1, p2, c, thick)
+        text = label_text(cls_i, float(score), class_names)
+        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
+        # Label sits above the box, or inside it when the box touches the top.
+        ty = p1[1] - 2 if p1[1] - th - base - 2 >= 0 else p1[1] + th + base + 2
+        tx = min(max(p1[0], 0), max(0, w - tw - 2))
+        cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw + 2, ty + 1), c, cv2.FILLED)
+        cv2.putText(canvas, text, (tx + 1, ty - base + 1), FONT, font_scale, colour((0, 0, 0)), 1, cv2.LINE_AA)
+    if hud is not None:
+        text = hud.text()
+        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
+        bg = (0, 0, 0, 160) if rgba else (0, 0, 0)
+        cv2.rectangle(canvas, (0, 0), (tw + 6, th + base + 6), bg, cv2.FILLED)
+        cv2.putText(canvas, text, (3, th + 3), FONT, font_scale, colour((255, 255, 255)), 1, cv2.LINE_AA)
+
+
+def render(
+    pixels: np.ndarray,
+    detections: np.ndarray,
+    class_names: Sequence[str],
+    hud: Hud | None = None,
+) -> np.ndarray:
+    """A new BGR image: ``pixels`` (grey or BGR uint8) with boxes, labels, scores and the HUD drawn on."""
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise ValueError(f"render expects uint8 (H,W) or (H,W,3), got {pixels.dtype} {pixels.shape}")
+    canvas = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR) if pixels.ndim == 2 else pixels.copy()
+    _draw(canvas, detections, class_names, hud, (1.0, 1.0), rgba=False)
+    return canvas
+
+
+def render_rgba(
+    size: tuple[int, int],
+    detections: np.ndarray,
+    class_names: Sequence[str],
+    hud: Hud | None = None,
+    frame_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A transparent (H,W,4) RGBA image of ``size`` = (W,H) holding only the drawings.
+
+    ``frame_size`` (W,H) is the size of the image the detections refer to; the
+    boxes are scaled from it to ``size``.
+    """
+    w, h = size
+    fw, fh = frame_size or size
+    canvas = np.zeros((h, w, 4), dtype=np.uint8)
+    _draw(canvas, detections, class_names, hud, (w / fw, h / fh), rgba=True)
+    return canvas

@@ -1,0 +1,440 @@
+"""Where results go: previews (DRM / OpenCV window / none), the JSON Lines log, the recorder.
+
+Each role has a null version, and none of them ever stops the pipeline: a
+failed write is counted and retried on the next line, a preview that cannot
+work falls back to nothing with one warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from app import overlay
+from app.sources import Frame
+
+log = logging.getLogger("xnorcam.sinks")
+
+SCHEMA_VERSION = 1
+
+
+# --- JSON Lines log ------------------------------------------------------------
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def detection_records(detections: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    out = []
+    for x1, y1, x2, y2, score, cls in np.asarray(detections, dtype=np.float32).reshape(-1, 6).tolist():
+        c = int(cls)
+        out.append(
+            {
+                "label": class_names[c] if 0 <= c < len(class_names) else f"class{c}",
+                "score": round(score, 4),
+                "box": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)],
+            }
+        )
+    return out
+
+
+def frame_record(
+    frame: Frame,
+    detections: np.ndarray,
+    class_names: Sequence[str],
+    fps: float,
+    latency_ms: float,
+    dropped: int,
+) -> dict[str, Any]:
+    h, w = frame.pixels.shape[:2]
+    return {
+        "v": SCHEMA_VERSION,
+        "time": utc_now_iso(),
+        "mono_ms": round(frame.t * 1000.0, 3),
+        "seq": frame.seq,
+        "width": w,
+        "height": h,
+        "detections": detection_records(detections, class_names),
+        "fps": round(fps, 2),
+        "latency_ms": round(latency_ms, 2),
+        "dropped": dropped,
+    }
+
+
+class NullLog:
+    """Writes nothing; has the counters of a real log."""
+
+    path = None
+    lines = 0
+    failures = 0
+    only_detections = False
+
+    def write(self, record: dict[str, Any]) -> bool:
+        return False
+
+    def event(self, record: dict[str, Any]) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLog:
+    """One JSON object per line, each written whole with a single ``write`` (no userspace buffer).
+
+    ``path`` ``"-"`` writes to stdout. With ``max_bytes`` > 0 the file is
+    rotated before a line would push it past the limit, keeping ``files``
+    files in all (``path``, ``path.1`` ... ``path.{files-1}``, oldest last).
+    A failed or short write is counted, cut back to the last complete line
+    when possible (else the next line starts on a fresh line), and the next
+    line is tried again: logging never stops capture.
+    """
+
+    def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False) -> None:
+        self.path = path
+        self.max_bytes = int(max_bytes) if path != "-" else 0
+        self.files = max(1, int(files))
+        self.only_detections = only_detections
+        self.lines = 0
+        self.failures = 0
+        self.rotations = 0
+        self.last_error: str | None = None
+        self._fd: int | None = None
+        self._size = 0
+        self._fresh_line = False
+        self._in_failure = False
+        self._write = os.write  # tests swap this to simulate ENOSPC / EIO / short writes
+        self._open(must=True)
+
+    # --- file handling ---
+
+    def _open(self, must: bool = False) -> bool:
+        if self.path == "-":
+            self._fd = sys.stdout.fileno()
+            return True
+        try:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if must:
+                # Starting without a log is allowed (the disk may come back), but say so.
+                log.warning("cannot open log %s (%s); will retry on each line", self.path, exc.strerror)
+            self._note_failure(exc)
+            return False
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        # A crash can leave a partial last line: never glue the next line onto it.
+        self._fresh_line = self._size > 0 and not self._ends_with_newline()
+        return True
+
+    def _ends_with_newline(self) -> bool:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                return fh.read(1) == b"\n"
+        except OSError:
+            return True  # unreadable (or not seekable): assume the last line is whole
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != "-":
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _rotate(self) -> None:
+        self._close_fd()
+        try:
+            if self.files == 1:
+                os.truncate(self.path, 0)
+            else:
+                for i in range(self.files - 1, 0, -1):
+                    src = self.path if i == 1 else f"{self.path}.{i - 1}"
+                    if os.path.exists(src):
+                        os.replace(src, f"{self.path}.{i}")
+            self.rotations += 1
+        except OSError as exc:
+            self._note_failure(exc)
+        self._open()
+
+    # --- writing ---
+
+    def write(self, record: dict[str, Any]) -> bool:
+        if self.only_detections and not record.get("detections"):
+            return False
+        return self._write_line(record)
+
+    def event(self, record: dict[str, Any]) -> bool:
+        record = {"v": SCHEMA_VERSION, "time": utc_now_iso(), **record}
+        return self._write_line(record)
+
+    def _write_line(self, record: dict[str, Any]) -> bool:
+        data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        if self._fd is None and not self._open():
+            self.failures += 1
+            return False
+        if self.max_bytes and self._size > 0 and self._size + len(data) > self.max_bytes:
+            self._rotate()
+            if self._fd is None:
+                self.failures += 1
+                return False
+        if self._fresh_line:
+            data = b"\n" + data
+        try:
+            written = self._write(self._fd, data)
+        except OSError as exc:
+            self._failed(exc, 0)
+            return False
+        if written != len(data):
+            self._failed(OSError(errno.ENOSPC, "short write"), written)
+            return False
+        self._size += written
+        self._fresh_line = False
+        self.lines += 1
+        if self._in_failure:
+            self._in_failure = False
+            log.warning("log %s: writing again after %d failed line(s)", self.path, self.failures)
+        return True
+
+    def _note_failure(self, exc: OSError) -> None:
+        self.last_error = f"{errno.errorcode.get(exc.errno or 0, 'E?')}: {exc.strerror or exc}"
+
+    def _failed(self, exc: OSError, written: int) -> None:
+        self.failures += 1
+        self._note_failure(exc)
+        if not self._in_failure:
+            self._in_failure = True
+            log.warning("log %s: write failed (%s); counting failures and retrying", self.path, self.last_error)
+        if self.path == "-":
+            if written:
+                self._fresh_line = True
+            return
+        if written:
+            try:
+                os.ftruncate(self._fd, self._size)  # cut the partial line back off
+            except OSError:
+                self._fresh_line = True  # cannot cut it: start the next line on its own
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            # EIO, EROFS, a vanished file: reopen on the next line.
+            self._close_fd()
+
+    def close(self) -> None:
+        self._close_fd()
+
+
+def open_log(path: str, max_mb: float = 10.0, files: int = 5, only_detections: bool = False) -> JsonlLog | NullLog:
+    if not path:
+        return NullLog()
+    return JsonlLog(path, max_bytes=int(max_mb * 1024 * 1024), files=files, only_detections=only_detections)
+
+
+# --- previews ----------------------------------------------------------------------
+
+
+class NullPreview:
+    """Headless: shows nothing."""
+
+    name = "none"
+    needs_canvas = False
+    stop_requested = False
+
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def cv2_has_gui() -> bool:
+    """False for opencv-python-headless (no highgui backend) or when no window can be made."""
+    try:
+        import cv2
+
+        info = cv2.getBuildInformation()
+    except Exception:
+        return False
+    gui_lines = [line for line in info.splitlines() if line.strip().startswith("GUI:")]
+    if gui_lines and gui_lines[0].split(":", 1)[1].strip().upper() in ("NONE", "NO", ""):
+        return False
+    return True
+
+
+def display_available(environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
+class WindowPreview:
+    """An OpenCV window on a desktop. ``q`` or Esc (or closing the window) asks the app to stop."""
+
+    name = "window"
+    needs_canvas = True
+
+    def __init__(self, title: str = "xnorcam") -> None:
+        import cv2
+
+        self.title = title
+        cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)  # raises cv2.error without highgui
+        self.stop_requested = False
+        self._shown = False
+
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+        import cv2
+
+        if canvas is None:
+            return
+        cv2.imshow(self.title, canvas)
+        key = cv2.waitKey(1) & 0xFF
+        if key in (ord("q"), 27):
+            self.stop_requested = True
+        if self._shown and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+            self.stop_requested = True
+        self._shown = True
+
+    def close(self) -> None:
+        try:
+            import cv2
+
+            cv2.destroyWindow(self.title)
+        except Exception:
+            pass
+
+
+class DrmPreview:
+    """Boxes on HDMI: an RGBA overlay handed to picamera2, which shows the camera itself via DRM.
+
+    ``current_source`` returns the source now open (it changes when the capture
+    thread reopens the camera); during an outage there is nothing to draw on.
+    """
+
+    name = "drm"
+    needs_canvas = False
+    stop_requested = False
+
+    def __init__(self, current_source: Callable[[], Any], class_names: Sequence[str], overlay_size=None) -> None:
+        self.current_source = current_source
+        self.class_names = list(class_names)
+        self.overlay_size = overlay_size
+        self.failures = 0
+
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+        source = self.current_source()
+        if source is None or not getattr(source, "drm_active", False):
+            return
+        fh, fw = frame.pixels.shape[:2]
+        rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, hud, (fw, fh))
+        try:
+            source.set_overlay(rgba)
+        except Exception as exc:  # a display unplugged mid-run must not stop detection
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("DRM overlay failed (%s); continuing", exc)
+
+    def close(self) -> None:
+        source = self.current_source()
+        if source is not None and getattr(source, "drm_active", False):
+            try:
+                source.set_overlay(None)
+            except Exception:
+                pass
+
+
+def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None) -> str:
+    """Resolve ``auto`` and fall back (with one warning) when the wanted preview cannot work.
+
+    ``drm`` is only decided for real when picamera2 starts its preview; if that
+    fails the source logs one warning and runs headless.
+    """
+    if mode == "auto":
+        if source_kind == "picamera2":
+            return "drm"
+        if display_available(environ) and cv2_has_gui():
+            return "window"
+        return "none"
+    if mode == "drm" and source_kind != "picamera2":
+        log.warning("preview 'drm' needs the picamera2 source (source is %s); running headless", source_kind)
+        return "none"
+    if mode == "window" and not cv2_has_gui():
+        log.warning("preview 'window': this OpenCV has no GUI support (opencv-python-headless?); running headless")
+        return "none"
+    return mode
+
+
+def make_preview(mode: str, current_source: Callable[[], Any], class_names: Sequence[str]):
+    if mode == "window":
+        try:
+            return WindowPreview()
+        except Exception as exc:
+            log.warning("preview 'window' unavailable (%s); running headless", exc)
+            return NullPreview()
+    if mode == "drm":
+        return DrmPreview(current_source, class_names)
+    return NullPreview()
+
+
+# --- recorder ------------------------------------------------------------------------
+
+
+class NullRecorder:
+    needs_canvas = False
+    frames = 0
+
+    def write(self, canvas: np.ndarray | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder:
+    """Writes the annotated frames to a video file (cv2.VideoWriter, mp4v), opened at the first frame."""
+
+    needs_canvas = True
+
+    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v") -> None:
+        self.path = path
+        self.fps = fps
+        self.fourcc = fourcc
+        self.frames = 0
+        self.failures = 0
+        self._writer = None
+        self._size: tuple[int, int] | None = None
+        self._broken = False
+
+    def write(self, canvas: np.ndarray | None) -> None:
+        import cv2
+
+        if canvas is None or self._broken:
+            return
+        h, w = canvas.shape[:2]
+        if self._writer is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+            if not writer.isOpened():
+                self._broken = True
+                log.warning("cannot record to %s (cv2.VideoWriter did not open); not recording", self.path)
+                return
+            self._writer, self._size = writer, (w, h)
+        if (w, h) != self._size:
+            canvas = cv2.resize(canvas, self._size)  # a reopened source may change size
+        try:
+            self._writer.write(canvas)
+            self.frames += 1
+        except cv2.error:
+            self.failures += 1
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.release()

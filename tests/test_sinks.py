@@ -1,0 +1,339 @@
+"""Sinks: the JSON Lines log (schema, rotation, write failures), previews and the recorder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from app import sinks
+from app.sinks import (
+    DrmPreview,
+    JsonlLog,
+    NullLog,
+    NullPreview,
+    Recorder,
+    choose_preview_mode,
+    frame_record,
+    make_preview,
+    open_log,
+)
+from app.sources import DrmState, Frame, Picamera2Source
+from tests.fakes import fake_picamera2
+
+NAMES = ["person"]
+DETS = np.array([[10.04, 20.0, 110.0, 200.55, 0.91234, 0]], np.float32)
+
+
+def record(seq=0, dets=DETS):
+    f = Frame(np.zeros((240, 320), np.uint8), seq, 12.3456789)
+    return frame_record(f, dets, NAMES, fps=7.891, latency_ms=123.456, dropped=4)
+
+
+def lines_of(path):
+    with open(path, "rb") as fh:
+        return fh.read().decode().splitlines()
+
+
+def check_schema(obj):
+    assert obj["v"] == 1
+    assert obj["time"].endswith("Z") and "T" in obj["time"]
+    assert isinstance(obj["mono_ms"], float)
+    assert isinstance(obj["seq"], int) and isinstance(obj["width"], int) and isinstance(obj["height"], int)
+    for d in obj["detections"]:
+        assert set(d) == {"label", "score", "box"} and len(d["box"]) == 4
+    assert isinstance(obj["fps"], float) and isinstance(obj["latency_ms"], float)
+
+
+def test_frame_record_schema():
+    r = record(seq=5)
+    check_schema(r)
+    assert r["seq"] == 5 and (r["width"], r["height"]) == (320, 240)
+    assert r["mono_ms"] == pytest.approx(12345.679, abs=1e-3)
+    assert r["detections"] == [{"label": "person", "score": 0.9123, "box": [10.0, 20.0, 110.0, 200.6]}]
+    assert r["fps"] == 7.89 and r["latency_ms"] == 123.46 and r["dropped"] == 4
+
+
+def test_log_writes_whole_parseable_lines(tmp_path):
+    path = tmp_path / "sub" / "log.jsonl"
+    log = JsonlLog(str(path))
+    for i in range(5):
+        assert log.write(record(i))
+    log.event({"event": "source_error", "stage": "read", "message": "x", "retry_in_s": 0.5})
+    log.close()
+    lines = lines_of(path)
+    assert len(lines) == 6
+    objs = [json.loads(line) for line in lines]
+    for o in objs[:5]:
+        check_schema(o)
+    assert [o["seq"] for o in objs[:5]] == list(range(5))
+    assert objs[5]["event"] == "source_error" and objs[5]["v"] == 1 and objs[5]["time"].endswith("Z")
+
+
+def test_log_each_line_is_one_write(tmp_path):
+    log = JsonlLog(str(tmp_path / "a.jsonl"))
+    calls = []
+    real = log._write
+
+    def spy(fd, data):
+        calls.append(data)
+        return real(fd, data)
+
+    log._write = spy
+    log.write(record())
+    assert len(calls) == 1 and calls[0].endswith(b"\n") and calls[0].count(b"\n") == 1
+
+
+def test_only_detections(tmp_path):
+    log = open_log(str(tmp_path / "d.jsonl"), only_detections=True)
+    log.write(record(0, np.zeros((0, 6), np.float32)))
+    log.write(record(1))
+    log.close()
+    assert [json.loads(x)["seq"] for x in lines_of(tmp_path / "d.jsonl")] == [1]
+
+
+def test_rotation_keeps_n_files_of_bounded_size(tmp_path):
+    path = tmp_path / "r.jsonl"
+    one = len(json.dumps(record(), separators=(",", ":"))) + 1
+    log = JsonlLog(str(path), max_bytes=3 * one + 10, files=3)
+    for i in range(20):
+        assert log.write(record(i))
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["r.jsonl", "r.jsonl.1", "r.jsonl.2"]
+    seqs = []
+    for name in ["r.jsonl.2", "r.jsonl.1", "r.jsonl"]:
+        assert os.path.getsize(tmp_path / name) <= 3 * one + 10
+        seqs += [json.loads(x)["seq"] for x in lines_of(tmp_path / name)]
+    assert seqs == list(range(seqs[0], 20))  # newest files, in order, nothing torn
+    assert log.rotations >= 5
+
+
+def test_single_file_rotation_truncates(tmp_path):
+    path = tmp_path / "one.jsonl"
+    log = JsonlLog(str(path), max_bytes=600, files=1)
+    for i in range(30):
+        log.write(record(i))
+    log.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["one.jsonl"]
+    assert os.path.getsize(path) <= 600
+    assert json.loads(lines_of(path)[-1])["seq"] == 29
+
+
+def test_stdout(capfd):
+    log = open_log("-")
+    log.write(record(3))
+    log.close()
+    out = capfd.readouterr().out.splitlines()
+    assert json.loads(out[-1])["seq"] == 3
+    assert isinstance(open_log(""), NullLog)
+
+
+def test_enospc_is_counted_and_writing_resumes(tmp_path):
+    path = tmp_path / "full.jsonl"
+    log = JsonlLog(str(path))
+    real = log._write
+    state = {"fail": 0}
+
+    def flaky(fd, data):
+        if state["fail"] > 0:
+            state["fail"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    log._write = flaky
+    log.write(record(0))
+    state["fail"] = 3
+    assert [log.write(record(i)) for i in (1, 2, 3)] == [False, False, False]
+    assert log.write(record(4))
+    log.close()
+    assert log.failures == 3 and "ENOSPC" in log.last_error
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [0, 4]
+
+
+def test_short_write_is_cut_back_to_the_last_good_line(tmp_path):
+    path = tmp_path / "short.jsonl"
+    log = JsonlLog(str(path))
+    real = log._write
+    log.write(record(0))
+    log._write = lambda fd, data: real(fd, data[: len(data) // 2])
+    assert log.write(record(1)) is False
+    log._write = real
+    assert log.write(record(2))
+    log.close()
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [0, 2]
+
+
+def test_short_write_that_cannot_be_cut_starts_a_fresh_line(tmp_path, monkeypatch):
+    path = tmp_path / "fresh.jsonl"
+    log = JsonlLog(str(path))
+    real = log._write
+    log.write(record(0))
+    log._write = lambda fd, data: real(fd, data[:10])
+
+    def no_truncate(fd, size):
+        raise OSError(errno.EPERM, "nope")
+
+    monkeypatch.setattr(sinks.os, "ftruncate", no_truncate)
+    log.write(record(1))
+    log._write = real
+    log.write(record(2))
+    log.close()
+    lines = lines_of(path)
+    assert len(lines) == 3
+    assert json.loads(lines[0])["seq"] == 0 and json.loads(lines[2])["seq"] == 2
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[1])  # the torn fragment stands alone; the next line is whole
+
+
+def test_eio_reopens_and_erofs_open_failures_are_counted(tmp_path, monkeypatch):
+    path = tmp_path / "eio.jsonl"
+    log = JsonlLog(str(path))
+    real = log._write
+
+    def eio(fd, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    log._write = eio
+    assert not log.write(record(0))
+    assert log._fd is None  # will reopen
+    real_open = os.open
+    monkeypatch.setattr(sinks.os, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    log._write = real
+    assert not log.write(record(1))
+    assert "EROFS" in log.last_error
+    monkeypatch.setattr(sinks.os, "open", real_open)
+    assert log.write(record(2))
+    log.close()
+    assert log.failures == 2
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [2]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full")
+def test_dev_full_never_raises():
+    log = JsonlLog("/dev/full")
+    assert [log.write(record(i)) for i in range(3)] == [False] * 3
+    assert log.failures == 3 and "ENOSPC" in log.last_error
+    log.close()
+
+
+def test_partial_last_line_from_a_crash_is_not_glued_onto(tmp_path):
+    path = tmp_path / "crash.jsonl"
+    path.write_bytes(b'{"v":1,"seq":0}\n{"v":1,"se')
+    log = JsonlLog(str(path))
+    log.write(record(1))
+    log.close()
+    lines = lines_of(path)
+    assert lines[-2] == '{"v":1,"se' and json.loads(lines[-1])["seq"] == 1
+
+
+# --- previews ---------------------------------------------------------------------------------
+
+
+def test_choose_preview_mode(caplog, monkeypatch):
+    assert choose_preview_mode("auto", "picamera2", {}) == "drm"
+    assert choose_preview_mode("none", "picamera2", {}) == "none"
+    assert choose_preview_mode("auto", "demo", {}) == "none"
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: True)
+    assert choose_preview_mode("auto", "demo", {"DISPLAY": ":0"}) == "window"
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
+    assert choose_preview_mode("auto", "demo", {"DISPLAY": ":0"}) == "none"
+    caplog.clear()
+    assert choose_preview_mode("window", "demo", {"DISPLAY": ":0"}) == "none"
+    assert caplog.text.count("no GUI support") == 1
+    assert choose_preview_mode("drm", "images:x", {}) == "none"
+    assert "needs the picamera2 source" in caplog.text
+
+
+def test_headless_opencv_is_detected():
+    # The dev venv and CI use opencv-python-headless: no highgui.
+    import cv2 as _cv2
+
+    has_gui = "GUI:                           NONE" not in _cv2.getBuildInformation()
+    assert sinks.cv2_has_gui() == has_gui
+
+
+def test_window_without_gui_falls_back_to_null(monkeypatch, caplog):
+    if sinks.cv2_has_gui():
+        pytest.skip("this OpenCV has GUI support")
+    p = make_preview("window", lambda: None, NAMES)
+    assert isinstance(p, NullPreview) and "unavailable" in caplog.text
+
+
+@pytest.fixture
+def fake_cam(monkeypatch):
+    module = fake_picamera2.make_module()
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    return module
+
+
+def test_drm_preview_sets_an_rgba_overlay_of_the_drawings(fake_cam):
+    src = Picamera2Source(drm=DrmState(True))
+    src.open()
+    try:
+        preview = make_preview("drm", lambda: src, NAMES)
+        assert isinstance(preview, DrmPreview)
+        frame = Frame(src.read(), 0, 0.0)
+        preview.show(frame, None, DETS, None)
+        ov = fake_cam.state.overlays[-1]
+        assert ov.shape == (240, 320, 4)
+        assert ov[100, 10, 3] == 255  # left edge of the box
+        assert ov[100, 60, 3] == 0  # inside: transparent
+        preview.close()
+        assert fake_cam.state.overlays[-1] is None  # cleared on exit
+    finally:
+        src.close()
+
+
+def test_drm_preview_is_a_no_op_when_drm_failed(fake_cam, caplog):
+    fake_cam.state.drm_ok = False
+    src = Picamera2Source(drm=DrmState(True))
+    src.open()
+    try:
+        preview = DrmPreview(lambda: src, NAMES)
+        preview.show(Frame(src.read(), 0, 0.0), None, DETS, None)
+        preview.show(Frame(src.read(), 1, 0.0), None, DETS, None)
+    finally:
+        src.close()
+    assert fake_cam.state.overlays == []
+    assert caplog.text.count("DRM preview unavailable") == 1
+
+
+def test_drm_preview_survives_overlay_errors(caplog):
+    class Broken:
+        drm_active = True
+
+        def set_overlay(self, rgba):
+            raise RuntimeError("display unplugged")
+
+    p = DrmPreview(lambda: Broken(), NAMES)
+    for i in range(3):
+        p.show(Frame(np.zeros((48, 64), np.uint8), i, 0.0), None, DETS, None)
+    assert p.failures == 3 and caplog.text.count("DRM overlay failed") == 1
+
+
+def test_recorder_writes_a_readable_video(tmp_path):
+    path = tmp_path / "out" / "rec.mp4"
+    rec = Recorder(str(path), fps=10)
+    for i in range(6):
+        rec.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    rec.close()
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    assert n == 6 and rec.frames == 6
+
+
+def test_recorder_that_cannot_open_warns_and_continues(tmp_path, caplog):
+    rec = Recorder(str(tmp_path / "x.mp4"), fourcc="ZZZZ")
+    rec.write(np.zeros((48, 64, 3), np.uint8))
+    rec.write(np.zeros((48, 64, 3), np.uint8))
+    rec.close()
+    assert rec.frames == 0 and caplog.text.count("cannot record") == 1
