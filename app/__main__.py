@@ -1,0 +1,296 @@
+"""``python -m app``: the camera app, plus the ``bench`` and ``eval`` subcommands.
+
+    python -m app [run] [flags]     detect on a camera (or the demo) until stopped
+    python -m app bench ...         app.bench.main
+    python -m app eval ...          app.evaluate.main
+
+Exit codes: 0 normal stop (also SIGINT/SIGTERM), 2 bad command line,
+65 model file refused, 78 configuration refused, 1 anything else. Model and
+configuration problems are found before the camera is opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 65
+EXIT_CONFIG = 78
+
+# systemd's start timeout is extended by this much while the model loads and numba compiles.
+WARMUP_EXTEND_S = 300.0
+
+log = logging.getLogger("xnorcam")
+
+
+def _float_in(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo < value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected > {lo:g} and <= {hi:g}")
+        return value
+
+    return parse
+
+
+def _class_threshold(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SCORE, e.g. person=0.5")
+    return name, _float_in(0.0, 1.0)(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app",
+        description="xnorcam: real-time binary-network object detection on a camera, a video or images.",
+        epilog="Subcommands: 'python -m app bench ...' (detector timing), 'python -m app eval ...' (mAP). "
+        "Flags override the config file (default /etc/xnorcam/config.toml when present).",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see deploy/config.example.toml)")
+    p.add_argument(
+        "--source",
+        metavar="SPEC",
+        help="auto | demo | picamera2 | images:<dir or glob> | opencv:<file|index|url>",
+    )
+    p.add_argument("--fps", type=float, metavar="N", help="pace of demo/images/video files; 0 = every frame, no drops")
+    p.add_argument("--loop", action="store_true", default=None, help="loop images and video files")
+    p.add_argument("--model", metavar="FILE", help="model file (default: models/person.xnc)")
+    p.add_argument("--threads", type=int, metavar="N", help="detector threads")
+    p.add_argument("--score-threshold", type=_float_in(0.0, 1.0), metavar="S", help="minimum score (0..1]")
+    p.add_argument(
+        "--class-threshold",
+        type=_class_threshold,
+        action="append",
+        metavar="NAME=S",
+        help="per-class minimum score (repeatable)",
+    )
+    p.add_argument("--nms-iou", type=_float_in(0.0, 1.0), metavar="IOU", help="NMS IoU (0..1]")
+    p.add_argument("--classes", metavar="A,B", help="report only these classes (comma separated)")
+    p.add_argument("--preview", choices=("auto", "drm", "window", "none"), help="live preview")
+    p.add_argument("--no-hud", action="store_true", help="do not draw fps/latency/drops")
+    p.add_argument("--record", metavar="FILE.mp4", help="also write the annotated video")
+    p.add_argument("--log", metavar="FILE", help="JSON Lines log ('-' = stdout)")
+    p.add_argument("--log-max-mb", type=float, metavar="MB", help="rotate the log at this size (0 = never)")
+    p.add_argument("--log-files", type=int, metavar="N", help="keep N log files in all")
+    p.add_argument("--only-detections", action="store_true", default=None, help="log only frames with detections")
+    p.add_argument("--max-frames", type=int, default=0, metavar="N", help="stop after N processed frames (0 = never)")
+    p.add_argument("--warmup-only", action="store_true", help="load the model, compile the kernels, exit 0")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        "source.spec": args.source,
+        "source.fps": args.fps,
+        "source.loop": args.loop,
+        "detector.model": args.model,
+        "detector.threads": args.threads,
+        "detector.score_threshold": args.score_threshold,
+        "detector.nms_iou": args.nms_iou,
+        "detector.classes": None if args.classes is None else [c.strip() for c in args.classes.split(",") if c.strip()],
+        "detector.class_thresholds": None if not args.class_threshold else dict(args.class_threshold),
+        "preview.mode": args.preview,
+        "preview.record": args.record,
+        "preview.hud": False if args.no_hud else None,
+        "log.path": args.log,
+        "log.max_mb": args.log_max_mb,
+        "log.files": args.log_files,
+        "log.only_detections": args.only_detections,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _fail(code: int, what: str, message: str) -> int:
+    print(f"xnorcam: {what}: {message}", file=sys.stderr)
+    return code
+
+
+def _notifier():
+    try:
+        from app.service import Notifier
+    except ImportError:  # app/service.py is another engineer's; run without systemd if absent
+        from app.pipeline import NullNotifier
+
+        return NullNotifier()
+    return Notifier.from_env()
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a bad command line
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="xnorcam: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.max_frames < 0:
+        parser.error("--max-frames must be >= 0")
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from app import config as configmod
+    from app import sources
+
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    try:
+        cfg = configmod.with_overrides(cfg, _overrides(args))
+    except configmod.ConfigError as exc:
+        return _fail(EXIT_USAGE, "bad command line", str(exc))
+
+    try:
+        spec = sources.resolve_spec(cfg.source.spec)
+        sources.preflight(spec)
+    except configmod.ConfigError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+
+    notifier = _notifier()
+    try:
+        return _run_with(cfg, spec, args, stop, notifier)
+    finally:
+        notifier.stopping()
+
+
+def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, notifier) -> int:
+    from app.config import ConfigError
+    from app.detector import Detector
+    from app.modelfile import ModelFormatError
+    from app.pipeline import DetectionFilter
+
+    d = cfg.detector
+    notifier.extend_timeout(WARMUP_EXTEND_S)
+    notifier.status("loading model")
+    try:
+        detector = Detector(
+            d.model or None,
+            threads=d.threads,
+            score_threshold=d.score_threshold,
+            nms_iou=d.nms_iou,
+            max_detections=d.max_detections,
+        )
+    except ModelFormatError as exc:
+        return _fail(EXIT_MODEL, "model file refused", str(exc))
+    except ValueError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", f"detector: {exc}")
+
+    base = float(getattr(detector, "score_threshold", d.score_threshold or 0.0))
+    try:
+        keep = DetectionFilter(detector.class_names, d.classes, d.class_thresholds, base)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    if d.class_thresholds:
+        lowest = min(d.class_thresholds.values())
+        if lowest < base and hasattr(detector, "score_threshold"):
+            # The detector must let through what a lower per-class threshold keeps; the filter does the rest.
+            detector.score_threshold = lowest
+
+    notifier.status("warming up")
+    detector.warmup()
+    if args.warmup_only:
+        log.info("model %s loaded and warmed up", getattr(detector, "path", None) or "(default)")
+        notifier.ready()
+        return EXIT_OK
+    if stop.is_set():
+        return EXIT_OK
+    return _run_pipeline(cfg, spec, args, stop, notifier, detector, keep)
+
+
+def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
+    from app import sinks, sources
+    from app.capture import Capture
+    from app.pipeline import Pipeline
+
+    s = cfg.source
+    kind = spec.partition(":")[0]
+    mode = sinks.choose_preview_mode(cfg.preview.mode, kind)
+    drm = sources.DrmState(wanted=(mode == "drm"))
+    factory = sources.make_factory(spec, s, drm)
+    probe = factory()
+    finite = bool(getattr(probe, "finite", False))
+    paced = kind in ("demo", "images") or (kind == "opencv" and finite)
+    # A paced source sleeps inside read(): that is not a hang.
+    hang = max(s.hang_timeout_s, 2.0 / s.fps + 1.0) if paced and s.fps > 0 else s.hang_timeout_s
+    capture = Capture(
+        factory,
+        hang_timeout_s=hang,
+        backoff_initial_s=s.backoff_initial_s,
+        backoff_max_s=s.backoff_max_s,
+        lossless=finite and s.fps == 0,
+    )
+    log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections)
+    preview = sinks.make_preview(mode, lambda: capture.source, detector.class_names)
+    recorder = sinks.Recorder(cfg.preview.record, cfg.preview.record_fps) if cfg.preview.record else sinks.NullRecorder()
+    pipeline = Pipeline(
+        capture,
+        detector,
+        keep=keep,
+        log_sink=log_sink,
+        preview=preview,
+        recorder=recorder,
+        notifier=notifier,
+        hud=cfg.preview.hud,
+        max_frames=args.max_frames,
+        idle_grace_s=cfg.watchdog.idle_grace_s,
+        status_interval_s=cfg.watchdog.status_interval_s,
+    )
+    log.info("source %s, preview %s, log %s", spec, mode, cfg.log.path or "(none)")
+    notifier.ready()
+    capture.start()
+    try:
+        stats = pipeline.run(stop)
+    finally:
+        capture.stop()
+        for closing in (preview.close, recorder.close):
+            try:
+                closing()
+            except Exception:
+                log.debug("closing a sink failed", exc_info=True)
+        pipeline.refresh_stats()
+        log_sink.close()
+    log.info("stopped: %s", stats.summary())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from app.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from app.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    try:
+        return run(argv)
+    except SystemExit:
+        raise
+    except Exception:
+        log.exception("unexpected error")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

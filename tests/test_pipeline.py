@@ -1,0 +1,189 @@
+"""The pipeline loop with a FAKE detector and FAKE sources: accounting, log, watchdog, status, filters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.capture import Capture
+from app.config import ConfigError
+from app.pipeline import DetectionFilter, Pipeline
+from app.sinks import JsonlLog
+from tests.fakes.fake_detector import FakeDetector
+from tests.fakes.fake_source import FakeSource
+
+BOX = [[40, 30, 120, 200, 0.9, 0]]
+
+
+class CountingNotifier:
+    """A FAKE app.service.Notifier that records calls."""
+
+    def __init__(self):
+        self.pings: list[float] = []
+        self.statuses: list[str] = []
+        self.calls: list[str] = []
+
+    def watchdog(self):
+        self.pings.append(time.monotonic())
+        return True
+
+    def status(self, text):
+        self.statuses.append(text)
+        return True
+
+    def ready(self):
+        self.calls.append("ready")
+
+    def extend_timeout(self, s):
+        self.calls.append("extend")
+
+    def stopping(self):
+        self.calls.append("stopping")
+
+
+class ListRecorder:
+    needs_canvas = True
+
+    def __init__(self):
+        self.canvases = []
+
+    def write(self, canvas):
+        self.canvases.append(canvas)
+
+    def close(self):
+        pass
+
+
+def run_pipeline(capture, pipeline, stop_after=None):
+    stop = threading.Event()
+    if stop_after is not None:
+        threading.Timer(stop_after, stop.set).start()
+    capture.start()
+    try:
+        return pipeline.run(stop)
+    finally:
+        capture.stop()
+        pipeline.refresh_stats()
+
+
+def test_processes_logs_and_accounts_for_every_frame(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    cap = Capture(lambda: FakeSource(period=0.001, shape=(48, 64)))
+    det = FakeDetector(BOX, delay_s=0.01)
+    notifier = CountingNotifier()
+    rec = ListRecorder()
+    p = Pipeline(cap, det, log_sink=log, notifier=notifier, recorder=rec, max_frames=20)
+    stats = run_pipeline(cap, p)
+    log.close()
+    assert stats.processed == 20 and stats.stopped_by == "max frames"
+    assert stats.dropped > 0  # the source is ~10x faster than the detector
+    assert stats.captured == stats.processed + stats.dropped
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 20
+    seqs = [x["seq"] for x in lines]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    assert all(x["detections"][0]["label"] == "person" and x["width"] == 64 for x in lines)
+    assert lines[-1]["fps"] > 0 and lines[-1]["dropped"] > 0
+    assert len(notifier.pings) == 20  # one per processed frame
+    assert len(rec.canvases) == 20 and rec.canvases[0].shape == (48, 64, 3)
+    assert stats.stage_ms["detect"] >= 20 * 10 * 0.9
+
+
+def test_source_errors_become_event_lines_and_the_loop_continues(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    made = []
+
+    def factory():
+        made.append(FakeSource(script={2: "raise"} if not made else {}))
+        return made[-1]
+
+    cap = Capture(factory, backoff_initial_s=0.01)
+    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, max_frames=10)
+    stats = run_pipeline(cap, p, stop_after=5)
+    log.close()
+    assert stats.processed == 10
+    objs = [json.loads(x) for x in path.read_text().splitlines()]
+    events = [o for o in objs if "event" in o]
+    assert [e["event"] for e in events][:2] == ["source_error", "source_recovered"]
+    assert events[0]["stage"] == "read" and "camera unplugged" in events[0]["message"] and events[0]["v"] == 1
+    assert sum("seq" in o for o in objs) == 10
+
+
+def test_no_watchdog_pings_while_the_source_is_wedged():
+    made = []
+
+    def factory():
+        made.append(FakeSource(script={3: "hang"}))
+        return made[-1]
+
+    cap = Capture(factory, hang_timeout_s=30)
+    notifier = CountingNotifier()
+    p = Pipeline(cap, FakeDetector(BOX), notifier=notifier, idle_grace_s=0.2)
+    stats = run_pipeline(cap, p, stop_after=1.0)
+    assert stats.processed == 3
+    last_frame = cap.last_frame_t
+    assert notifier.pings, "pings while frames flowed"
+    # pings stop once the grace after the last frame is over
+    assert max(notifier.pings) - last_frame < 0.2 + 0.15
+    assert stats.stopped_by == "signal"
+
+
+def test_status_about_once_per_interval():
+    cap = Capture(lambda: FakeSource(period=0.01))
+    notifier = CountingNotifier()
+    p = Pipeline(cap, FakeDetector(BOX), notifier=notifier, status_interval_s=0.1)
+    run_pipeline(cap, p, stop_after=0.55)
+    assert 3 <= len(notifier.statuses) <= 8
+    assert "fps=" in notifier.statuses[-1] and "dropped=" in notifier.statuses[-1]
+
+
+def test_stop_is_prompt():
+    cap = Capture(lambda: FakeSource(period=0.01))
+    p = Pipeline(cap, FakeDetector(BOX))
+    t0 = time.monotonic()
+    stats = run_pipeline(cap, p, stop_after=0.2)
+    assert time.monotonic() - t0 < 1.0 and stats.stopped_by == "signal"
+
+
+def test_finite_source_ends_the_loop_after_its_last_frame():
+    cap = Capture(lambda: FakeSource(limit=5, period=0.0), lossless=True)
+    p = Pipeline(cap, FakeDetector(BOX, delay_s=0.005))
+    stats = run_pipeline(cap, p, stop_after=5)
+    assert stats.processed == 5 and stats.dropped == 0 and stats.stopped_by == "source ended"
+
+
+def test_detection_filter_classes_and_per_class_thresholds():
+    names = ["person", "dog", "cat"]
+    dets = np.array(
+        [[0, 0, 1, 1, 0.9, 0], [0, 0, 1, 1, 0.4, 0], [0, 0, 1, 1, 0.6, 1], [0, 0, 1, 1, 0.3, 2], [0, 0, 1, 1, 0.9, 7]],
+        np.float32,
+    )
+    f = DetectionFilter(names, classes=["person", "dog"], class_thresholds={"person": 0.5}, base_threshold=0.25)
+    out = f(dets)
+    assert out[:, 4].tolist() == pytest.approx([0.9, 0.6])
+    g = DetectionFilter(names, class_thresholds={"cat": 0.35}, base_threshold=0.25)
+    assert g(dets)[:, 4].tolist() == pytest.approx([0.9, 0.4, 0.6])
+    noop = DetectionFilter(names, base_threshold=0.25)
+    assert noop(dets) is dets
+    with pytest.raises(ConfigError, match="'horse'.*'person'"):
+        DetectionFilter(names, classes=["horse"])
+    with pytest.raises(ConfigError, match="class_thresholds.*'zebra'"):
+        DetectionFilter(names, class_thresholds={"zebra": 0.5})
+
+
+def test_keep_is_applied_before_logging(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path), only_detections=True)
+    cap = Capture(lambda: FakeSource(period=0.005))
+    keep = DetectionFilter(["person"], class_thresholds={"person": 0.95}, base_threshold=0.25)
+    p = Pipeline(cap, FakeDetector(BOX), keep=keep, log_sink=log, max_frames=5)
+    stats = run_pipeline(cap, p)
+    log.close()
+    assert stats.processed == 5
+    assert path.read_text() == ""  # 0.9 < 0.95: nothing kept, nothing logged
