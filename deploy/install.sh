@@ -37,7 +37,7 @@ readonly STATE_DIR=/var/lib/xnorcam
 readonly LOG_DIR=/var/log/xnorcam
 readonly SERVICE_USER=xnorcam
 readonly SERVICE_GROUPS=(video render)
-readonly APT_PACKAGES=(python3-picamera2 python3-numpy python3-venv python3-pip)
+readonly APT_PACKAGES=(python3-picamera2 python3-numpy python3-venv)
 readonly SYSTEM_PYTHON=/usr/bin/python3
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
