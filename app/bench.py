@@ -1,0 +1,274 @@
+"""`python -m app bench`: the binary Detector against a float twin of the same architecture.
+
+The float twin is run by OpenCV's cv2.dnn: the speed baseline.
+
+OpenCV 5 reads ONNX (its Darknet/Caffe importers are gone), and the onnx
+package is not on the Pi, so the few protobuf messages needed are written here
+by hand. Weights are the binary model's ±1 weights as floats (values do not
+change the cost of a float convolution); BatchNorm is folded into the bias and
+every conv but the last is followed by ReLU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from app import bits
+from app.decode import decode
+from app.modelfile import Model, read_model
+from app.preprocess import letterbox
+
+
+# ----------------------------------------------------------------- protobuf
+def _varint(v: int) -> bytes:
+    v &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _int(field: int, v: int) -> bytes:
+    return _key(field, 0) + _varint(v)
+
+
+def _bytes(field: int, v) -> bytes:
+    if isinstance(v, str):
+        v = v.encode()
+    return _key(field, 2) + _varint(len(v)) + v
+
+
+def _float(field: int, v: float) -> bytes:
+    return _key(field, 5) + struct.pack("<f", v)
+
+
+def _attr_ints(name: str, values) -> bytes:
+    # AttributeProto: name=1, ints=8, type=20 (INTS = 7)
+    return _bytes(1, name) + b"".join(_int(8, v) for v in values) + _int(20, 7)
+
+
+def _node(op: str, inputs, outputs, name: str, attrs=()) -> bytes:
+    # NodeProto: input=1, output=2, name=3, op_type=4, attribute=5
+    msg = b"".join(_bytes(1, i) for i in inputs) + b"".join(_bytes(2, o) for o in outputs)
+    msg += _bytes(3, name) + _bytes(4, op) + b"".join(_bytes(5, a) for a in attrs)
+    return msg
+
+
+def _tensor(name: str, arr: np.ndarray) -> bytes:
+    # TensorProto: dims=1, data_type=2 (FLOAT=1), name=8, raw_data=9
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    return b"".join(_int(1, d) for d in arr.shape) + _int(2, 1) + _bytes(8, name) + _bytes(9, arr.tobytes())
+
+
+def _value_info(name: str, shape) -> bytes:
+    # ValueInfoProto{name=1, type=2{tensor_type=1{elem_type=1, shape=2{dim=1{dim_value=1}}}}}
+    dims = b"".join(_bytes(1, _int(1, d)) for d in shape)
+    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, 1) + _bytes(2, dims)))
+
+
+def onnx_bytes(model: Model) -> bytes:
+    """ONNX (opset 13) float network with the layer structure of ``model``, input (1, C, H, W)."""
+    nodes, inits = [], []
+    cur, c = "input", model.channels
+    for i, layer in enumerate(model.layers):
+        p, t = layer.params, layer.tensors
+        out = f"t{i}"
+        if layer.op == "maxpool2":
+            nodes.append(_node("MaxPool", [cur], [out], f"pool{i}",
+                               [_attr_ints("kernel_shape", [2, 2]), _attr_ints("strides", [2, 2])]))
+        else:
+            if layer.op == "stem":
+                w = t["weight"].astype(np.float32) / 64.0
+            elif layer.op == "bconv":
+                w = bits.unpack(t["weight"], p["in_ch"]).astype(np.float32)
+            else:
+                w = t["weight"].astype(np.float32)[:, None, None, :]
+            k = w.shape[1]
+            s = p.get("stride", 1)
+            pad = k // 2
+            inits.append(_tensor(f"w{i}", np.transpose(w, (0, 3, 1, 2))))
+            inits.append(_tensor(f"b{i}", np.zeros(w.shape[0], np.float32)))
+            attrs = [_attr_ints("kernel_shape", [k, k]), _attr_ints("strides", [s, s]),
+                     _attr_ints("pads", [pad, pad, pad, pad])]
+            conv_out = out if layer.op == "head" else f"c{i}"
+            nodes.append(_node("Conv", [cur, f"w{i}", f"b{i}"], [conv_out], f"conv{i}", attrs))
+            if layer.op != "head":
+                nodes.append(_node("Relu", [conv_out], [out], f"relu{i}"))
+            c = w.shape[0]
+        cur = out
+    graph = b"".join(_bytes(1, n) for n in nodes) + _bytes(2, "xnorcam_float")
+    graph += b"".join(_bytes(5, t) for t in inits)
+    graph += _bytes(11, _value_info("input", [1, model.channels, model.input_height, model.input_width]))
+    graph += _bytes(12, _value_info(cur, [1, c, 0, 0]))
+    opset = _bytes(1, "") + _int(2, 13)
+    return _int(1, 8) + _bytes(2, "xnorcam") + _bytes(7, graph) + _bytes(8, opset)
+
+
+class FloatDetector:
+    """Same pipeline as app.detector.Detector (letterbox, network, decode) with a float cv2.dnn network."""
+
+    def __init__(self, model: Model, score_threshold=None, nms_iou=None, max_detections=100):
+        self.model = model
+        self.net = cv2.dnn.readNetFromONNX(np.frombuffer(onnx_bytes(model), np.uint8))
+        self.score_threshold = model.score_threshold if score_threshold is None else score_threshold
+        self.nms_iou = model.nms_iou if nms_iou is None else nms_iou
+        self.max_detections = max_detections
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Letterboxed uint8 (H, W, C) -> head (gh, gw, out) float32."""
+        blob = ((x.astype(np.float32) - 128.0) / 128.0).transpose(2, 0, 1)[None]
+        self.net.setInput(np.ascontiguousarray(blob))
+        out = self.net.forward()
+        return np.ascontiguousarray(out[0].transpose(1, 2, 0))
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        m = self.model
+        x, lb = letterbox(image, m.input_width, m.input_height, m.channels)
+        head = self.forward(x)
+        return decode(head, m.anchors, (m.input_width, m.input_height), lb, image.shape, self.score_threshold,
+                      self.nms_iou, self.max_detections)
+
+
+# ----------------------------------------------------------------- inputs
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "person.xnc"
+FRAME_SIZE = (320, 240)
+
+
+def shared_dir() -> Path:
+    """../shared next to the repository (or $XNORCAM_SHARED)."""
+    env = os.environ.get("XNORCAM_SHARED")
+    return Path(env) if env else (ROOT / ".." / "shared").resolve()
+
+
+def load_bench_model(path=None) -> tuple[Model, str]:
+    """The model to time: ``path``, else the shipped default, else a random model of the default architecture."""
+    if path is not None:
+        return read_model(path), str(path)
+    if DEFAULT_MODEL.exists():
+        return read_model(DEFAULT_MODEL), str(DEFAULT_MODEL)
+    from app.randmodel import random_model
+
+    return random_model(seed=0), "random weights, default architecture (models/person.xnc does not exist yet)"
+
+
+def bench_frame() -> tuple[np.ndarray, str]:
+    """A 320x240 BGR frame: a real photo from the shared datasets when present, else a synthetic one."""
+    photos = shared_dir() / "datasets" / "person" / "pennfudan" / "images"
+    if photos.is_dir():
+        for p in sorted(photos.glob("*.jpg"))[:5]:
+            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if img is not None:
+                return cv2.resize(img, FRAME_SIZE, interpolation=cv2.INTER_AREA), f"{p.name} resized to 320x240"
+    from app.randmodel import synthetic_frame
+
+    return synthetic_frame(0, *FRAME_SIZE), "synthetic 320x240 frame"
+
+
+def binops(model: Model) -> int:
+    """Bit-pair multiply-accumulates of one frame's binary convolutions."""
+    from app.modelfile import conv_out
+
+    h, w, total = model.input_height, model.input_width, 0
+    for layer in model.layers:
+        p = layer.params
+        if layer.op in ("stem", "bconv"):
+            h, w = conv_out(h, p["kernel"], p["stride"]), conv_out(w, p["kernel"], p["stride"])
+            if layer.op == "bconv":
+                total += h * w * p["out_ch"] * p["kernel"] ** 2 * p["in_ch"]
+        elif layer.op == "maxpool2":
+            h, w = h // 2, w // 2
+    return total
+
+
+# ----------------------------------------------------------------- timing
+def _median_ms(fn, frames: int) -> float:
+    times = []
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_bench(model_path=None, frames: int = 50) -> dict:
+    from app.detector import STAGES, Detector
+
+    cv2.setNumThreads(1)
+    model, model_note = load_bench_model(model_path)
+    frame, frame_note = bench_frame()
+    det = Detector(model=model, threads=1)
+    det.warmup()
+    for _ in range(5):
+        det.detect(frame)
+    stage_runs = {s: [] for s in STAGES}
+    times = []
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        det.detect(frame)
+        times.append((time.perf_counter() - t0) * 1e3)
+        for s in STAGES:
+            stage_runs[s].append(det.last_stage_ms[s])
+    ms = statistics.median(times)
+    stages = {s: round(statistics.median(v), 4) for s, v in stage_runs.items()}
+    fd = FloatDetector(model)
+    for _ in range(5):
+        fd.detect(frame)
+    float_ms = _median_ms(lambda: fd.detect(frame), frames)
+    ops = binops(model)
+    return {
+        "model": model_note,
+        "frame": frame_note,
+        "frames": frames,
+        "threads": 1,
+        "ms_per_frame": round(ms, 4),
+        "float_ms_per_frame": round(float_ms, 4),
+        "speedup_vs_float": round(float_ms / ms, 3),
+        "binary_binops_per_frame": ops,
+        "binary_gbinops": round(ops / (stages["body"] * 1e-3) / 1e9, 1),
+        "stages_ms": stages,
+        "detections": int(len(det.detect(frame))),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app bench", description="time the binary detector against its float twin")
+    ap.add_argument("--model", help="model file (default: models/person.xnc, else a random model)")
+    ap.add_argument("--frames", type=int, default=50, help="timed frames (median reported; at least 20)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON result line")
+    args = ap.parse_args(argv)
+    if args.frames < 20:
+        ap.error("--frames must be at least 20")
+    r = run_bench(args.model, args.frames)
+    if not args.json:
+        print(f"model: {r['model']}")
+        print(f"frame: {r['frame']}, {r['frames']} timed frames after warm-up, 1 thread, median")
+        print(f"binary detect(): {r['ms_per_frame']:.3f} ms/frame   ({r['detections']} detections)")
+        print(f"float cv2.dnn twin: {r['float_ms_per_frame']:.3f} ms/frame   speedup x{r['speedup_vs_float']:.2f}")
+        print("stages (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items()))
+        print(f"binary body: {r['binary_binops_per_frame'] / 1e6:.1f} M binops/frame, {r['binary_gbinops']:.0f} Gbinop/s")
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

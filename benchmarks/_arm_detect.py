@@ -1,0 +1,52 @@
+"""Guest side of benchmarks/bench_arm.py (runs under armcost, aarch64): meters detect() and the float twin.
+
+Regions: 1 whole detect(); 2..6 its stages (app.detector.STAGES); 7 the float cv2.dnn detector.
+Prints one JSON line describing the model used.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+from armcost import start, stop  # noqa: E402
+
+from app.bench import FloatDetector, load_bench_model, bench_frame  # noqa: E402
+from app.detector import STAGES, Detector  # noqa: E402
+
+cv2.setNumThreads(1)
+model, model_note = load_bench_model(sys.argv[1] if len(sys.argv) > 1 else None)
+frame, frame_note = bench_frame()
+det = Detector(model=model)
+det.warmup()
+det.detect(frame)
+det.detect(frame)
+
+start(1)
+det.detect(frame)
+stop(1)
+
+region = {name: 2 + i for i, name in enumerate(STAGES)}
+current = [None]
+
+
+def on_stage(name):
+    if current[0] is not None:
+        stop(current[0])
+    current[0] = region[name] if name is not None else None
+    if current[0] is not None:
+        start(current[0])
+
+
+det.detect_staged(frame, on_stage)
+
+fd = FloatDetector(model)
+fd.detect(frame)
+fd.detect(frame)
+start(7)
+fd.detect(frame)
+stop(7)
+print(json.dumps({"model": model_note, "frame": frame_note, "detections": int(len(det.detect(frame)))}))

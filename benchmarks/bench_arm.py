@@ -1,0 +1,79 @@
+"""aarch64 instructions per detect() (and per stage) vs the float cv2.dnn twin, under the armcost meter.
+
+    python benchmarks/bench_arm.py [--model FILE]
+
+Runs benchmarks/_arm_detect.py in the emulated Cortex-A53 (armcost), one
+metered detect() after warm-up calls outside the regions. The last line is one
+JSON object. Exits 0 with a message when ../shared/tools/armcost is absent.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("preprocess", "stem", "body", "head", "decode")
+
+
+def armcost_path() -> Path:
+    shared = Path(os.environ["XNORCAM_SHARED"]) if os.environ.get("XNORCAM_SHARED") else ROOT / ".." / "shared"
+    return (shared / "tools" / "armcost" / "armcost").resolve()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model file (default: models/person.xnc, else a random model)")
+    args = ap.parse_args(argv)
+    tool = armcost_path()
+    if not tool.exists():
+        print(f"SKIP: the ARM meter is absent ({tool}); nothing measured")
+        return 0
+    guest = ROOT / "benchmarks" / "_arm_detect.py"
+    extra = [str(Path(args.model).resolve())] if args.model else []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "armcost.json"
+        proc = subprocess.run([str(tool), "run", "--json", str(out), "--quiet", str(guest), *extra],
+                              cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            print(f"armcost run failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        result = json.loads(out.read_text())
+    if result.get("exit_code", 0) != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        print(f"guest script failed (exit {result.get('exit_code')})", file=sys.stderr)
+        return 1
+    info = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"model"' in line:
+            info = json.loads(line)
+    regs = result["regions"]
+
+    def net(k):
+        r = regs[str(k)]
+        return int(r.get("net_instructions", r["instructions"]))
+
+    total, flt = net(1), net(7)
+    stages = {s: net(2 + i) for i, s in enumerate(STAGES)}
+    ms = regs["1"].get("est_ms_per_entry", {})
+    print(f"model: {info.get('model', '?')}; frame: {info.get('frame', '?')}")
+    print(f"detect(): {total / 1e6:.2f} M aarch64 instructions/frame  (Pi Zero 2 W estimate {ms} ms)")
+    print("stages (M instr): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in stages.items()))
+    print(f"float cv2.dnn twin: {flt / 1e6:.2f} M instructions/frame  (x{flt / total:.1f} of detect)")
+    print(json.dumps({
+        "aarch64_instructions_per_frame": total,
+        "aarch64_float_instructions_per_frame": flt,
+        "float_over_binary": round(flt / total, 2),
+        "stages": stages,
+        "est_ms_per_frame": ms,
+        "model": info.get("model"),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
