@@ -60,7 +60,9 @@ def detect_format(folder: Path) -> str:
         return "coco"
     if (ann.is_dir() and any(ann.glob("*.xml"))) or any(folder.glob("*.xml")):
         return "voc"
-    raise EvalDataError(f"{folder}: cannot tell the dataset format (no labels/, annotations/*.json or *.xml); pass --format")
+    raise EvalDataError(
+        f"{folder}: cannot tell the dataset format (no labels/, annotations/*.json or *.xml); pass --format"
+    )
 
 
 def _yaml_names(path: Path) -> list | None:
@@ -210,22 +212,39 @@ def coco_metrics(gts: list, dets: list, num_classes: int, shapes: list) -> dict:
     from pycocotools.cocoeval import COCOeval
 
     images, anns, results = [], [], []
-    for i, ((boxes, classes), (h, w)) in enumerate(zip(gts, shapes)):
+    for i, ((boxes, classes), (h, w)) in enumerate(zip(gts, shapes, strict=True)):
         images.append({"id": i, "width": int(w), "height": int(h)})
-        for b, c in zip(np.asarray(boxes, np.float64).reshape(-1, 4), classes):
+        for b, c in zip(np.asarray(boxes, np.float64).reshape(-1, 4), classes, strict=True):
             bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "iscrowd": 0,
-                         "bbox": [float(b[0]), float(b[1]), bw, bh], "area": bw * bh})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(c) + 1,
+                    "iscrowd": 0,
+                    "bbox": [float(b[0]), float(b[1]), bw, bh],
+                    "area": bw * bh,
+                }
+            )
         for d in np.asarray(dets[i], np.float64).reshape(-1, 6):
-            results.append({"image_id": i, "category_id": int(d[5]) + 1, "score": float(d[4]),
-                            "bbox": [float(d[0]), float(d[1]), float(d[2] - d[0]), float(d[3] - d[1])]})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": int(d[5]) + 1,
+                    "score": float(d[4]),
+                    "bbox": [float(d[0]), float(d[1]), float(d[2] - d[0]), float(d[3] - d[1])],
+                }
+            )
     empty = {"map50": 0.0, "map50_95": 0.0, "pr_recall": np.linspace(0, 1, 101), "pr_precision": np.zeros(101)}
     if not anns or not results:
         return empty
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"images": images, "annotations": anns,
-                      "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+        gt.dataset = {
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
+        }
         gt.createIndex()
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
@@ -235,8 +254,12 @@ def coco_metrics(gts: list, dets: list, num_classes: int, shapes: list) -> dict:
     prec = ev.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all recalls, classes, area all, 100 dets
     valid = prec > -1
     curve = np.where(valid, prec, 0).sum(1) / np.maximum(valid.sum(1), 1)
-    return {"map50": max(0.0, float(ev.stats[1])), "map50_95": max(0.0, float(ev.stats[0])),
-            "pr_recall": np.linspace(0, 1, 101), "pr_precision": curve}
+    return {
+        "map50": max(0.0, float(ev.stats[1])),
+        "map50_95": max(0.0, float(ev.stats[0])),
+        "pr_recall": np.linspace(0, 1, 101),
+        "pr_precision": curve,
+    }
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -251,7 +274,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def precision_recall(gts: list, dets: list, score_threshold: float, iou: float = 0.5) -> tuple:
     """Greedy one-to-one matching (by score) at ``iou``, counting detections above ``score_threshold``."""
     tp = fp = n_gt = 0
-    for (boxes, classes), d in zip(gts, dets):
+    for (boxes, classes), d in zip(gts, dets, strict=True):
         boxes, classes = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes)
         d = np.asarray(d, np.float64).reshape(-1, 6)
         d = d[d[:, 4] >= score_threshold]
@@ -324,7 +347,7 @@ def main(argv=None) -> int:
         print(f"cannot load the model: {e}", file=sys.stderr)
         return 1
     names = list(det.class_names)
-    threshold = float(getattr(det, "model_score_threshold", None) or _default_threshold(args.model))
+    threshold = float(det.model.score_threshold)
     try:
         samples = load_dataset(args.data, args.format) if args.data else validation_split()
     except EvalDataError as e:
@@ -349,14 +372,6 @@ def main(argv=None) -> int:
     out["score_threshold"] = threshold
     print(json.dumps(out))
     return 0
-
-
-def _default_threshold(model_path) -> float:
-    from app.modelfile import read_model
-
-    if model_path is None:
-        model_path = Path(__file__).resolve().parents[1] / "models" / "person.xnc"
-    return float(read_model(model_path).score_threshold)
 
 
 if __name__ == "__main__":

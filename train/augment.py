@@ -75,7 +75,12 @@ class BatchMaker:
             # An object the pasted person mostly hides is no longer visible: stop asking for it.
             keep = np.ones(len(boxes), bool)
             for k, (bx1, by1, bx2, by2) in enumerate(boxes):
-                xa, ya, xb, yb = int(bx1), int(by1), max(int(bx1) + 1, int(math.ceil(bx2))), max(int(by1) + 1, int(math.ceil(by2)))
+                xa, ya, xb, yb = (
+                    int(bx1),
+                    int(by1),
+                    max(int(bx1) + 1, int(math.ceil(bx2))),
+                    max(int(by1) + 1, int(math.ceil(by2))),
+                )
                 keep[k] = full[ya:yb, xa:xb].mean() < 0.6
             boxes, cls = boxes[keep], cls[keep]
             region = img[y0 : y0 + nh, x0 : x0 + nw]
@@ -115,7 +120,9 @@ class BatchMaker:
     def _source(self, i: int, augment: bool):
         if augment and self.rng.random() < self.cfg.mosaic:
             return self._mosaic(i)
-        img, boxes, cls = self._image(i) if augment else (self.cache.images[i], self.cache.boxes[i], self.cache.classes[i])
+        img, boxes, cls = (
+            self._image(i) if augment else (self.cache.images[i], self.cache.boxes[i], self.cache.classes[i])
+        )
         canvas = np.full((CANVAS, CANVAS), 128, np.uint8)
         h, w = img.shape
         canvas[:h, :w] = img
@@ -137,7 +144,11 @@ class BatchMaker:
             fx = 1.0
             if augment:
                 # A mosaic already shrinks each image to about half: zoom it in rather than out.
-                lo, hi = (max(cfg.scale_min, 0.8), max(cfg.scale_max, 2.0)) if rw > CANVAS // 2 or rh > CANVAS // 2 else (cfg.scale_min, cfg.scale_max)
+                lo, hi = (
+                    (max(cfg.scale_min, 0.8), max(cfg.scale_max, 2.0))
+                    if rw > CANVAS // 2 or rh > CANVAS // 2
+                    else (cfg.scale_min, cfg.scale_max)
+                )
                 s *= math.exp(rng.uniform(math.log(lo), math.log(hi)))
                 cx += rng.uniform(-cfg.translate, cfg.translate) * rw
                 cy += rng.uniform(-cfg.translate, cfg.translate) * rh

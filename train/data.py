@@ -88,7 +88,7 @@ class DataConfig:
             raise ConfigError("data.classes must name at least one class")
 
     @staticmethod
-    def from_dict(d: dict) -> "DataConfig":
+    def from_dict(d: dict) -> DataConfig:
         d = dict(d)
         srcs = tuple(strict(SourceConfig, s, f"data.sources[{i}]") for i, s in enumerate(d.pop("sources", [])))
         d["classes"] = tuple(d.get("classes", ()))
@@ -379,7 +379,7 @@ def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport
         if not anns or len(anns) != len(imgs):
             raise ConfigError(f"source {src.name!r}: COCO needs matching 'annotations' and 'images' lists")
         samples = []
-        for a, i in zip(anns, imgs):
+        for a, i in zip(anns, imgs, strict=True):
             samples += load_coco(path / a, path / i, classes, src.name, report, stop)
     return samples[: src.limit] if src.limit else samples
 
@@ -491,14 +491,14 @@ def load_cache(path) -> Cache:
         pix, shapes, boxes, classes, counts = z["pixels"], z["shapes"], z["boxes"], z["classes"], z["counts"]
         cache = Cache([], [], [], [str(s) for s in z["sources"]])
         p = b = 0
-        for (h, w), n in zip(shapes, counts):
+        for (h, w), n in zip(shapes, counts, strict=True):
             cache.images.append(pix[p : p + h * w].reshape(h, w))
             cache.boxes.append(boxes[b : b + n])
             cache.classes.append(classes[b : b + n])
             p += h * w
             b += n
         p = 0
-        for (h, w), c in zip(z["cut_shapes"], z["cut_classes"]):
+        for (h, w), c in zip(z["cut_shapes"], z["cut_classes"], strict=True):
             cache.cutouts.append(
                 (z["cut_pixels"][p : p + h * w].reshape(h, w), z["cut_masks"][p : p + h * w].reshape(h, w), int(c))
             )

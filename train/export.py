@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,25 +96,49 @@ def to_model(net: Detector, anchors, class_names, metadata=None) -> Model:
     for m in net.layers:
         if isinstance(m, Stem):
             w, thr, flip = fold_stem(m)
-            layers.append(Layer("stem", {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch},
-                                {"weight": w, "threshold": thr, "flip": flip}))
+            layers.append(
+                Layer(
+                    "stem",
+                    {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch},
+                    {"weight": w, "threshold": thr, "flip": flip},
+                )
+            )
         elif isinstance(m, Pool):
             layers.append(Layer("maxpool2", {}, {}))
         elif isinstance(m, BConv):
             w, t = fold_bconv(m)
-            params = {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch,
-                      "output": "real" if m.real_output else "bits"}
+            params = {
+                "kernel": m.kernel,
+                "stride": m.stride,
+                "in_ch": m.in_ch,
+                "out_ch": m.out_ch,
+                "output": "real" if m.real_output else "bits",
+            }
             layers.append(Layer("bconv", params, {"weight": w, **t}))
         elif isinstance(m, Head):
             w = m.conv.weight.detach()
-            layers.append(Layer("head", {"in_ch": w.shape[1], "out_ch": w.shape[0]},
-                                {"weight": w[:, :, 0, 0].numpy().astype(np.float32).copy(),
-                                 "bias": m.conv.bias.detach().numpy().astype(np.float32).copy()}))
+            layers.append(
+                Layer(
+                    "head",
+                    {"in_ch": w.shape[1], "out_ch": w.shape[0]},
+                    {
+                        "weight": w[:, :, 0, 0].numpy().astype(np.float32).copy(),
+                        "bias": m.conv.bias.detach().numpy().astype(np.float32).copy(),
+                    },
+                )
+            )
         else:
             raise TypeError(f"cannot export layer {type(m).__name__}")
     c = net.cfg
-    return Model(c.input_width, c.input_height, c.channels, tuple(class_names),
-                 np.asarray(anchors, np.float32).reshape(-1, 2), tuple(layers), dict(metadata or {}))
+    return Model(
+        c.input_width,
+        c.input_height,
+        c.channels,
+        tuple(class_names),
+        np.asarray(anchors, np.float32).reshape(-1, 2),
+        tuple(layers),
+        dict(metadata or {}),
+    )
 
 
 def export_checkpoint(ckpt, out, command: str = "", metrics: dict | None = None) -> Model:
@@ -124,7 +147,7 @@ def export_checkpoint(ckpt, out, command: str = "", metrics: dict | None = None)
     net, ck = load_checkpoint(ckpt)
     meta = {
         "training_command": command or "python -m train.train --config train/configs/person.toml",
-        "exported": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "exported": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "checkpoint_step": int(ck.get("step", 0)),
         "data": [{"name": s["name"], "path": s["path"], "split": s["split"]} for s in ck["config"]["data"]["sources"]],
         "train": {k: ck.get(k) for k in ("wall_s", "epochs", "device", "threads") if k in ck},
@@ -153,8 +176,15 @@ def torch_detector(net: Detector, anchors, score_threshold: float, nms_iou: floa
         x, lb = letterbox(image, c.input_width, c.input_height, c.channels)
         t = torch.from_numpy(x).permute(2, 0, 1)[None].float()
         head = net(t)[0].permute(1, 2, 0).contiguous().numpy()
-        return decode(head, anchors, (c.input_width, c.input_height), lb, image.shape[:2],
-                      score_threshold=score_threshold, nms_iou=nms_iou)
+        return decode(
+            head,
+            anchors,
+            (c.input_width, c.input_height),
+            lb,
+            image.shape[:2],
+            score_threshold=score_threshold,
+            nms_iou=nms_iou,
+        )
 
     return detect
 

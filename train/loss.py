@@ -74,7 +74,7 @@ class YoloLoss:
 
     def build_targets(self, targets, gh, gw):
         dev = targets.device
-        A = len(self.anchors)
+        len(self.anchors)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if not len(targets):
             return empty, empty, empty, empty, torch.zeros((0, 4), device=dev), empty

@@ -26,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BN_EPS = 1e-5
+# The runtime pads binary convolutions with +1 (bit 0). A module constant so the parity
+# test can prove that a wrong padding is caught.
+PAD_VALUE = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,14 @@ class _Thresholded(nn.Module):
 class Stem(_Thresholded):
     def __init__(self, in_ch, out_ch, binary, act, kernel=3, stride=2):
         super().__init__(out_ch)
-        self.kernel, self.stride, self.in_ch, self.out_ch, self.binary, self.act = kernel, stride, in_ch, out_ch, binary, act
+        self.kernel, self.stride, self.in_ch, self.out_ch, self.binary, self.act = (
+            kernel,
+            stride,
+            in_ch,
+            out_ch,
+            binary,
+            act,
+        )
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel) * 0.1)
 
     def quantised(self):
@@ -172,7 +182,7 @@ class BConv(_Thresholded):
         p = self.kernel // 2
         if self.binary:
             wb = binary_weight(self.weight)
-            y = F.conv2d(F.pad(a, (p, p, p, p), value=1.0), wb, stride=self.stride)
+            y = F.conv2d(F.pad(a, (p, p, p, p), value=PAD_VALUE), wb, stride=self.stride)
             return y, self.alpha()
         return F.conv2d(a, self.weight, stride=self.stride, padding=p), torch.ones(self.out_ch, device=a.device)
 

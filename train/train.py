@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,6 @@ from train.augment import AugmentConfig, BatchMaker, no_augment
 from train.data import ConfigError, DataConfig, LoadReport, cached_split, load_toml, repo_root, strict
 from train.loss import YoloLoss, kmeans_anchors
 from train.model import Detector, ModelConfig
-
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,7 @@ def load_config(path) -> dict:
 
 def config_dict(cfg: dict) -> dict:
     """Plain JSON-able form (for checkpoints and model metadata)."""
+
     def plain(x):
         if isinstance(x, tuple):
             return [plain(v) for v in x]
@@ -89,7 +88,7 @@ def seed_everything(seed: int):
 def letterbox_wh(cache, width, height) -> np.ndarray:
     """Box sizes in input pixels as the letterbox would scale them (for anchors)."""
     out = []
-    for img, b in zip(cache.images, cache.boxes):
+    for img, b in zip(cache.images, cache.boxes, strict=True):
         if len(b):
             s = min(width / img.shape[1], height / img.shape[0])
             out.append((b[:, 2:] - b[:, :2]) * s)
@@ -161,7 +160,7 @@ def validate(model, cache, cfg, anchors, num_classes) -> dict:
 
     m = cfg["model"]
     dets = predict_cache(model, cache, m.input_width, m.input_height, anchors)
-    gts = list(zip(cache.boxes, cache.classes))
+    gts = list(zip(cache.boxes, cache.classes, strict=True))
     out = coco_metrics(gts, dets, num_classes, [im.shape for im in cache.images])
     out["precision"], out["recall"] = precision_recall(gts, dets, 0.25)
     return out
@@ -255,8 +254,10 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
         log(f"data: {p}")
     if len(report.problems) > 20:
         log(f"data: ... {len(report.problems) - 20} more problems")
-    log(f"data: train {len(train_cache)} images ({sum(map(len, train_cache.boxes))} boxes, "
-        f"{len(train_cache.cutouts)} cut-outs), val {len(val_cache)} images; {time.time() - t_data:.1f}s")
+    log(
+        f"data: train {len(train_cache)} images ({sum(map(len, train_cache.boxes))} boxes, "
+        f"{len(train_cache.cutouts)} cut-outs), val {len(val_cache)} images; {time.time() - t_data:.1f}s"
+    )
     if len(train_cache) < tc.batch_size:
         raise ConfigError(f"only {len(train_cache)} training images, fewer than batch_size {tc.batch_size}")
 
@@ -270,8 +271,9 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
         # Latent binary weights only carry a sign: decay would just pull them across zero.
         binary_latent = mc.binary and name.endswith("weight") and p.dim() == 4 and "conv" not in name
         (no_decay if p.dim() == 1 or binary_latent else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr
+    )
     steps_per_epoch = len(train_cache) // tc.batch_size
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
@@ -307,10 +309,14 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
             step += 1
             rec = {"step": step, "loss": float(loss) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
             history["train"].append(rec)
-            left = max(0.0, min(budget - (time.time() - t0),
-                                (time.time() - t0) / max(step, 1) * (total_steps - step)))
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", box=f"{parts['box']:.3f}", obj=f"{parts['obj']:.4f}",
-                            ep=f"{step / steps_per_epoch:.1f}", left=f"{int(left // 60)}:{int(left % 60):02d}")
+            left = max(0.0, min(budget - (time.time() - t0), (time.time() - t0) / max(step, 1) * (total_steps - step)))
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3f}",
+                box=f"{parts['box']:.3f}",
+                obj=f"{parts['obj']:.4f}",
+                ep=f"{step / steps_per_epoch:.1f}",
+                left=f"{int(left // 60)}:{int(left % 60):02d}",
+            )
             bar.update(1)
             if time.time() - last_val > tc.val_every_minutes * 60 and len(val_cache):
                 v = validate(model, val_cache, cfg, anchors, nc)
@@ -327,10 +333,18 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
     wall = time.time() - t0
     final = validate(model, val_cache, cfg, anchors, nc) if len(val_cache) else {"map50": 0.0, "map50_95": 0.0}
     history["val"].append({"step": step, "map50": final["map50"], "map50_95": final["map50_95"]})
-    log(f"done: {step} steps ({step / max(1, steps_per_epoch):.2f} epochs) in {wall / 60:.1f} min on {device}; "
-        f"val (cached) mAP50 {final['map50']:.4f} mAP50-95 {final['map50_95']:.4f}")
-    extra = {"step": step, "val": final["map50"], "wall_s": wall, "epochs": step / max(1, steps_per_epoch),
-             "device": str(device), "threads": tc.threads}
+    log(
+        f"done: {step} steps ({step / max(1, steps_per_epoch):.2f} epochs) in {wall / 60:.1f} min on {device}; "
+        f"val (cached) mAP50 {final['map50']:.4f} mAP50-95 {final['map50_95']:.4f}"
+    )
+    extra = {
+        "step": step,
+        "val": final["map50"],
+        "wall_s": wall,
+        "epochs": step / max(1, steps_per_epoch),
+        "device": str(device),
+        "threads": tc.threads,
+    }
     save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, extra)
     if final["map50"] >= best:
         save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, extra)

@@ -1,0 +1,119 @@
+"""app/evaluate.py: COCO mAP through pycocotools on datasets whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from app import evaluate as ev
+
+pytest.importorskip("pycocotools")
+
+
+def make_yolo(root, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "data.yaml").write_text("names:\n  0: person\n  1: dog\n")
+    for i in range(n):
+        w, h = int(rng.integers(120, 300)), int(rng.integers(100, 240))
+        img = np.full((h, w, 3), 60, np.uint8)
+        lines = []
+        for k in range(int(rng.integers(1, 4))):
+            bw, bh = rng.uniform(0.1, 0.3), rng.uniform(0.2, 0.4)
+            cx, cy = rng.uniform(bw / 2 + 0.01, 1 - bw / 2 - 0.01), rng.uniform(bh / 2 + 0.01, 1 - bh / 2 - 0.01)
+            lines.append(f"{k % 2} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+        cv2.imwrite(str(root / "images" / f"im{i}.png"), img)
+        (root / "labels" / f"im{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def oracle(samples, names, shift=0.0, score=0.9):
+    """A fake detector that returns the labels (optionally shifted by a fraction of the box)."""
+    by_shape = {}
+    for s in samples:
+        keep = [k for k, n in enumerate(s.names) if n in names]
+        b = s.boxes[keep].copy()
+        b[:, [0, 2]] += shift * (b[:, 2] - b[:, 0])[:, None]
+        d = np.column_stack([b, np.full(len(b), score), [names.index(s.names[k]) for k in keep]]).astype(np.float32)
+        by_shape[s.image.name] = d
+    order = iter([by_shape[s.image.name] for s in samples])
+    return lambda image: next(order)
+
+
+def test_perfect_detections_score_one(tmp_path):
+    samples = ev.load_dataset(make_yolo(tmp_path / "d"))
+    assert ev.detect_format(tmp_path / "d") == "yolo"
+    m = ev.evaluate(oracle(samples, ["person"]), samples, ["person"], 0.25)
+    assert m["map50"] == pytest.approx(1.0) and m["map50_95"] == pytest.approx(1.0)
+    assert m["precision"] == 1.0 and m["recall"] == 1.0 and m["images"] == 6
+
+
+def test_wrong_boxes_score_low(tmp_path):
+    samples = ev.load_dataset(make_yolo(tmp_path / "d"))
+    m = ev.evaluate(oracle(samples, ["person"], shift=0.8), samples, ["person"], 0.25)
+    assert m["map50"] < 0.05 and m["recall"] == 0.0 and m["precision"] == 0.0
+    half = ev.evaluate(oracle(samples, ["person"], shift=0.25), samples, ["person"], 0.25)
+    assert 0.5 < half["map50"] and half["map50_95"] < 0.7  # right at IoU .5, wrong at the strict ones
+
+
+def test_missing_detections_lower_recall(tmp_path):
+    samples = ev.load_dataset(make_yolo(tmp_path / "d"))
+    nothing = ev.evaluate(lambda img: np.zeros((0, 6), np.float32), samples, ["person"], 0.25)
+    assert nothing["map50"] == 0.0 and nothing["recall"] == 0.0
+    # below the score threshold: counted in AP, not in precision/recall
+    low = ev.evaluate(oracle(samples, ["person"], score=0.1), samples, ["person"], 0.25)
+    assert low["map50"] == pytest.approx(1.0) and low["recall"] == 0.0
+
+
+def test_voc_and_coco_readers(tmp_path):
+    (tmp_path / "v" / "annotations").mkdir(parents=True)
+    (tmp_path / "v" / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "v" / "images" / "a.jpg"), np.zeros((50, 80, 3), np.uint8))
+    (tmp_path / "v" / "annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><object><name>cat</name><bndbox><xmin>1</xmin><ymin>2</ymin>"
+        "<xmax>30</xmax><ymax>40</ymax></bndbox></object></annotation>"
+    )
+    v = ev.load_dataset(tmp_path / "v")
+    assert v[0].names == ["cat"] and v[0].boxes.tolist() == [[1, 2, 30, 40]]
+    c = tmp_path / "c"
+    (c / "annotations").mkdir(parents=True)
+    (c / "val2017").mkdir()
+    cv2.imwrite(str(c / "val2017" / "x.jpg"), np.zeros((50, 80, 3), np.uint8))
+    (c / "annotations" / "instances_val2017.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 5, "file_name": "x.jpg", "width": 80, "height": 50}],
+                "categories": [{"id": 1, "name": "person"}],
+                "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [10, 10, 20, 30], "iscrowd": 0}],
+            }
+        )
+    )
+    s = ev.load_dataset(c)
+    assert s[0].names == ["person"] and s[0].boxes.tolist() == [[10, 10, 30, 40]]
+
+
+def test_cli_on_a_model_file_prints_json_last(tmp_path, rand_model_file, capsys):
+    data = make_yolo(tmp_path / "d", n=3)
+    rc = ev.main(["--model", str(rand_model_file), "--data", str(data), "--format", "yolo", "--limit", "2"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = json.loads(last)
+    assert {"map50", "map50_95", "images", "precision", "recall"} <= set(out)
+    assert out["images"] == 2 and 0.0 <= out["map50"] <= 1.0
+
+
+def test_cli_without_data_or_shared_asks_for_data(tmp_path, rand_model_file, monkeypatch, capsys):
+    monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path / "nowhere"))
+    assert ev.main(["--model", str(rand_model_file)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_cli_bad_model_and_bad_args(tmp_path, capsys):
+    bad = tmp_path / "bad.xnc"
+    bad.write_bytes(b"not a model")
+    assert ev.main(["--model", str(bad), "--data", str(tmp_path)]) == 65
+    assert ev.main(["--limit", "x"]) == 2

@@ -1,0 +1,265 @@
+"""Dataset loaders (YOLO / VOC / COCO), label errors, the RAM cache, and batch augmentation geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from train import data as td  # noqa: E402
+from train.augment import AugmentConfig, BatchMaker, no_augment  # noqa: E402
+
+SHARED = td.shared_root() / "datasets"
+
+
+def _img(path: Path, w=80, h=60, rect=None):
+    img = np.full((h, w), 40, np.uint8)
+    if rect:
+        x1, y1, x2, y2 = rect
+        img[y1:y2, x1:x2] = 230
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), img)
+
+
+def make_yolo(root: Path, labels: dict, names=("person", "dog"), sizes=None):
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "data.yaml").write_text("path: .\nnc: 2\nnames:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(names)))
+    for stem, text in labels.items():
+        _img(root / "images" / f"{stem}.jpg", *(sizes or {}).get(stem, (80, 60)))
+        if text is not None:
+            (root / "labels" / f"{stem}.txt").write_text(text)
+    return root
+
+
+def test_yolo_boxes_and_class_mapping_by_name(tmp_path):
+    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.5 0.2\n1 0.2 0.2 0.1 0.1\n", "b": "", "c": None})
+    rep = td.LoadReport()
+    samples = td.load_yolo(root, ["person"], "y", rep, stop=False)
+    assert [s.image.stem for s in samples] == ["a", "b", "c"]
+    np.testing.assert_allclose(samples[0].boxes, [[0.25, 0.4, 0.75, 0.6]], atol=1e-6)
+    assert samples[0].classes.tolist() == [0]  # the dog is background
+    assert len(samples[1].boxes) == 0 and len(samples[2].boxes) == 0
+    assert rep.problems == []
+    # mapped by NAME: "dog" first in the keep list becomes index 0
+    dogs = td.load_yolo(root, ["dog", "person"], "y", td.LoadReport(), stop=False)
+    assert dogs[0].classes.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("0 0.5 abc 0.1 0.1", "bad number"),
+        ("0 0.5 0.5 0.1", "expected 'class cx cy w h'"),
+        ("0 0.95 0.5 0.3 0.1", "outside the image"),
+        ("7 0.5 0.5 0.1 0.1", "unknown class 7"),
+        ("0 0.5 0.5 0 0.1", "width/height"),
+        ("0 nan 0.5 0.1 0.1", "non-finite"),
+    ],
+)
+def test_yolo_malformed_label_names_file_and_line(tmp_path, line, needle):
+    root = make_yolo(tmp_path / "y", {"good": "0 0.5 0.5 0.2 0.2\n", "bad": "0 0.5 0.5 0.2 0.2\n" + line + "\n"})
+    rep = td.LoadReport()
+    samples = td.load_yolo(root, ["person"], "y", rep, stop=False)
+    assert [s.image.stem for s in samples] == ["good"]  # skipped, not crashed
+    assert len(rep.problems) == 1
+    assert "bad.txt:2" in rep.problems[0] and needle in rep.problems[0]
+    with pytest.raises(td.LabelError, match="bad.txt:2"):
+        td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=True)
+
+
+def test_yolo_label_without_image_is_reported(tmp_path):
+    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    (root / "labels" / "ghost.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    rep = td.LoadReport()
+    assert len(td.load_yolo(root, ["person"], "y", rep, stop=False)) == 1
+    assert "ghost.txt" in rep.problems[0] and "no image" in rep.problems[0]
+    with pytest.raises(td.LabelError, match="ghost.txt"):
+        td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=True)
+
+
+def test_yaml_names_forms(tmp_path):
+    p = tmp_path / "d.yaml"
+    p.write_text("names: [cat, 'dog']\n")
+    assert td.parse_yaml_names(p) == ["cat", "dog"]
+    p.write_text("nc: 2\nnames:\n  - cat\n  - dog\ntrain: x\n")
+    assert td.parse_yaml_names(p) == ["cat", "dog"]
+    p.write_text("names:\n  0: person\n  1: bicycle  # comment\n")
+    assert td.parse_yaml_names(p) == ["person", "bicycle"]
+
+
+VOC = """<annotation><filename>{f}</filename><size><width>80</width><height>60</height><depth>3</depth></size>
+{objs}</annotation>"""
+OBJ = (
+    "<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+)
+
+
+def test_voc_loader_and_errors(tmp_path):
+    root = tmp_path / "voc"
+    (root / "annotations").mkdir(parents=True)
+    _img(root / "images" / "a.jpg")
+    _img(root / "images" / "b.jpg")
+    objs = OBJ.format(n="raccoon", a=8, b=6, c=40, d=30) + OBJ.format(n="dog", a=1, b=1, c=5, d=5)
+    (root / "annotations" / "a.xml").write_text(VOC.format(f="a.jpg", objs=objs))
+    (root / "annotations" / "b.xml").write_text(
+        VOC.format(f="b.jpg", objs=OBJ.format(n="raccoon", a=8, b=6, c=95, d=30))
+    )
+    (root / "annotations" / "c.xml").write_text(VOC.format(f="c.jpg", objs=""))
+    (root / "annotations" / "d.xml").write_text("<annotation><object>")
+    rep = td.LoadReport()
+    samples = td.load_voc(root, ["raccoon"], "voc", rep, stop=False)
+    assert [s.image.name for s in samples] == ["a.jpg"]
+    np.testing.assert_allclose(samples[0].boxes, [[0.1, 0.1, 0.5, 0.5]], atol=1e-6)
+    text = "\n".join(rep.problems)
+    assert "b.xml" in text and "outside the image" in text
+    assert "c.xml" in text and "not found" in text
+    assert "d.xml" in text and "malformed XML" in text
+
+
+def test_coco_loader_maps_categories_by_name(tmp_path):
+    root = tmp_path / "coco"
+    for name in ("1.jpg", "2.jpg"):
+        _img(root / "imgs" / name, 100, 50)
+    d = {
+        "images": [
+            {"id": 1, "file_name": "1.jpg", "width": 100, "height": 50},
+            {"id": 2, "file_name": "2.jpg", "width": 100, "height": 50},
+            {"id": 3, "file_name": "missing.jpg", "width": 100, "height": 50},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 18, "bbox": [0, 0, 5, 5], "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 99, "bbox": [0, 0, 5, 5], "iscrowd": 0},
+        ],
+    }
+    js = root / "ann.json"
+    js.write_text(json.dumps(d))
+    rep = td.LoadReport()
+    samples = td.load_coco(js, root / "imgs", ["person"], "c", rep, stop=False)
+    assert [s.image.name for s in samples] == ["1.jpg"]  # 2 has a bad label, 3 no image
+    np.testing.assert_allclose(samples[0].boxes, [[0.1, 0.1, 0.3, 0.3]], atol=1e-6)
+    text = "\n".join(rep.problems)
+    assert "unknown category_id 99" in text and "missing.jpg" in text
+    with pytest.raises(td.LabelError, match="annotations\\[2\\]"):
+        td.load_coco(js, root / "imgs", ["person"], "c", td.LoadReport(), stop=True)
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(td.ConfigError, match="unknown key"):
+        td.DataConfig.from_dict({"classes": ["person"], "sources": [], "bogus": 1})
+    with pytest.raises(td.ConfigError, match="format"):
+        td.DataConfig.from_dict({"classes": ["person"], "sources": [{"name": "x", "path": "p", "format": "csv"}]})
+
+
+def test_cache_round_trip_and_cutouts(tmp_path):
+    root = make_yolo(
+        tmp_path / "y", {"a": "0 0.5 0.5 0.5 0.5\n", "b": "0 0.25 0.25 0.2 0.2\n"}, sizes={"a": (400, 300)}
+    )
+    (root / "masks").mkdir()
+    m = np.zeros((300, 400), np.uint8)
+    m[80:220, 110:290] = 1
+    cv2.imwrite(str(root / "masks" / "a.png"), m)
+    samples = td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=False, masks=True)
+    cache = td.build_cache(samples, 200)
+    assert cache.images[0].shape == (150, 200)  # long side shrunk to 200
+    np.testing.assert_allclose(cache.boxes[0], [[50, 37.5, 150, 112.5]], atol=1e-4)
+    assert len(cache.cutouts) == 1 and cache.cutouts[0][1].shape[0] > 60
+    td.save_cache(cache, tmp_path / "c.npz")
+    back = td.load_cache(tmp_path / "c.npz")
+    assert len(back) == 2 and back.sources == ["y", "y"]
+    for a, b in zip(cache.images + cache.boxes, back.images + back.boxes, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cache.cutouts[0][1], back.cutouts[0][1])
+
+
+def _rect_cache(n=6, seed=0):
+    """Images with bright rectangles exactly where their boxes are."""
+    rng = np.random.default_rng(seed)
+    imgs, boxes, classes = [], [], []
+    for _ in range(n):
+        h, w = int(rng.integers(120, 224)), int(rng.integers(120, 224))
+        img = np.full((h, w), 30, np.uint8)
+        bs = []
+        for _ in range(2):
+            x1, y1 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 50))
+            x2, y2 = x1 + int(rng.integers(25, 40)), y1 + int(rng.integers(30, 50))
+            img[y1:y2, x1:x2] = 240
+            bs.append([x1, y1, x2, y2])
+        imgs.append(img)
+        boxes.append(np.array(bs, np.float32))
+        classes.append(np.zeros(2, np.int64))
+    return td.Cache(imgs, boxes, classes, ["s"] * n)
+
+
+def test_no_augment_places_boxes_like_the_runtime_letterbox():
+    from app.preprocess import letterbox
+
+    cache = _rect_cache()
+    x, t = BatchMaker(cache, no_augment(), 96, 96).make(list(range(len(cache))), augment=False)
+    assert x.shape == (len(cache), 1, 96, 96)
+    for k, img in enumerate(cache.images):
+        ref, lb = letterbox(img, 96, 96, 1)
+        diff = np.abs(x[k, 0].numpy() - ref[:, :, 0].astype(np.float32))
+        assert np.mean(diff > 40) < 0.05  # same placement (resampling filters differ at edges)
+        mine = t[t[:, 0] == k, 2:].numpy()
+        want = cache.boxes[k] * lb.scale + np.array([lb.pad_x, lb.pad_y] * 2)
+        np.testing.assert_allclose(mine, want, atol=1.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_augmented_boxes_still_cover_their_objects(seed):
+    cache = _rect_cache(8, seed)
+    cfg = AugmentConfig(mosaic=0.5, copy_paste=0.0, brightness=0.0, contrast=0.0, noise=0.0)
+    x, t = BatchMaker(cache, cfg, 128, 128, seed=seed).make(list(range(8)))
+    assert x.dtype.is_floating_point and float(x.min()) >= 0 and float(x.max()) <= 255
+    assert bool((x == x.round()).all())  # integer grey levels, as the Pi's uint8 input
+    assert len(t) > 0
+    assert (t[:, 2:] >= 0).all() and (t[:, [2, 4]] <= 128).all() and (t[:, [3, 5]] <= 128).all()
+    for b, _, x1, y1, x2, y2 in t.numpy():
+        inner = x[int(b), 0, int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
+        if inner.numel() > 4:
+            assert float(inner.mean()) > 180, "a box does not sit on its bright rectangle"
+
+
+def test_copy_paste_adds_a_box_on_the_pasted_person():
+    cache = _rect_cache(2)
+    patch = np.full((60, 20), 250, np.uint8)
+    cache.cutouts = [(patch, np.ones((60, 20), np.uint8), 0)]
+    cfg = AugmentConfig(mosaic=0.0, copy_paste=1.0)
+    maker = BatchMaker(cache, cfg, 96, 96, seed=0)
+    img, boxes, cls = maker._image(0)
+    new = boxes[-1].astype(int)
+    assert img[new[1] : new[3], new[0] : new[2]].mean() > 245  # the patch (250), not a rectangle (240)
+    assert (new[2] - new[0]) * 3 == pytest.approx(new[3] - new[1], abs=4)  # the patch's 1:3 shape
+
+
+# ---------------------------------------------------------------- the real datasets
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/datasets absent (not in a user's clone)")
+def test_real_person_config_loads_cleanly():
+    cfg = td.DataConfig.from_dict(
+        td.load_toml(Path(__file__).resolve().parents[1] / "train/configs/person.toml")["data"]
+    )
+    rep = td.LoadReport()
+    val = td.load_split(cfg, "val", rep)
+    assert rep.problems == []
+    assert sum(s.source == "clinic" for s in val) == 465
+    coco = [s for s in val if s.source == "coco_mini"]
+    assert 100 < len(coco) <= 159 and any(len(s.boxes) for s in coco)
+    train_sources = {src.name for src in cfg.sources if src.split == "train"}
+    assert not train_sources & {s.source for s in val}  # whole sources held out
+
+
+@pytest.mark.skipif(not (SHARED / "raccoon").is_dir(), reason="../shared/datasets absent")
+def test_real_voc_raccoon():
+    rep = td.LoadReport()
+    samples = td.load_voc(SHARED / "raccoon", ["raccoon"], "raccoon", rep, stop=False)
+    assert len(samples) + len(rep.problems) == 200
+    assert sum(len(s.boxes) for s in samples) > 150

@@ -1,0 +1,153 @@
+"""The torch mirror: sign convention, +1 padding, exact integer pre-activations, loss targets, anchors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from train import model as tm  # noqa: E402
+from train.loss import YoloLoss, bbox_ciou, kmeans_anchors, split_head  # noqa: E402
+
+
+def test_sign_of_zero_is_plus_one_and_ste_is_clipped():
+    x = torch.tensor([-2.0, -0.5, 0.0, -0.0, 0.5, 2.0], requires_grad=True)
+    y = tm.binary_weight(x)
+    assert y.tolist() == [-1, -1, 1, 1, 1, 1]
+    y.sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 0]
+    assert tm.binary_act(torch.zeros(3)).tolist() == [1, 1, 1]
+
+
+def test_bconv_pads_with_plus_one_and_y_is_exact():
+    conv = tm.BConv(3, 2, binary=True, act=None)
+    with torch.no_grad():
+        conv.weight.fill_(0.3)  # all +1
+    a = -torch.ones(1, 3, 4, 5)  # all -1
+    y, alpha = conv.preact(a)
+    k = 27
+    # interior: 27 products of -1; a corner has 5 padded taps of +1 on every channel: 12*(-1)... per channel
+    assert y[0, 0, 1, 1].item() == -k
+    assert y[0, 0, 0, 0].item() == -(4 * 3) + (5 * 3)
+    assert y[0, 0, 0, 1].item() == -(6 * 3) + (3 * 3)
+    assert torch.all((y + k) % 2 == 0)  # same parity as K
+    assert torch.allclose(alpha, torch.full((2,), 0.3))
+
+
+def test_stem_integer_accumulator_is_exact():
+    stem = tm.Stem(1, 4, binary=True, act=None)
+    q, s = stem.quantised()
+    assert torch.all(q == q.round()) and q.abs().max() == 127
+    torch.testing.assert_close(q * s.view(-1, 1, 1, 1), stem.weight.detach(), atol=float(s.max()) / 2 + 1e-7, rtol=0)
+    x = torch.randint(0, 256, (1, 1, 9, 11)).float()
+    y, _ = stem.preact(x)
+    want = F.conv2d(x.double() - 128, q.double(), stride=2, padding=1)
+    assert torch.equal(y.double(), want)  # the float32 sum is exact
+
+
+def test_eval_bn_expression_equals_torch_batchnorm():
+    conv = tm.BConv(8, 6, binary=True, act=None)
+    with torch.no_grad():
+        conv.bn.running_mean.uniform_(-5, 5)
+        conv.bn.running_var.uniform_(0.5, 4)
+        conv.bn.weight.uniform_(-2, 2)
+    conv.eval()
+    y = torch.arange(-72, 73, 2, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 6, 1, 1)
+    ref = F.batch_norm(
+        y * conv.alpha().view(1, -1, 1, 1),
+        conv.bn.running_mean,
+        conv.bn.running_var,
+        conv.bn.weight,
+        conv.bn.bias,
+        False,
+        0.0,
+        conv.bn.eps,
+    )
+    torch.testing.assert_close(conv.bn_eval(y, conv.alpha()), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_architecture_matches_the_runtime_table():
+    net = tm.Detector(tm.ModelConfig(), num_classes=1)
+    ops = [type(m).__name__ for m in net.layers]
+    assert ops == ["Stem", "Pool", "BConv", "Pool", "BConv", "Pool", "BConv", "BConv", "Head"]
+    assert net.stride == 16
+    head, outs = net.eval()(torch.full((1, 1, 192, 192), 128.0), trace=True)
+    assert head.shape == (1, 18, 12, 12)
+    assert outs[0].shape == (1, 32, 96, 96) and outs[6].shape == (1, 256, 12, 12)
+    for i in (0, 1, 2, 3, 4, 5, 6):
+        assert set(outs[i].unique().tolist()) <= {-1.0, 1.0}
+    assert [m.real_output for m in net.layers if isinstance(m, tm.BConv)] == [False, False, False, True]
+
+
+def test_float_twin_same_topology_real_values():
+    net = tm.Detector(tm.ModelConfig(binary=False), num_classes=1).eval()
+    head, outs = net(torch.rand(1, 1, 192, 192) * 255, trace=True)
+    assert head.shape == (1, 18, 12, 12)
+    assert len(outs[2].unique()) > 10
+
+
+def test_split_head_matches_runtime_channel_order():
+    head = torch.arange(2 * 3 * 7 * 4 * 5, dtype=torch.float32).view(2, 21, 4, 5)
+    p = split_head(head, 3)
+    # runtime channel a*(5+C)+k at (gy, gx) is anchor a, value k
+    assert p[1, 2, 3, 4, 5].item() == head[1, 2 * 7 + 5, 3, 4].item()
+
+
+def test_loss_targets_cells_and_a_perfect_box():
+    anchors = np.array([[16, 32], [48, 96], [100, 150]], np.float32)
+    crit = YoloLoss(anchors, stride=16, num_classes=1)
+    t = torch.tensor([[0, 0, 40.0, 20.0, 56.0, 52.0]])  # centre (48, 36) -> cell (3, 2), 16x32 box
+    bi, ai, gj, gi, tbox, tcls = crit.build_targets(t, 12, 12)
+    cells = {(int(a), int(j), int(i)) for a, j, i in zip(ai, gj, gi, strict=True)}
+    assert (0, 2, 3) in cells and (0, 1, 3) in cells  # own cell + upper neighbour (frac y = 0.25)
+    assert all(a in (0, 1) for a, _, _ in cells)  # 100x150 is > 4x the box
+    ciou = bbox_ciou(torch.tensor([[1.0, 1.0, 2.0, 3.0]]), torch.tensor([[1.0, 1.0, 2.0, 3.0]]))
+    assert abs(ciou.item() - 1.0) < 1e-5
+
+
+def test_loss_goes_down_on_a_tiny_batch():
+    torch.manual_seed(0)
+    cfg = tm.ModelConfig(input_width=64, input_height=64, widths=(8, 16, 16, 16, 16))
+    net = tm.Detector(cfg, 1)
+    anchors = np.array([[10, 20], [20, 30], [30, 40]], np.float32)
+    crit = YoloLoss(anchors, net.stride, 1)
+    x = torch.full((2, 1, 64, 64), 40.0)
+    x[0, 0, 10:40, 20:36] = 220
+    x[1, 0, 20:50, 30:46] = 220
+    t = torch.tensor([[0, 0, 20, 10, 36, 40], [1, 0, 30, 20, 46, 50]], dtype=torch.float32)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    losses = []
+    for _ in range(40):
+        loss, _ = crit(net(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        net.clip_latent()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.6 * losses[0], losses[::5]
+    assert all(m.weight.abs().max() <= 1 for m in net.layers if isinstance(m, tm.BConv))
+
+
+def test_kmeans_anchors_find_the_clusters():
+    rng = np.random.default_rng(0)
+    wh = np.concatenate([rng.normal(c, 1.0, (200, 2)) for c in ([10, 20], [40, 80], [90, 120])])
+    a = kmeans_anchors(wh, 3)
+    np.testing.assert_allclose(a, [[10, 20], [40, 80], [90, 120]], atol=2.0)
+    with pytest.raises(ValueError):
+        kmeans_anchors(wh[:2], 3)
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    from pathlib import Path
+
+    from train.train import load_checkpoint, load_config, save_checkpoint
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "train/configs/person.toml")
+    net = tm.Detector(cfg["model"], 1)
+    save_checkpoint(tmp_path / "c.pt", net, cfg, np.ones((3, 2)), ("person",), {"step": 3})
+    back, ck = load_checkpoint(tmp_path / "c.pt")  # weights_only=True inside
+    assert ck["step"] == 3 and ck["config"]["model"]["widths"] == [32, 64, 128, 256, 256]
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
