@@ -165,6 +165,8 @@ class Capture:
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
+        with self._lock:
+            self._generation += 1  # a read still in flight is discarded, not counted
         self.slot.drain()
         if self._supervisor is not None:
             self._supervisor.join(timeout)
@@ -265,7 +267,8 @@ class Capture:
                     self._source = None
                     self._in_read = False
             if hung:
-                self._close(source)  # may unblock the read; if not, the daemon thread is abandoned
+                # Closing may unblock the read, or may block too (a wedged driver): do it aside.
+                threading.Thread(target=self._close, args=(source,), name="xnorcam-close", daemon=True).start()
                 return ("worked" if result.get("got_any") else "failed"), "hang", f"no frame for {stalled:.1f} s"
         with self._lock:
             self._source = None
