@@ -5,8 +5,8 @@ systemd passes the address of an AF_UNIX datagram socket in ``$NOTIFY_SOCKET``
 set, the watchdog period in ``$WATCHDOG_USEC``. Each message is one datagram of
 ``KEY=value`` lines.
 
-Every method is a no-op when not running under systemd and none ever raises:
-a lost notification must never stop the camera. Failed sends are counted in
+Every method is a no-op when not running under systemd, none ever raises and
+none ever blocks: a lost notification must never stop the camera. Failed sends are counted in
 ``send_failures`` so they can be reported without being fatal.
 
 ``watchdog()`` is meant to be called from the pipeline loop once per processed
@@ -148,6 +148,10 @@ class Notifier:
             with self._lock:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    # A datagram queue holds only net.unix.max_dgram_qlen (10)
+                    # messages; if systemd lags, drop a ping rather than block
+                    # the frame loop.
+                    self._sock.setblocking(False)
                 self._sock.sendto(message.encode("utf-8", "replace"), self._address)
         except (OSError, ValueError):
             self.send_failures += 1

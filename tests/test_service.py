@@ -113,6 +113,19 @@ def test_failed_send_is_counted_not_raised():
     assert n.send_failures == 3 and n.sent == 0
 
 
+def test_a_full_queue_never_blocks(receiver):
+    """Nobody reads the socket: sends fail (counted) instead of blocking the loop."""
+    import threading
+
+    _, path = receiver
+    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    worker = threading.Thread(target=lambda: [n.status(f"frame {i}") for i in range(200)], daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "Notifier blocked on a full socket queue"
+    assert n.sent >= 1 and n.send_failures >= 1 and n.sent + n.send_failures == 200
+
+
 def test_watchdog_for_another_pid_is_ignored(receiver):
     _, path = receiver
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)}
@@ -166,3 +179,52 @@ def test_stalled_loop_stops_the_pings(receiver):
     assert drain(sock) == []
     n.watchdog()  # the loop recovers: the first call pings at once
     assert drain(sock) == ["WATCHDOG=1"]
+
+
+APP_MAIN = Path(__file__).resolve().parents[1] / "app" / "__main__.py"
+
+
+@pytest.mark.skipif(not APP_MAIN.exists(), reason="app/__main__.py not written yet")
+def test_app_under_a_fake_systemd(receiver, rand_model_file):
+    """`python -m app` as systemd runs it: READY only after the warm-up, then pings, then STOPPING."""
+    import subprocess
+    import sys
+    import threading
+
+    sock, path = receiver
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
+    env.pop("WATCHDOG_PID", None)
+    env.pop("DISPLAY", None)
+    cmd = [sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--log", ""]
+    cmd += ["--model", str(rand_model_file), "--max-frames", "15"]
+    # Read as systemd does, while the app runs: the socket queue is short.
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        sock.settimeout(0.1)
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        result = subprocess.run(
+            cmd, cwd=APP_MAIN.parents[1], env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+        )
+    finally:
+        time.sleep(0.3)
+        done.set()
+        reader.join()
+    assert result.returncode == 0, result.stderr
+    assert messages.count("READY=1") == 1, messages
+    ready = messages.index("READY=1")
+    before, after = messages[:ready], messages[ready + 1 :]
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in before), messages
+    assert "STATUS=warming up" in before, messages
+    assert "WATCHDOG=1" not in before  # the watchdog belongs to the running loop
+    assert after.count("WATCHDOG=1") >= 2, messages
+    assert messages[-1] == "STOPPING=1", messages
