@@ -1,0 +1,188 @@
+"""Disk faults under the running pipeline: ENOSPC (also as a short write), EIO, a read-only file system on
+reopen, failed rotations, a really full tmpfs. Detection goes on, failures are counted, writing resumes,
+and no partial line is ever left in the log."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from app import sinks
+from app.capture import Capture
+from app.pipeline import Pipeline
+from app.sinks import JsonlLog
+from tests.fakes.fake_source import FakeSource
+from tests.reliability.conftest import run_app
+from tests.reliability.logread import frames_and_events, read_log
+
+
+class FrameHook:
+    """A null preview calling ``hook(n)`` on the pipeline thread for the n-th processed frame (1-based)."""
+
+    needs_canvas = False
+    stop_requested = False
+
+    def __init__(self, hook, frames):
+        self.hook, self.frames, self.n = hook, frames, 0
+
+    def show(self, frame, canvas, detections, hud):
+        self.n += 1
+        self.hook(self.n)
+        self.stop_requested = self.n >= self.frames
+
+    def close(self):
+        pass
+
+
+def run(detector, log, hook, frames):
+    cap = Capture(lambda: FakeSource(period=0.001, shape=(48, 64)))
+    p = Pipeline(cap, detector, log_sink=log, preview=FrameHook(hook, frames))
+    stop = threading.Event()
+    timer = threading.Timer(60, stop.set)
+    timer.start()
+    cap.start()
+    try:
+        stats = p.run(stop)
+    finally:
+        timer.cancel()
+        cap.stop()
+        p.refresh_stats()
+        log.close()
+    assert stats.stopped_by == "preview closed"
+    return stats
+
+
+def assert_whole_log(path, processed, failures):
+    records, _ = read_log(path, allow_torn_tail=False)  # not even a torn last line
+    frames, events = frames_and_events(records)
+    assert not events
+    seqs = [f["seq"] for f in frames]
+    assert seqs == sorted(set(seqs))
+    assert len(frames) == processed - failures
+    return seqs
+
+
+def test_enospc_short_write_eio_and_erofs_are_counted_and_writing_resumes(tmp_path, detector, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    real_write, real_open = log._write, os.open
+    calls = {"write": 0, "erofs": 0}
+
+    def disk(fd, data):
+        k = calls["write"]
+        calls["write"] += 1
+        if k == 20:
+            return real_write(fd, data[: len(data) // 2])  # the disk fills mid-line
+        if 20 < k < 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if k == 35:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)
+
+    def open_(file, flags, *args, **kwargs):
+        if os.fspath(file) == str(path) and calls["erofs"] > 0:
+            calls["erofs"] -= 1
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(file, flags, *args, **kwargs)
+
+    def hook(n):
+        if n == 36:
+            calls["erofs"] = 5  # after the EIO the log reopens onto a file system remounted read-only
+
+    log._write = disk
+    monkeypatch.setattr(sinks.os, "open", open_)
+    stats = run(detector, log, hook, frames=80)
+    assert stats.processed == 80  # detection never stopped
+    assert log.failures == 10 + 1 + 5 and log.lines == 80 - 16
+    assert "EROFS" in log.last_error
+    seqs = assert_whole_log(path, stats.processed, log.failures)
+    assert len(seqs) > 40 and path.read_bytes().endswith(b"\n")
+
+
+def test_failed_rotation_loses_and_duplicates_no_line(tmp_path, detector, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path), max_bytes=2000, files=100)
+    real_replace = os.replace
+    state = {"fail": False}
+
+    def replace(src, dst):
+        if state["fail"]:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_replace(src, dst)
+
+    def hook(n):
+        state["fail"] = 30 <= n < 60
+
+    monkeypatch.setattr(sinks.os, "replace", replace)
+    stats = run(detector, log, hook, frames=120)
+    files = sorted(tmp_path.glob("log.jsonl*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    lines = []
+    for f in files:
+        records, _ = read_log(f, allow_torn_tail=False)
+        lines += records
+    assert len(files) > 3 and log.rotations >= 3
+    assert len(lines) == log.lines == stats.processed - log.failures
+    seqs = [r["seq"] for r in lines]
+    assert seqs == sorted(set(seqs))
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    mount = shutil.which("mount")
+    if not mount or os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root and mount(8)")
+    r = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "xnorcam-test", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def fill(directory):
+    """Take every free byte of the file system (returns the filler's path)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        while True:
+            try:
+                if fh.write(b"\xff" * 1024) == 0:
+                    break
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    return filler
+
+
+def test_really_full_tmpfs_is_survived_and_writing_resumes(tiny_tmpfs, detector):
+    path = tiny_tmpfs / "log.jsonl"
+    log = JsonlLog(str(path))
+    state = {}
+
+    def hook(n):
+        if n == 20:
+            state["filler"] = fill(tiny_tmpfs)
+        if n == 60:
+            state["failures_while_full"] = log.failures
+            state["filler"].unlink()
+
+    stats = run(detector, log, hook, frames=90)
+    assert stats.processed == 90
+    assert state["failures_while_full"] > 20 and log.failures == state["failures_while_full"]
+    assert "ENOSPC" in log.last_error
+    seqs = assert_whole_log(path, stats.processed, log.failures)
+    assert sum(s > seqs[0] for s in seqs) >= 25  # written again once space came back
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full")
+def test_app_logging_to_a_full_disk_keeps_detecting_and_warns_once(model_path):
+    r = run_app("--source", "demo", "--fps", "0", "--model", model_path, "--preview", "none",
+                "--log", "/dev/full", "--max-frames", 30)
+    assert r.returncode == 0, r.stderr
+    assert "processed=30" in r.stderr and "log_lines=0 log_failures=30" in r.stderr
+    assert r.stderr.count("write failed") == 1, r.stderr
