@@ -66,25 +66,34 @@ def detect_format(folder: Path) -> str:
 
 
 def _yaml_names(path: Path) -> list | None:
+    """``names:`` of an Ultralytics data.yaml: inline list, block list, or ``index: name`` lines."""
     if not path.exists():
         return None
-    names, lines = {}, path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("names:"):
-            rest = line[6:].split("#", 1)[0].strip()
-            if rest.startswith("["):
-                return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
-            listed = []
-            for sub in lines[i + 1 :]:
-                if sub.strip() and not sub.startswith((" ", "\t")):
-                    break
-                s = sub.strip()
-                if s.startswith("- "):
-                    listed.append(s[2:].strip().strip("'\""))
-                elif ":" in s:
-                    k, v = s.split(":", 1)
-                    names[int(k)] = v.strip().strip("'\"")
-            return listed or [names.get(k, str(k)) for k in range(max(names) + 1)] if (listed or names) else None
+        if not line.startswith("names:"):
+            continue
+        rest = line[6:].split("#", 1)[0].strip()
+        if rest.startswith("["):
+            return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
+        listed, numbered = [], {}
+        for ln, sub in enumerate(lines[i + 1 :], start=i + 2):
+            if sub.strip() and not sub.startswith((" ", "\t")):
+                break
+            s = sub.split("#", 1)[0].strip()
+            if s.startswith("- "):
+                listed.append(s[2:].strip().strip("'\""))
+            elif ":" in s:
+                k, v = s.split(":", 1)
+                try:
+                    numbered[int(k)] = v.strip().strip("'\"")
+                except ValueError:
+                    raise EvalDataError(f"{path}:{ln}: bad names entry {s!r}") from None
+        if listed:
+            return listed
+        if numbered:
+            return [numbered.get(k, str(k)) for k in range(max(numbered) + 1)]
+        return None
     return None
 
 
@@ -295,9 +304,14 @@ def precision_recall(gts: list, dets: list, score_threshold: float, iou: float =
     return precision, recall
 
 
-def evaluate(detect, samples: list, class_names, score_threshold: float, limit: int = 0, progress=None) -> dict:
-    """Run ``detect(image) -> (N,6)`` over GroundTruth samples; boxes of classes the model lacks are ignored."""
-    index = {n: i for i, n in enumerate(class_names)}
+def evaluate(
+    detect, samples: list, class_names, score_threshold: float, limit: int = 0, progress=None, only: str | None = None
+) -> dict:
+    """Run ``detect(image) -> (N,6)`` over GroundTruth samples; boxes of classes the model lacks are ignored.
+
+    ``only``: score one class name (its labels and detections alone).
+    """
+    index = {n: i for i, n in enumerate(class_names) if only is None or n == only}
     samples = samples[:limit] if limit else samples
     gts, dets, shapes = [], [], []
     for s in progress(samples) if progress else samples:
@@ -306,7 +320,8 @@ def evaluate(detect, samples: list, class_names, score_threshold: float, limit: 
             raise EvalDataError(f"{s.image}: cannot decode image")
         keep = [k for k, n in enumerate(s.names) if n in index]
         gts.append((s.boxes[keep], np.array([index[s.names[k]] for k in keep], np.int64)))
-        dets.append(np.asarray(detect(img), np.float32).reshape(-1, 6))
+        d = np.asarray(detect(img), np.float32).reshape(-1, 6)
+        dets.append(d[np.isin(d[:, 5], list(index.values()))])
         shapes.append(img.shape[:2])
     m = coco_metrics(gts, dets, len(class_names), shapes)
     p, r = precision_recall(gts, dets, score_threshold)
@@ -357,11 +372,10 @@ def main(argv=None) -> int:
         if args.cls not in names:
             print(f"--class {args.cls!r} is not one of the model's classes {names}", file=sys.stderr)
             return 2
-        names = [n if n == args.cls else f"\0{n}" for n in names]  # other classes match no label
     data = args.data or "validation split (person/clinic + coco_mini)"
     print(f"model: {args.model or 'default'}  data: {data}  images: {len(samples[: args.limit or None])}")
     try:
-        m = evaluate(det.detect, samples, names, threshold, args.limit)
+        m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls)
     except EvalDataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 1
