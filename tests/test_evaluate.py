@@ -122,14 +122,20 @@ def test_cli_bad_model_and_bad_args(tmp_path, capsys):
 def test_only_one_class_is_scored(tmp_path):
     samples = ev.load_dataset(make_yolo(tmp_path / "d"))
     names = ["person", "dog"]
-    perfect = oracle(samples, names)
 
-    def dogs_right_people_wrong(image):
-        d = perfect(image).copy()
-        d[d[:, 5] == 0, :4] += 500  # every person detection far off
-        return d
+    def dogs_right_people_wrong():
+        perfect = oracle(samples, names)
 
-    both = ev.evaluate(dogs_right_people_wrong, samples, names, 0.25)
-    dogs = ev.evaluate(oracle(samples, names), samples, names, 0.25, only="dog")
+        def detect(image):
+            d = perfect(image).copy()
+            d[d[:, 5] == 0, :4] += 500  # every person detection far off
+            return d
+
+        return detect
+
+    both = ev.evaluate(dogs_right_people_wrong(), samples, names, 0.25)
+    dogs = ev.evaluate(dogs_right_people_wrong(), samples, names, 0.25, only="dog")
+    people = ev.evaluate(dogs_right_people_wrong(), samples, names, 0.25, only="person")
     assert both["map50"] < 0.75
     assert dogs["map50"] == pytest.approx(1.0) and dogs["precision"] == 1.0
+    assert people["map50"] < 0.05
