@@ -175,7 +175,7 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
     from app.config import ConfigError
     from app.detector import Detector
     from app.modelfile import ModelFormatError
-    from app.pipeline import DetectionFilter
+    from app.pipeline import filter_for
 
     d = cfg.detector
     notifier.extend_timeout(WARMUP_EXTEND_S)
@@ -193,16 +193,10 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
     except ValueError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", f"detector: {exc}")
 
-    base = float(getattr(detector, "score_threshold", d.score_threshold or 0.0))
     try:
-        keep = DetectionFilter(detector.class_names, d.classes, d.class_thresholds, base)
+        keep = filter_for(detector, d.classes, d.class_thresholds)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
-    if d.class_thresholds:
-        lowest = min(d.class_thresholds.values())
-        if lowest < base and hasattr(detector, "score_threshold"):
-            # The detector must let through what a lower per-class threshold keeps; the filter does the rest.
-            detector.score_threshold = lowest
 
     notifier.status("warming up")
     detector.warmup()
@@ -254,6 +248,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
         status_interval_s=cfg.watchdog.status_interval_s,
     )
     log.info("source %s, preview %s, log %s", spec, mode, cfg.log.path or "(none)")
+    if mode == "none" and not cfg.log.path and not cfg.preview.record:
+        log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()
     capture.start()
     try:

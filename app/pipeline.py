@@ -84,6 +84,19 @@ class DetectionFilter:
         return detections[keep]
 
 
+def filter_for(detector: Any, classes: Sequence[str], class_thresholds: dict[str, float]) -> DetectionFilter:
+    """The filter for a loaded detector; lowers its own threshold when a per-class one is lower.
+
+    The detector must let through what the lowest per-class threshold keeps;
+    the filter then holds every other class to the detector's threshold.
+    """
+    base = float(detector.score_threshold)
+    keep = DetectionFilter(detector.class_names, classes, class_thresholds, base)
+    if class_thresholds:
+        detector.score_threshold = min(base, *class_thresholds.values())
+    return keep
+
+
 @dataclass
 class PipelineStats:
     processed: int = 0

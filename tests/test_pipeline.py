@@ -11,7 +11,7 @@ import pytest
 
 from app.capture import Capture
 from app.config import ConfigError
-from app.pipeline import DetectionFilter, Pipeline
+from app.pipeline import DetectionFilter, Pipeline, filter_for
 from app.sinks import JsonlLog
 from tests.fakes.fake_detector import FakeDetector
 from tests.fakes.fake_source import FakeSource
@@ -187,3 +187,14 @@ def test_keep_is_applied_before_logging(tmp_path):
     log.close()
     assert stats.processed == 5
     assert path.read_text() == ""  # 0.9 < 0.95: nothing kept, nothing logged
+
+
+def test_filter_for_lowers_the_detector_threshold_for_a_lower_class_threshold():
+    det = FakeDetector(class_names=("person", "dog"), score_threshold=0.4)
+    keep = filter_for(det, (), {"dog": 0.2})
+    assert det.score_threshold == pytest.approx(0.2)
+    dets = np.array([[0, 0, 1, 1, 0.3, 0], [0, 0, 1, 1, 0.3, 1], [0, 0, 1, 1, 0.5, 0]], np.float32)
+    np.testing.assert_allclose(keep(dets)[:, [4, 5]], [[0.3, 1], [0.5, 0]])  # person still needs 0.4
+    det2 = FakeDetector(class_names=("person",), score_threshold=0.4)
+    filter_for(det2, (), {"person": 0.6})
+    assert det2.score_threshold == pytest.approx(0.4)  # a higher class threshold is the filter's job
