@@ -46,7 +46,7 @@ def label_text(det_class: int, score: float, class_names: Sequence[str]) -> str:
 def _style(height: int) -> tuple[float, int]:
     """Font scale and line thickness that stay readable from 240 to 1080 lines."""
     scale = max(0.35, height / 600.0)
-    return scale, max(1, round(height / 240.0))
+    return scale, max(1, round(height / 160.0))
 
 
 def _draw(
@@ -64,6 +64,14 @@ def _draw(
     def colour(rgb: tuple[int, int, int]) -> tuple[int, ...]:
         return (*rgb, 255) if rgba else (rgb[2], rgb[1], rgb[0])
 
+    # HUD first, bottom-left: labels sit at the tops of boxes and are drawn over it, never hidden.
+    if hud is not None:
+        text = hud.text()
+        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
+        bg = (0, 0, 0, 160) if rgba else (0, 0, 0)
+        cv2.rectangle(canvas, (0, h - th - base - 6), (tw + 6, h - 1), bg, cv2.FILLED)
+        cv2.putText(canvas, text, (3, h - base - 3), FONT, font_scale, colour((255, 255, 255)), 1, cv2.LINE_AA)
+
     dets = np.asarray(detections, dtype=np.float32).reshape(-1, 6)
     for x1, y1, x2, y2, score, cls in dets:
         cls_i = int(cls)
@@ -78,12 +86,6 @@ def _draw(
         tx = min(max(p1[0], 0), max(0, w - tw - 2))
         cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw + 2, ty + 1), c, cv2.FILLED)
         cv2.putText(canvas, text, (tx + 1, ty - base + 1), FONT, font_scale, colour((0, 0, 0)), 1, cv2.LINE_AA)
-    if hud is not None:
-        text = hud.text()
-        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
-        bg = (0, 0, 0, 160) if rgba else (0, 0, 0)
-        cv2.rectangle(canvas, (0, 0), (tw + 6, th + base + 6), bg, cv2.FILLED)
-        cv2.putText(canvas, text, (3, th + 3), FONT, font_scale, colour((255, 255, 255)), 1, cv2.LINE_AA)
 
 
 def render(

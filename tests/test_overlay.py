@@ -56,11 +56,12 @@ def test_label_text_uses_names_and_falls_back():
     assert label_text(7, 0.5, NAMES) == "class7 0.50"
 
 
-def test_hud_is_drawn_top_left():
-    frame = np.zeros((240, 320), np.uint8)
+def test_hud_is_drawn_bottom_left_under_the_labels():
+    frame = np.full((240, 320), 60, np.uint8)
     with_hud = render(frame, dets(), NAMES, Hud(fps=7.5, latency_ms=120.0, dropped=3))
-    assert with_hud[:20, :200].max() > 200  # white text
-    assert with_hud[120:, :].max() == 0
+    assert with_hud[220:, :200].max() > 200  # white text
+    assert with_hud[220:, :5].min() == 0  # on a black band
+    assert (with_hud[:200] == 60).all()
     assert "7.5 fps" in Hud(7.5, 120.0, 3).text() and "dropped 3" in Hud(7.5, 120.0, 3).text()
 
 
@@ -79,8 +80,8 @@ def test_rgba_overlay_is_transparent_except_drawings_and_scaled():
 
 def test_rgba_hud_has_translucent_background():
     out = render_rgba((320, 240), dets(), NAMES, Hud(10.0, 90.0, 0))
-    alphas = set(np.unique(out[:15, :150, 3]).tolist())
-    assert 160 in alphas and out[100:, :, 3].max() == 0
+    alphas = set(np.unique(out[225:, :150, 3]).tolist())
+    assert 160 in alphas and out[:200, :, 3].max() == 0
 
 
 def test_boxes_outside_the_image_do_not_crash():
