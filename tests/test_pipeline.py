@@ -198,3 +198,60 @@ def test_filter_for_lowers_the_detector_threshold_for_a_lower_class_threshold():
     det2 = FakeDetector(class_names=("person",), score_threshold=0.4)
     filter_for(det2, (), {"person": 0.6})
     assert det2.score_threshold == pytest.approx(0.4)  # a higher class threshold is the filter's job
+
+
+# --- the Pi path end to end, against the FAKE picamera2 ---------------------------------------
+
+
+@pytest.fixture
+def fake_cam(monkeypatch):
+    import sys
+
+    from tests.fakes import fake_picamera2
+
+    module = fake_picamera2.make_module()
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    return module
+
+
+def test_picamera2_with_drm_overlay_per_frame(fake_cam):
+    from app.config import SourceConfig
+    from app.sinks import DrmPreview
+    from app.sources import DrmState, make_factory
+
+    cap = Capture(make_factory("picamera2", SourceConfig(), DrmState(True)))
+    preview = DrmPreview(lambda: cap.source, ["person"])
+    det = FakeDetector(BOX)
+    p = Pipeline(cap, det, preview=preview, max_frames=8)
+    stats = run_pipeline(cap, p)
+    assert stats.processed == 8
+    assert all(shape == (240, 320) for shape in det.seen_shapes)  # the cropped Y plane
+    overlays = [o for o in fake_cam.state.overlays if o is not None]
+    assert len(overlays) == 8 and overlays[0].shape == (240, 320, 4)
+    assert overlays[0][100, 40, 3] == 255 and overlays[0][100, 80, 3] == 0
+
+
+def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
+    from app.config import SourceConfig
+    from app.sources import make_factory
+
+    state = fake_cam.state
+
+    def on_capture(n):
+        if n == 3:
+            state.hang_event.clear()
+            state.hang_event.wait(30)  # the driver stalls until the camera is closed
+        return None
+
+    state.on_capture = on_capture
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    cap = Capture(make_factory("picamera2", SourceConfig()), hang_timeout_s=0.3, backoff_initial_s=0.01)
+    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, max_frames=10)
+    stats = run_pipeline(cap, p, stop_after=10)
+    log.close()
+    assert stats.processed == 10
+    assert len(state.opened) >= 2 and state.opened[0].closed
+    events = [json.loads(x) for x in path.read_text().splitlines() if '"event"' in x]
+    assert [e["event"] for e in events][:2] == ["source_error", "source_recovered"]
+    assert events[0]["stage"] == "hang"
