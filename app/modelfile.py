@@ -213,7 +213,7 @@ class _Checker:
             self.fail("anchors must be finite and > 0")
         for name in ("score_threshold", "nms_iou"):
             v = getattr(m, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) <= 1.0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
                 self.fail(f"{name}={v!r} must be a number in 0..1")
         if not isinstance(m.metadata, dict):
             self.fail("metadata must be a dict")
@@ -411,6 +411,8 @@ def read_model(path) -> Model:
         chk.fail("header: 'metadata' must be an object")
     if not all(isinstance(a, list) and len(a) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a) for a in anchors):
         chk.fail("header: anchors must be a list of [width, height] number pairs")
+    if any(abs(v) > 1e38 for a in anchors for v in a):  # a huge JSON int would overflow the float32 conversion
+        chk.fail("header: anchors must be finite and > 0 (an anchor is too large for float32)")
     layers = []
     for i, entry in enumerate(_get(chk, header, "layers", list, "header")):
         where = f"layer {i}"
