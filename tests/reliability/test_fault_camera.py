@@ -13,8 +13,8 @@ from app.pipeline import Pipeline
 from app.service import Notifier
 from app.sinks import JsonlLog
 from tests.fakes.fake_source import FakeSource
-from tests.reliability.conftest import run_app
 from tests.reliability.logread import frames_and_events, read_log
+from tests.reliability.support import run_app
 
 
 class ScriptedSource(FakeSource):

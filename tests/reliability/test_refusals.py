@@ -9,7 +9,7 @@ import pytest
 
 from app.modelfile import ModelFormatError, read_model
 from tests.reliability import modelbytes
-from tests.reliability.conftest import run_app, unit_restart_prevent_codes
+from tests.reliability.support import run_app, unit_restart_prevent_codes
 
 EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG = 2, 65, 78
 
@@ -153,3 +153,17 @@ def test_rebuild_helper_makes_files_the_reader_accepts(model_path, tmp_path):
     path = tmp_path / "rebuilt.xnc"
     path.write_bytes(modelbytes.build(header, data, version=version))
     assert read_model(path).metadata["note"] == "rebuilt"
+
+
+@pytest.mark.parametrize("field", ["anchor", "score_threshold", "nms_iou"])
+def test_huge_json_numbers_are_refused_not_overflowed(field, model_path, tmp_path):
+    """Found by the model fuzz: a 1100-bit JSON integer raised OverflowError instead of ModelFormatError."""
+    _, version, header, data = modelbytes.split(model_path.read_bytes())
+    if field == "anchor":
+        header["anchors"][0][0] = 2**1100
+    else:
+        header["decode"][field] = 2**1100
+    bad = tmp_path / "huge.xnc"
+    bad.write_bytes(modelbytes.build(header, data, version))
+    with pytest.raises(ModelFormatError, match="anchor" if field == "anchor" else field):
+        read_model(bad)

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import ROOT, child_env
 from tests.reliability.logread import LogCorrupt, frames_and_events, parse_log, read_log
+from tests.reliability.support import ROOT, child_env
 
 # Runs the app with detect() wrapped so that SIGTERM arrives while frame K is being detected.
 MID_FRAME_RUNNER = textwrap.dedent(
