@@ -5,10 +5,15 @@ one-pixel border of zero words: a zero word is +1 on every channel, which is
 exactly the +1 padding of app/bits.py, so 3x3 convolutions read their padding
 for free and never branch on borders. ``interior(buf)`` is the real tensor.
 
-Convolutions gather each output pixel's k*k patch into one contiguous run of
-K words (the weights are stored the same way, (out, k, k, words) flattened), so
-the XOR+popcount reduction is a single straight loop that LLVM vectorises
-(AVX-512 VPOPCNTQ on x86, CNT on NEON).
+Binary convolutions work on bytes. Each output pixel's k*k patch is gathered
+into one contiguous run, keeping only the 32-bit units that hold channels
+(ceil(in_ch / 32) per tap; the rest are zero in activations and weights alike,
+so dropping them changes no popcount), zero padded to whole vectors. The
+weights are stored the same way (``compact_weights``). ``xorpop4`` then reduces
+XOR + popcount of four weight rows against one patch with explicit LLVM vector
+code: per-byte counts (NEON CNT, AVX-512 VPOPCNTB) summed in byte lanes, widened
+only every 31 vectors. LLVM's own vectoriser widens every count to 64 bits,
+which costs three extra NEON instructions per vector on the Pi.
 
 Every ``*_rows`` kernel computes output rows [r0, r1) so that the same code
 runs single-threaded or split over threads (``*_par`` wrappers, prange).
@@ -16,11 +21,22 @@ runs single-threaded or split over threads (``*_par`` wrappers, prange).
 
 from __future__ import annotations
 
+import os
+import platform
+
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
+
 BORDER = 1  # border of every binary activation buffer; enough for kernels up to 3x3
+# Bytes per vector of the XOR+popcount loop: one NEON register on the Pi, one AVX2/AVX-512VL ymm on x86.
+# XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
+VEC_BYTES = int(os.environ.get("XNORCAM_VEC_BYTES", "16" if platform.machine().lower() in ("aarch64", "arm64") else "32"))
+ROWS = 4  # weight rows per xorpop call (output channels padded to a multiple)
+_CHUNK = 31  # vectors summed in byte lanes before widening: 31 * 8 <= 255
 
 
 @intrinsic
@@ -36,12 +52,108 @@ def popc(typingctx, x):
     return sig, codegen
 
 
+def _make_xorpop(pats: int, rows: int, vec: int):
+    @intrinsic
+    def xorpop(typingctx, a, a_stride, b, bo, b_stride, nvec, ys, ys_off, ys_stride):
+        """ys[ys_off + p*ys_stride + r] = popcount(patch p ^ weight row r) for p < pats, r < rows.
+
+        Patch p is a[p*a_stride : +n], row r is b[bo + r*b_stride : +n], n = nvec*vec bytes.
+        """
+        for arr in (a, b):
+            if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
+                return None
+        if not (isinstance(ys, types.Array) and ys.dtype == types.int64 and ys.ndim == 1):
+            return None
+        sig = types.none(a, a_stride, b, bo, b_stride, nvec, ys, ys_off, ys_stride)
+
+        def codegen(context, builder, signature, args):
+            i64, i8, i16 = ir.IntType(64), ir.IntType(8), ir.IntType(16)
+            vty, wty = ir.VectorType(i8, vec), ir.VectorType(i16, vec)
+            sa = signature.args
+            a_arr = context.make_array(sa[0])(context, builder, args[0])
+            b_arr = context.make_array(sa[2])(context, builder, args[2])
+            y_arr = context.make_array(sa[6])(context, builder, args[6])
+            ast, bo_, bst, nv, yo, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 3, 4, 5, 7, 8))
+            a_ptrs = [builder.gep(a_arr.data, [builder.mul(ast, i64(p))]) for p in range(pats)]
+            b_ptrs = [builder.gep(b_arr.data, [builder.add(bo_, builder.mul(bst, i64(r)))]) for r in range(rows)]
+            mod = builder.module
+            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
+            redadd = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [wty]), f"llvm.vector.reduce.add.v{vec}i16")
+            v_p = cgutils.alloca_once_value(builder, i64(0))
+            end_p = cgutils.alloca_once_value(builder, i64(0))
+            pairs = [(p, r) for p in range(pats) for r in range(rows)]
+            tot_p = {pr: cgutils.alloca_once_value(builder, i64(0)) for pr in pairs}
+            acc_p = {pr: cgutils.alloca_once(builder, vty) for pr in pairs}
+            fn = builder.function
+            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorpop.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
+            builder.branch(oc)
+            builder.position_at_end(oc)  # outer: chunks of at most _CHUNK vectors
+            builder.cbranch(builder.icmp_signed("<", builder.load(v_p), nv), ob, oe)
+            builder.position_at_end(ob)
+            for ptr in acc_p.values():
+                builder.store(ir.Constant(vty, None), ptr)
+            e = builder.add(builder.load(v_p), i64(_CHUNK))
+            builder.store(builder.select(builder.icmp_signed("<", e, nv), e, nv), end_p)
+            builder.branch(ic)
+            builder.position_at_end(ic)  # inner: byte-lane sums
+            builder.cbranch(builder.icmp_signed("<", builder.load(v_p), builder.load(end_p)), ib, ie)
+            builder.position_at_end(ib)
+            v = builder.load(v_p)
+            off = builder.mul(v, i64(vec))
+
+            def load(ptr):
+                return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=1)
+
+            va = [load(ptr) for ptr in a_ptrs]
+            vb = [load(ptr) for ptr in b_ptrs]
+            for p, r in pairs:
+                c = builder.call(ctpop, [builder.xor(va[p], vb[r])])
+                builder.store(builder.add(builder.load(acc_p[p, r]), c), acc_p[p, r])
+            builder.store(builder.add(v, i64(1)), v_p)
+            builder.branch(ic)
+            builder.position_at_end(ie)  # widen the byte lanes once per chunk
+            for pr in pairs:
+                s = builder.call(redadd, [builder.zext(builder.load(acc_p[pr]), wty)])
+                builder.store(builder.add(builder.load(tot_p[pr]), builder.zext(s, i64)), tot_p[pr])
+            builder.branch(oc)
+            builder.position_at_end(oe)
+            for p, r in pairs:
+                idx = builder.add(yo, builder.add(builder.mul(yst, i64(p)), i64(r)))
+                builder.store(builder.load(tot_p[p, r]), builder.gep(y_arr.data, [idx]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return xorpop
+
+
+PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
+xorpop_block = _make_xorpop(PATS, ROWS, VEC_BYTES)
+
+
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
     return (h + 2 * BORDER, w + 2 * BORDER, words)
 
 
 def interior(buf: np.ndarray) -> np.ndarray:
     return buf[BORDER:-BORDER, BORDER:-BORDER]
+
+
+def patch_layout(kernel: int, in_ch: int) -> tuple[int, int, int]:
+    """(32-bit units kept per tap, patch bytes padded to whole vectors, vectors) of a binary conv."""
+    nup = (in_ch + 31) // 32
+    nvec = -(-kernel * kernel * nup * 4 // VEC_BYTES)
+    return nup, nvec * VEC_BYTES, nvec
+
+
+def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
+    """(out, k, k, words) uint64 weights -> (ceil(out/4)*4, patch bytes) uint8 in the patch layout."""
+    out, k = weight.shape[0], weight.shape[1]
+    nup, nb, _ = patch_layout(k, in_ch)
+    raw = np.ascontiguousarray(weight, dtype="<u8").view(np.uint8).reshape(out, k * k, -1)[:, :, : 4 * nup]
+    wb = np.zeros((-(-out // ROWS) * ROWS, nb), np.uint8)
+    wb[:out, : k * k * 4 * nup] = raw.reshape(out, -1)
+    return wb
 
 
 @njit(cache=True, inline="always")
@@ -113,61 +225,122 @@ def pool_rows(inp, out, r0, r1):
 
 # ------------------------------------------------------------------ binary conv
 @njit(cache=True, inline="always")
-def _gather(inp, k, sy, sx, patch):
-    """Copy the k x k x words patch whose top-left padded position is (sy, sx) into patch."""
-    words = inp.shape[2]
-    run = k * words
-    n = 0
+def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
+    """Copy the first nu units of each of the k x k pixels at padded (sy, sx) to dst[n:]."""
     for ky in range(k):
-        for j in range(run):
-            patch[n + j] = inp[sy + ky, sx + j // words, j % words]
-        n += run
+        base = ((sy + ky) * wp + sx) * upp
+        if nu == 1:
+            for kx in range(k):
+                dst[n + kx] = src[base + kx * upp]
+            n += k
+        else:
+            for kx in range(k):
+                for b in range(nu):
+                    dst[n + b] = src[base + b]
+                n += nu
+                base += upp
 
 
 @njit(cache=True, inline="always")
-def _xor_popcount(patch, w, o, kw):
-    s = 0
-    for j in range(kw):
-        s += popc(patch[j] ^ w[o, j])
-    return s
+def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb4):
+    """Gather the patches of output pixels ox .. ox+PATS-1 (in 32-bit units, or 64-bit ones when nup is even).
+
+    Only the nup 32-bit units of each tap that hold channels are kept. Pixels past the row
+    end repeat the last one (their sums are ignored).
+    """
+    sy = oy * stride + off
+    for p in range(PATS):
+        sx = min(ox + p, wo - 1) * stride + off
+        if nup % 2 == 0:
+            _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patches64, p * nb4 // 2)
+        else:
+            _gather_units(src32, wp, upp, nup, k, sy, sx, patches32, p * nb4)
+
+
+@njit(cache=True, inline="always")
+def _sums(patches, wflat, nb, nvec, n_pad, ys):
+    """ys[p * n_pad + o] = popcount(patch p ^ weight row o) for every (padded) output channel."""
+    for ob in range(0, n_pad, ROWS):
+        xorpop_block(patches, nb, wflat, ob * nb, nb, nvec, ys, ob, n_pad)
 
 
 @njit(cache=True)
-def bconv_bits_rows(inp, w, kk, k, stride, thr, flip, out, r0, r1):
-    """Binary conv (+1 padding from the border) with fused thresholds -> packed bits.
+def _popcount_thresholds(thr, flip, kk):
+    """The threshold rule restated on s = popcount(xor), y = kk - 2s: bit 1 iff (s ^ fm) > q.
 
-    inp: padded (Hi+2, Wi+2, wi) uint64; w: (out_ch, k*k*wi) uint64; kk = K = k*k*in_ch.
+    flip 0: y < t  <=>  s > floor((kk - t) / 2)                     (fm = 0)
+    flip 1: y > t  <=>  s < ceil((kk - t) / 2) =: B  <=>  ~s > -B - 1  (fm = -1, ~s = s ^ -1)
+    Branch-free and multiply-free, so the packing loop vectorises.
     """
-    n_out, kw = w.shape
+    n = thr.shape[0]
+    fm = np.empty(n, np.int64)
+    q = np.empty(n, np.int64)
+    for o in range(n):
+        m = kk - np.int64(thr[o])
+        if flip[o]:
+            fm[o] = -1
+            q[o] = (-m) // 2 - 1
+        else:
+            fm[o] = 0
+            q[o] = m // 2
+    return fm, q
+
+
+@njit(cache=True)
+def bconv_bits_rows(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, r0, r1):
+    """Binary conv (+1 padding from the border) with fused thresholds -> packed bits in out's interior.
+
+    inp: padded (Hi+2, Wi+2, wi) uint64; wb: compact_weights(); kk = K = k*k*in_ch.
+    """
+    n_out = thr.shape[0]
+    n_pad, nb = wb.shape
+    wflat = wb.reshape(n_pad * nb)
+    src64 = inp.reshape(inp.size)
+    src32 = src64.view(np.uint32)
+    wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    patch = np.empty(kw, np.uint64)
+    patches = np.zeros(PATS * nb, np.uint8)
+    patches32 = patches.view(np.uint32)
+    patches64 = patches.view(np.uint64)
+    ys = np.zeros(PATS * n_pad, np.int64)
+    fm, q = _popcount_thresholds(thr, flip, kk)
     for oy in range(r0, r1):
-        for ox in range(wo):
-            _gather(inp, k, oy * stride + off, ox * stride + off, patch)
-            for wi in range(words):
-                word = np.uint64(0)
-                top = min(n_out, (wi + 1) * 64)
-                for o in range(wi * 64, top):
-                    y = kk - 2 * _xor_popcount(patch, w, o, kw)
-                    word |= _bit1(y, thr[o], flip[o]) << np.uint64(o - wi * 64)
-                out[oy + BORDER, ox + BORDER, wi] = word
+        for ox in range(0, wo, PATS):
+            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
+            _sums(patches, wflat, nb, nvec, n_pad, ys)
+            for p in range(min(PATS, wo - ox)):
+                yp = ys[p * n_pad : (p + 1) * n_pad]
+                for wi in range(words):
+                    word = np.uint64(0)
+                    for o in range(wi * 64, min(n_out, wi * 64 + 64)):
+                        word |= np.uint64((yp[o] ^ fm[o]) > q[o]) << np.uint64(o - wi * 64)
+                    out[oy + BORDER, ox + p + BORDER, wi] = word
 
 
 @njit(cache=True)
-def bconv_real_rows(inp, w, kk, k, stride, scale, bias, out, r0, r1):
+def bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
-    n_out, kw = w.shape
+    n_out = scale.shape[0]
+    n_pad, nb = wb.shape
+    wflat = wb.reshape(n_pad * nb)
+    src64 = inp.reshape(inp.size)
+    src32 = src64.view(np.uint32)
+    wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
     wo = out.shape[1]
-    patch = np.empty(kw, np.uint64)
+    patches = np.zeros(PATS * nb, np.uint8)
+    patches32 = patches.view(np.uint32)
+    patches64 = patches.view(np.uint64)
+    ys = np.zeros(PATS * n_pad, np.int64)
     for oy in range(r0, r1):
-        for ox in range(wo):
-            _gather(inp, k, oy * stride + off, ox * stride + off, patch)
-            for o in range(n_out):
-                y = kk - 2 * _xor_popcount(patch, w, o, kw)
-                out[oy, ox, o] = scale[o] * np.float32(y) + bias[o]
+        for ox in range(0, wo, PATS):
+            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
+            _sums(patches, wflat, nb, nvec, n_pad, ys)
+            for p in range(min(PATS, wo - ox)):
+                for o in range(n_out):
+                    out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * n_pad + o]) + bias[o]
 
 
 # ------------------------------------------------------------------ head
@@ -210,14 +383,14 @@ def pool_par(inp, out, chunks):
 
 
 @njit(cache=True, parallel=True)
-def bconv_bits_par(inp, w, kk, k, stride, thr, flip, out, chunks):
+def bconv_bits_par(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
-        bconv_bits_rows(inp, w, kk, k, stride, thr, flip, out, i * n // chunks, (i + 1) * n // chunks)
+        bconv_bits_rows(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, i * n // chunks, (i + 1) * n // chunks)
 
 
 @njit(cache=True, parallel=True)
-def bconv_real_par(inp, w, kk, k, stride, scale, bias, out, chunks):
+def bconv_real_par(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, chunks):
     n = out.shape[0]
     for i in prange(chunks):
-        bconv_real_rows(inp, w, kk, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)
+        bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)

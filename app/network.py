@@ -21,7 +21,8 @@ from app.reference import check_input
 OP_POOL, OP_BITS, OP_REAL = 0, 1, 2
 # plan columns
 (C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
- C_W_OFF, C_N_OUT, C_KW, C_KK, C_T_OFF) = range(16)
+ C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD) = range(19)
+N_COLS = 19
 
 
 def _padded_size(h, w, words):
@@ -45,16 +46,16 @@ def run_body(plan, act, bw, thr, flip, scale, bias, real):
             out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
             K.pool_rows(inp, out, 0, p[C_OUT_H])
             continue
-        n_out, kw = p[C_N_OUT], p[C_KW]
-        w = bw[p[C_W_OFF] : p[C_W_OFF] + n_out * kw].reshape((n_out, kw))
+        n_out, n_pad, nb = p[C_N_OUT], p[C_NPAD], p[C_NB]
+        w = bw[p[C_W_OFF] : p[C_W_OFF] + n_pad * nb].reshape((n_pad, nb))
         t0 = p[C_T_OFF]
         if p[C_OP] == OP_BITS:
             out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-            K.bconv_bits_rows(inp, w, p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out], flip[t0 : t0 + n_out],
-                              out, 0, p[C_OUT_H])
+            K.bconv_bits_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out],
+                              flip[t0 : t0 + n_out], out, 0, p[C_OUT_H])
         else:
-            K.bconv_real_rows(inp, w, p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out], bias[t0 : t0 + n_out],
-                              real, 0, p[C_OUT_H])
+            K.bconv_real_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out],
+                              bias[t0 : t0 + n_out], real, 0, p[C_OUT_H])
 
 
 @njit(cache=True)
@@ -102,20 +103,21 @@ class Network:
             in_off, in_h, in_w, in_words = bufs[-1]
             if layer.op == "maxpool2":
                 h, w = h // 2, w // 2
-                row = [OP_POOL, 0, 0, in_off, in_h, in_w, in_words, arena, h, w, in_words, 0, 0, 0, 0, 0]
+                row = [OP_POOL, 0, 0, in_off, in_h, in_w, in_words, arena, h, w, in_words] + [0] * 8
                 bufs.append((arena, h, w, in_words))
                 arena += _padded_size(h, w, in_words)
                 self.layer_out[i] = ("bits", len(bufs) - 1)
             else:
                 k, s, n_out = lp["kernel"], lp["stride"], lp["out_ch"]
                 h, w = conv_out(h, k, s), conv_out(w, k, s)
-                wflat = np.ascontiguousarray(lt["weight"], np.uint64).reshape(n_out, -1)
-                kw = wflat.shape[1]
+                wb = K.compact_weights(lt["weight"], lp["in_ch"])
+                nup, nb, nvec = K.patch_layout(k, lp["in_ch"])
                 kk = k * k * lp["in_ch"]
-                bw.append(wflat.ravel())
+                bw.append(wb.ravel())
+                tail = [nup, nvec, wb.shape[0]]
                 if lp["output"] == "bits":
                     words = n_words(n_out)
-                    row = [OP_BITS, k, s, in_off, in_h, in_w, in_words, arena, h, w, words, w_off, n_out, kw, kk, t_off]
+                    row = [OP_BITS, k, s, in_off, in_h, in_w, in_words, arena, h, w, words, w_off, n_out, nb, kk, t_off] + tail
                     thr.append(lt["threshold"].astype(np.int32))
                     flip.append(lt["flip"].astype(np.uint8))
                     scale.append(np.zeros(n_out, np.float32))
@@ -124,21 +126,21 @@ class Network:
                     arena += _padded_size(h, w, words)
                     self.layer_out[i] = ("bits", len(bufs) - 1)
                 else:
-                    row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, kw, kk, t_off]
+                    row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
                     thr.append(np.zeros(n_out, np.int32))
                     flip.append(np.zeros(n_out, np.uint8))
                     scale.append(lt["scale"].astype(np.float32))
                     bias.append(lt["bias"].astype(np.float32))
                     self.real = np.zeros((h, w, n_out), np.float32)
                     self.layer_out[i] = ("real", None)
-                w_off += n_out * kw
+                w_off += wb.size
                 t_off += n_out
                 c = n_out
             plan.append(row)
-        self.plan = np.array(plan, dtype=np.int64).reshape(-1, 16)
+        self.plan = np.array(plan, dtype=np.int64).reshape(-1, N_COLS)
         self.act = np.zeros(max(arena, 1), np.uint64)
         self.bufs = bufs
-        self.bw = np.concatenate(bw) if bw else np.zeros(1, np.uint64)
+        self.bw = np.concatenate(bw) if bw else np.zeros(1, np.uint8)
         self.thr = np.concatenate(thr) if thr else np.zeros(1, np.int32)
         self.flip = np.concatenate(flip) if flip else np.zeros(1, np.uint8)
         self.scale = np.concatenate(scale) if scale else np.zeros(1, np.float32)
@@ -178,14 +180,14 @@ class Network:
             if p[C_OP] == OP_POOL:
                 K.pool_par(inp, self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS]), chunks)
                 continue
-            n_out, kw, t0 = p[C_N_OUT], p[C_KW], p[C_T_OFF]
-            w = self.bw[p[C_W_OFF] : p[C_W_OFF] + n_out * kw].reshape(n_out, kw)
+            n_out, n_pad, nb, t0 = p[C_N_OUT], p[C_NPAD], p[C_NB], p[C_T_OFF]
+            w = self.bw[p[C_W_OFF] : p[C_W_OFF] + n_pad * nb].reshape(n_pad, nb)
             if p[C_OP] == OP_BITS:
                 out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-                K.bconv_bits_par(inp, w, p[C_KK], p[C_K], p[C_S], self.thr[t0 : t0 + n_out],
+                K.bconv_bits_par(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], self.thr[t0 : t0 + n_out],
                                  self.flip[t0 : t0 + n_out], out, chunks)
             else:
-                K.bconv_real_par(inp, w, p[C_KK], p[C_K], p[C_S], self.scale[t0 : t0 + n_out],
+                K.bconv_real_par(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], self.scale[t0 : t0 + n_out],
                                  self.bias[t0 : t0 + n_out], self.real, chunks)
 
     def head(self):
