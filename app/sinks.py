@@ -133,17 +133,36 @@ class JsonlLog:
             return False
         self._fd = fd
         self._size = os.fstat(fd).st_size
-        # A crash can leave a partial last line: never glue the next line onto it.
-        self._fresh_line = self._size > 0 and not self._ends_with_newline()
+        # A crash (power cut, SIGKILL) can leave a torn last line: cut it off so the
+        # file stays whole lines; if it cannot be cut, at least never glue onto it.
+        self._fresh_line = False
+        if self._size > 0:
+            end = self._last_line_end()
+            if end is not None and end < self._size:
+                try:
+                    os.ftruncate(fd, end)
+                    log.warning("log %s: removed a torn last line (%d bytes)", self.path, self._size - end)
+                    self._size = end
+                except OSError:
+                    self._fresh_line = True
         return True
 
-    def _ends_with_newline(self) -> bool:
+    def _last_line_end(self, chunk: int = 65536) -> int | None:
+        """Offset just past the last newline (0 if none), or None when the file cannot be read."""
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                return fh.read(1) == b"\n"
+                pos = fh.seek(0, os.SEEK_END)
+                while pos > 0:
+                    start = max(0, pos - chunk)
+                    fh.seek(start)
+                    block = fh.read(pos - start)
+                    i = block.rfind(b"\n")
+                    if i >= 0:
+                        return start + i + 1
+                    pos = start
+                return 0
         except OSError:
-            return True  # unreadable (or not seekable): assume the last line is whole
+            return None
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None

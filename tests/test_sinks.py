@@ -222,9 +222,31 @@ def test_dev_full_never_raises():
     log.close()
 
 
-def test_partial_last_line_from_a_crash_is_not_glued_onto(tmp_path):
+def test_torn_last_line_from_a_crash_is_cut_off_on_open(tmp_path, caplog):
     path = tmp_path / "crash.jsonl"
     path.write_bytes(b'{"v":1,"seq":0}\n{"v":1,"se')
+    log = JsonlLog(str(path))
+    log.write(record(1))
+    log.close()
+    lines = lines_of(path)
+    assert lines[0] == '{"v":1,"seq":0}' and json.loads(lines[1])["seq"] == 1 and len(lines) == 2
+    assert "torn last line" in caplog.text
+    only_torn = tmp_path / "torn.jsonl"
+    only_torn.write_bytes(b'{"v":1,"s')
+    log = JsonlLog(str(only_torn))
+    log.write(record(2))
+    log.close()
+    assert [json.loads(x)["seq"] for x in lines_of(only_torn)] == [2]
+
+
+def test_torn_last_line_that_cannot_be_cut_is_not_glued_onto(tmp_path, monkeypatch):
+    path = tmp_path / "crash.jsonl"
+    path.write_bytes(b'{"v":1,"seq":0}\n{"v":1,"se')
+
+    def no_truncate(fd, size):
+        raise OSError(errno.EPERM, "nope")
+
+    monkeypatch.setattr(sinks.os, "ftruncate", no_truncate)
     log = JsonlLog(str(path))
     log.write(record(1))
     log.close()
