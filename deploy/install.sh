@@ -153,9 +153,10 @@ check_root() {
 }
 
 missing_apt_packages() {
-    local pkg
+    local pkg status
     for pkg in "${APT_PACKAGES[@]}"; do
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+        if [[ $status != "install ok installed" ]]; then
             printf '%s\n' "$pkg"
         fi
     done
