@@ -363,6 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads override")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
+    ap.add_argument("--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt")
+    ap.add_argument("--export-to", help="model file to write (default: train.export_to of the config)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -382,24 +384,31 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else repo_root() / cfg["train"].out_dir
     if args.float_twin and not args.out:
         out = out.with_name(out.name + "-float")
-    train(cfg, out)
-    kind = "binary" if cfg["model"].binary else "float"
+    if not args.eval_only:
+        train(cfg, out)
     if args.no_export or args.smoke:
         return 0
     if cfg["model"].binary:
+        from app.detector import Detector as RuntimeDetector
+        from app.evaluate import EVAL_SCORE_THRESHOLD, evaluate, validation_split
         from train.export import export_checkpoint
 
-        target = repo_root() / cfg["train"].export_to
+        target = Path(args.export_to) if args.export_to else repo_root() / cfg["train"].export_to
         export_checkpoint(out / "best.pt", target, command=" ".join(["python -m train.train", *(argv or sys.argv[1:])]))
         print(f"exported {target}")
-        from app.evaluate import main as eval_main
+        # The exported file through the runtime Detector: the numbers the Pi would get.
+        det = RuntimeDetector(target, score_threshold=EVAL_SCORE_THRESHOLD)
+        m = evaluate(det.detect, validation_split(), list(det.class_names), det.model.score_threshold)
+        title = "binary (runtime)"
+    else:
+        from train.export import evaluate_torch
 
-        return eval_main(["--model", str(target)])
-    from train.export import evaluate_torch
-
-    m = evaluate_torch(out / "best.pt")
-    plot_pr(m, out / "pr.png", f"{kind} twin")
-    print(json.dumps({k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall")}))
+        m = evaluate_torch(out / "best.pt")
+        title = "float twin (torch)"
+    plot_pr(m, out / "pr.png", title)
+    summary = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall")}
+    (out / "metrics.json").write_text(json.dumps(summary))
+    print(json.dumps(summary))
     return 0
 
 
