@@ -125,12 +125,12 @@ def test_no_watchdog_pings_while_the_source_is_wedged():
     cap = Capture(factory, hang_timeout_s=30)
     notifier = CountingNotifier()
     p = Pipeline(cap, FakeDetector(BOX), notifier=notifier, idle_grace_s=0.2)
-    stats = run_pipeline(cap, p, stop_after=1.0)
+    stats = run_pipeline(cap, p, stop_after=2.0)
     assert stats.processed == 3
     last_frame = cap.last_frame_t
     assert notifier.pings, "pings while frames flowed"
-    # pings stop once the grace after the last frame is over
-    assert max(notifier.pings) - last_frame < 0.2 + 0.15
+    # pings stop once the grace after the last frame is over (they would go on for 2 s otherwise)
+    assert max(notifier.pings) - last_frame < 0.2 + 0.5
     assert stats.stopped_by == "signal"
 
 
