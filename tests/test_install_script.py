@@ -187,3 +187,116 @@ def test_paths_agree_with_the_unit():
     assert const["STATE_DIR"] == "/var/lib/xnorcam" and "StateDirectory=xnorcam" in unit
     assert f"User={const['SERVICE_USER']}" in unit
     assert const["UNIT_DST"].endswith("/" + UNIT.name)
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for the system python3 and the venv's python: logs, and fakes
+# just enough output (numpy and Python versions, a venv directory).
+echo "python $*" >> "$XN_LOG"
+case "$1" in
+    -c) case "$2" in *numpy*) echo 1.24.2 ;; *version_info*) echo 3.11 ;; esac ;;
+    -m) if [[ $2 == venv ]]; then
+            mkdir -p "$4/bin" && cp "$0" "$4/bin/python"
+            echo "include-system-site-packages = true" > "$4/pyvenv.cfg"
+        fi ;;
+esac
+"""
+FAKE_COMMANDS = {
+    # Logged and successful: they would change users, packages and systemd.
+    **{name: f'echo "{name} $*" >> "$XN_LOG"\n' for name in ("apt-get", "useradd", "usermod", "userdel", "systemctl")},
+    "getent": "exit 0\n",
+    "dpkg-query": "printf 'install ok installed'\n",
+    # Runs the command as the current user.
+    "runuser": 'echo "runuser $*" >> "$XN_LOG"\nwhile [[ $1 != -- ]]; do shift; done\nshift\nexec "$@"\n',
+    # The real install(1), minus ownership (no xnorcam user on the test machine).
+    "install": 'a=()\nwhile (($#)); do case $1 in -o|-g) shift 2 ;; *) a+=("$1"); shift ;; esac; done\n'
+    'exec /usr/bin/install "${a[@]}"\n',
+}
+
+
+@pytest.fixture()
+def staged(tmp_path):
+    """A copy of the project whose install.sh writes under tmp_path/root, with system commands faked."""
+    proj, root, bin_dir = tmp_path / "proj", tmp_path / "root", tmp_path / "bin"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("app", "models", "systemd", "deploy"):
+        if (ROOT / name).exists():
+            shutil.copytree(ROOT / name, proj / name, ignore=ignore)
+    for name in ("requirements.txt", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, proj / name)
+    if not (proj / "deploy/config.example.toml").exists():
+        (proj / "deploy/config.example.toml").write_text("# example\n")
+    script = proj / "deploy/install.sh"
+    text = script.read_text()
+    for name in ("PREFIX", "CONF_DIR", "UNIT_DST", "CACHE_DIR", "STATE_DIR", "LOG_DIR"):
+        text, n = re.subn(rf"^readonly {name}=/", f"readonly {name}={root}/", text, flags=re.M)
+        assert n == 1, name
+    fake_python = bin_dir / "python3"
+    text, n = re.subn(r"^readonly SYSTEM_PYTHON=.*$", f"readonly SYSTEM_PYTHON={fake_python}", text, flags=re.M)
+    assert n == 1
+    script.write_text(text)
+    bin_dir.mkdir()
+    fake_python.write_text(FAKE_PYTHON)
+    for name, body in FAKE_COMMANDS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", XNORCAM_SKIP_PI_CHECK="1", XN_LOG=str(log))
+
+    def run(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        log.write_text("")
+        result = subprocess.run(
+            ["bash", str(script), *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120
+        )
+        return result, log.read_text().splitlines()
+
+    return proj, root, run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="install.sh refuses to run as non-root")
+def test_real_install_into_a_staged_root(staged):
+    proj, root, run = staged
+    opt = root / "opt/xnorcam"
+    result, calls = run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The program: app and models, not tests or caches.
+    assert (opt / "app/app/service.py").is_file()
+    assert not (opt / "app/tests").exists() and not (opt / "app/app.new").exists()
+    assert not list((opt / "app").rglob("*.pyc"))  # compileall was faked; none copied
+    # pip: the system numpy pinned, requirements.txt without its numpy lines.
+    assert (opt / "constraints.txt").read_text().splitlines()[-1] == "numpy==1.24.2"
+    pi_reqs = (opt / "requirements-pi.txt").read_text()
+    assert "numba==" in pi_reqs and "opencv-python-headless==" in pi_reqs
+    assert not re.search(r"^\s*numpy", pi_reqs, re.M)
+    pip = [c for c in calls if " -m pip install" in c]
+    assert len(pip) == 1 and f"-c {opt}/constraints.txt -r {opt}/requirements-pi.txt" in pip[0]
+    # Config from the example, unit installed, cache warmed as the service user, then started.
+    conf = root / "etc/xnorcam/config.toml"
+    assert conf.read_text() == (proj / "deploy/config.example.toml").read_text()
+    assert (root / "etc/systemd/system/xnorcam.service").read_text() == (proj / "systemd/xnorcam.service").read_text()
+    assert any(c.startswith("python -m venv --system-site-packages") for c in calls)
+    steps = ["python -m venv", " -m pip install", "runuser -u xnorcam", "-m app --warmup-only", "systemctl enable"]
+    steps.append("systemctl restart xnorcam.service")
+    where = [next((i for i, c in enumerate(calls) if s in c), -1) for s in steps]
+    assert -1 not in where, (steps, calls)
+    assert where == sorted(where), calls
+
+    # Again: an upgrade keeps the venv and an edited config.
+    conf.write_text("# edited by the owner\n")
+    result, calls = run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any("-m venv" in c for c in calls)
+    assert conf.read_text() == "# edited by the owner\n"
+    assert "keeping the existing" in result.stdout
+
+    # Uninstall keeps config and logs; purge removes them.
+    (root / "var/log/xnorcam").mkdir(parents=True)
+    result, calls = run("--uninstall")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not opt.exists() and conf.exists() and (root / "var/log/xnorcam").exists()
+    assert "systemctl disable --now xnorcam.service" in calls and "userdel xnorcam" in calls
+    result, _ = run("--uninstall", "--purge")
+    assert result.returncode == 0
+    assert not (root / "etc/xnorcam").exists() and not (root / "var/log/xnorcam").exists()
