@@ -6,8 +6,8 @@ set, the watchdog period in ``$WATCHDOG_USEC``. Each message is one datagram of
 ``KEY=value`` lines.
 
 Every method is a no-op when not running under systemd, none ever raises and
-none ever blocks: a lost notification must never stop the camera. Failed sends are counted in
-``send_failures`` so they can be reported without being fatal.
+none ever blocks: a lost notification must never stop the camera. Failed sends
+are counted in ``send_failures`` so they can be reported without being fatal.
 
 ``watchdog()`` is meant to be called from the pipeline loop once per processed
 frame. It pings at most every ``watchdog_interval`` seconds (a quarter of the
