@@ -118,9 +118,41 @@ def test_config_load_returns_a_config_or_config_error(source, scratch):
     check_outcome("config.load", lambda: configmod.load(scratch))
 
 
+def rule_values(key: str):
+    """Values shaped for one setting's rule, so that the accepting path is fuzzed as much as the refusing one."""
+    kind, detail = configmod._RULES[key]
+    if kind in ("float", "optfloat", "int"):
+        lo, hi = detail[0], detail[1]
+        near = st.sampled_from([lo, hi, lo - 1, hi + 1, (lo + hi) / 2, 0, -0.0, float("nan")])
+        numbers = st.integers(int(lo) - 2, int(min(hi, 2**40)) + 2) if kind == "int" else st.floats(lo - 1, hi + 1)
+        return near | numbers | (st.none() if kind == "optfloat" else st.nothing())
+    if kind == "bool":
+        return st.booleans() | st.sampled_from([0, 1, "true"])
+    if kind == "choice":
+        return st.sampled_from([*detail, "", "DRM"])
+    if kind == "sourcespec":
+        return st.sampled_from(["auto", "demo", "picamera2", "images:x", "opencv:0", "images:", "demo:1", "webcam", ""])
+    if kind == "names":
+        return st.lists(st.sampled_from(["person", "car", ""]) | st.integers(), max_size=3)
+    if kind == "classmap":
+        return st.dictionaries(st.sampled_from(["person", "car"]), st.floats(-0.5, 1.5) | st.text(max_size=3), max_size=2)
+    return st.text(max_size=12) | st.integers()
+
+
+@st.composite
+def overrides(draw) -> dict:
+    out = {}
+    keys = [draw(st.text(max_size=12)) if draw(st.integers(0, 9)) == 0 else draw(st.sampled_from(sorted(configmod._RULES)))
+            for _ in range(draw(st.integers(0, 3)))]
+    for key in keys:
+        shaped = key in configmod._RULES and draw(st.integers(0, 3)) > 0
+        out[key] = draw(rule_values(key) if shaped else VALUES)
+    return out
+
+
 @pytest.mark.fuzz
 @FUZZ
-@given(overrides=st.dictionaries(st.sampled_from(sorted(configmod._RULES)) | st.text(max_size=12), VALUES, max_size=4))
+@given(overrides=overrides())
 def test_overrides_return_a_config_or_config_error(overrides):
     check_outcome("config.with_overrides", lambda: configmod.with_overrides(Config(), overrides))
 
