@@ -30,7 +30,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-
 BORDER = 1  # border of every binary activation buffer; enough for kernels up to 3x3
 # Bytes per vector of the XOR+popcount loop: one NEON register on the Pi, one AVX2/AVX-512VL ymm on x86.
 # XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
@@ -62,7 +61,7 @@ def _make_xorpop(pats: int, rows: int, vec: int):
         for arr in (a, b):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
-        if not (isinstance(ys, types.Array) and ys.dtype == types.int64 and ys.ndim == 1):
+        if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
         sig = types.none(a, a_stride, b, bo, b_stride, nvec, ys, ys_off, ys_stride)
 
@@ -119,7 +118,7 @@ def _make_xorpop(pats: int, rows: int, vec: int):
             builder.position_at_end(oe)
             for p, r in pairs:
                 idx = builder.add(yo, builder.add(builder.mul(yst, i64(p)), i64(r)))
-                builder.store(builder.load(tot_p[p, r]), builder.gep(y_arr.data, [idx]))
+                builder.store(builder.trunc(builder.load(tot_p[p, r]), ir.IntType(32)), builder.gep(y_arr.data, [idx]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -165,46 +164,128 @@ def _bit1(y, t, f):
 
 
 # ------------------------------------------------------------------ stem
+def stem_planes_shape(h: int, w: int, c: int, k: int, stride: int) -> tuple[int, int, int]:
+    """Shape of the stem's input planes: (c * stride, H + 2p, ceil((W + 2p) / stride))."""
+    p = k // 2
+    return (c * stride, h + 2 * p, -(-(w + 2 * p) // stride))
+
+
 @njit(cache=True)
-def stem_pad(x, k, u):
-    """u (H+2p, W+2p, C) int32 <- x - 128, zero border (zero padding in u)."""
+def stem_pad(x, k, stride, pl):
+    """pl <- u = x - 128, zero padded by k // 2, columns split by phase (x % stride).
+
+    Plane ``ch * stride + ph`` holds the padded columns ph, ph + stride, ... of channel ch,
+    so every tap of a strided conv reads a contiguous run. Only the interior is written:
+    the zero border of a freshly allocated pl stays zero.
+    """
     p = k // 2
     h, w, c = x.shape
-    u[:] = 0
     for yy in range(h):
         for xx in range(w):
+            px = xx + p
             for ch in range(c):
-                u[yy + p, xx + p, ch] = np.int32(x[yy, xx, ch]) - 128
+                pl[ch * stride + px % stride, yy + p, px // stride] = np.int32(x[yy, xx, ch]) - 128
+
+
+@njit(cache=True, inline="always")
+def _pack_bytes(b8, out_words):
+    """0/1 bytes (one per channel, zero past the last) -> packed words (bits.py layout).
+
+    Eight bytes at a time: multiplying by 0x0102040810204080 moves byte i's low bit to
+    bit 56 + i without carries, so ``>> 56`` leaves the eight bits in order.
+    """
+    g8 = b8.view(np.uint64)
+    for wi in range(out_words.shape[0]):
+        word = np.uint64(0)
+        for g in range(8):
+            x = g8[wi * 8 + g]
+            word |= ((x * np.uint64(0x0102040810204080)) >> np.uint64(56)) << np.uint64(8 * g)
+        out_words[wi] = word
 
 
 @njit(cache=True)
-def stem_rows(u, wt, thr, flip, k, stride, out, r0, r1):
+def _int_thresholds(thr, flip):
+    """The threshold rule on an integer y as one compare: bit 1 iff (y ^ fm) > q.
+
+    flip 0: y < t  <=>  ~y > -t - 1   (fm = -1, ~y = y ^ -1)
+    flip 1: y > t                     (fm = 0, q = t)
+    """
+    n = thr.shape[0]
+    fm = np.empty(n, np.int32)
+    q = np.empty(n, np.int32)
+    for o in range(n):
+        t = np.int64(thr[o])
+        if flip[o]:
+            fm[o] = 0
+            q[o] = t
+        else:
+            fm[o] = -1
+            q[o] = -t - 1
+    return fm, q
+
+
+@njit(cache=True)
+def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
     """Integer stem conv + threshold -> packed bits into the interior of out.
 
-    u: padded int32 input (stem_pad); wt: int32 (k*k*C, out_ch) (tap-major, so the
-    per-tap update is a straight vector loop over output channels).
+    pl: stem_pad planes; wt: int32 (k*k*C, out_ch) in (ky, kx, c) tap order. Vectorised
+    along the output row: for each output channel, all taps of a whole row are summed
+    in registers and the bits are or-ed into 32-bit halves of the output words.
     """
-    c = u.shape[2]
-    n_out = wt.shape[1]
+    ntaps, n_out = wt.shape
+    c = ntaps // (k * k)
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    kc = k * c
-    acc = np.empty(n_out, np.int32)
+    fm, q = _int_thresholds(thr, flip)
+    halves = np.zeros((2 * words, wo), np.uint32)
+    acc = np.zeros(wo, np.int32)
+    tpl = np.empty(ntaps, np.int64)
+    tky = np.empty(ntaps, np.int64)
+    tcol = np.empty(ntaps, np.int64)
+    for ky in range(k):
+        for kx in range(k):
+            for ch in range(c):
+                t = (ky * k + kx) * c + ch
+                tpl[t] = ch * stride + kx % stride
+                tky[t] = ky
+                tcol[t] = kx // stride
     for oy in range(r0, r1):
+        halves[:] = 0
+        y0 = oy * stride
+        if ntaps == 9:
+            r0_ = pl[tpl[0], y0 + tky[0], tcol[0] : tcol[0] + wo]
+            r1_ = pl[tpl[1], y0 + tky[1], tcol[1] : tcol[1] + wo]
+            r2_ = pl[tpl[2], y0 + tky[2], tcol[2] : tcol[2] + wo]
+            r3_ = pl[tpl[3], y0 + tky[3], tcol[3] : tcol[3] + wo]
+            r4_ = pl[tpl[4], y0 + tky[4], tcol[4] : tcol[4] + wo]
+            r5_ = pl[tpl[5], y0 + tky[5], tcol[5] : tcol[5] + wo]
+            r6_ = pl[tpl[6], y0 + tky[6], tcol[6] : tcol[6] + wo]
+            r7_ = pl[tpl[7], y0 + tky[7], tcol[7] : tcol[7] + wo]
+            r8_ = pl[tpl[8], y0 + tky[8], tcol[8] : tcol[8] + wo]
+        for o in range(n_out):
+            if ntaps == 9:
+                w0, w1, w2, w3, w4 = wt[0, o], wt[1, o], wt[2, o], wt[3, o], wt[4, o]
+                w5, w6, w7, w8 = wt[5, o], wt[6, o], wt[7, o], wt[8, o]
+                for ox in range(wo):
+                    acc[ox] = np.int32(
+                        w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
+                        + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
+                    )
+            else:
+                acc[:] = 0
+                for t in range(ntaps):
+                    wv = wt[t, o]
+                    row = pl[tpl[t], y0 + tky[t], tcol[t] : tcol[t] + wo]
+                    for ox in range(wo):
+                        acc[ox] = np.int32(acc[ox] + wv * row[ox])
+            hrow = halves[o >> 5]
+            f, qq, sh = fm[o], q[o], np.uint32(o & 31)
+            for ox in range(wo):
+                hrow[ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
         for ox in range(wo):
-            acc[:] = 0
-            for ky in range(k):
-                for j in range(kc):
-                    v = u[oy * stride + ky, ox * stride + j // c, j % c]
-                    row = ky * kc + j
-                    for o in range(n_out):
-                        acc[o] += v * wt[row, o]
             for wi in range(words):
-                word = np.uint64(0)
-                top = min(n_out, (wi + 1) * 64)
-                for o in range(wi * 64, top):
-                    word |= _bit1(acc[o], thr[o], flip[o]) << np.uint64(o - wi * 64)
-                out[oy + BORDER, ox + BORDER, wi] = word
+                out[oy + BORDER, ox + BORDER, wi] = np.uint64(halves[2 * wi, ox]) | (
+                    np.uint64(halves[2 * wi + 1, ox]) << np.uint64(32))
 
 
 # ------------------------------------------------------------------ pool
@@ -229,16 +310,21 @@ def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
     """Copy the first nu units of each of the k x k pixels at padded (sy, sx) to dst[n:]."""
     for ky in range(k):
         base = ((sy + ky) * wp + sx) * upp
-        if nu == 1:
-            for kx in range(k):
-                dst[n + kx] = src[base + kx * upp]
-            n += k
+        if nu == upp:
+            # every unit is kept: the k pixels of a kernel row are one contiguous run
+            for j in range(k * nu):
+                dst[n + j] = src[base + j]
+            n += k * nu
+        elif nu == 1 and k == 3:
+            dst[n] = src[base]
+            dst[n + 1] = src[base + upp]
+            dst[n + 2] = src[base + 2 * upp]
+            n += 3
         else:
             for kx in range(k):
                 for b in range(nu):
-                    dst[n + b] = src[base + b]
+                    dst[n + b] = src[base + kx * upp + b]
                 n += nu
-                base += upp
 
 
 @njit(cache=True, inline="always")
@@ -273,16 +359,14 @@ def _popcount_thresholds(thr, flip, kk):
     Branch-free and multiply-free, so the packing loop vectorises.
     """
     n = thr.shape[0]
-    fm = np.empty(n, np.int64)
-    q = np.empty(n, np.int64)
+    fm = np.empty(n, np.int32)
+    q = np.empty(n, np.int32)
     for o in range(n):
         m = kk - np.int64(thr[o])
-        if flip[o]:
-            fm[o] = -1
-            q[o] = (-m) // 2 - 1
-        else:
-            fm[o] = 0
-            q[o] = m // 2
+        # s lies in [0, kk] (and ~s in [-kk-1, -1]): clamping q to int32 keeps every comparison
+        qq = (-m) // 2 - 1 if flip[o] else m // 2
+        q[o] = min(max(qq, -(1 << 31)), (1 << 31) - 1)
+        fm[o] = -1 if flip[o] else 0
     return fm, q
 
 
@@ -304,19 +388,18 @@ def bconv_bits_rows(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, r0, r1):
     patches = np.zeros(PATS * nb, np.uint8)
     patches32 = patches.view(np.uint32)
     patches64 = patches.view(np.uint64)
-    ys = np.zeros(PATS * n_pad, np.int64)
+    ys = np.zeros(PATS * n_pad, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
+    b8 = np.zeros(words * 64, np.uint8)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
             _sums(patches, wflat, nb, nvec, n_pad, ys)
             for p in range(min(PATS, wo - ox)):
-                yp = ys[p * n_pad : (p + 1) * n_pad]
-                for wi in range(words):
-                    word = np.uint64(0)
-                    for o in range(wi * 64, min(n_out, wi * 64 + 64)):
-                        word |= np.uint64((yp[o] ^ fm[o]) > q[o]) << np.uint64(o - wi * 64)
-                    out[oy + BORDER, ox + p + BORDER, wi] = word
+                yp = ys[p * n_pad : p * n_pad + n_out]
+                for o in range(n_out):
+                    b8[o] = np.uint8((yp[o] ^ fm[o]) > q[o])
+                _pack_bytes(b8, out[oy + BORDER, ox + p + BORDER])
 
 
 @njit(cache=True)
@@ -333,7 +416,7 @@ def bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, r0, r1)
     patches = np.zeros(PATS * nb, np.uint8)
     patches32 = patches.view(np.uint32)
     patches64 = patches.view(np.uint64)
-    ys = np.zeros(PATS * n_pad, np.int64)
+    ys = np.zeros(PATS * n_pad, np.int32)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
@@ -344,17 +427,22 @@ def bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, r0, r1)
 
 
 # ------------------------------------------------------------------ head
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def head_rows(r, w, b, out, r0, r1):
-    """1x1 float conv (H, W, in) -> (H, W, out); float64 accumulation, float32 result."""
+    """1x1 float conv (H, W, in) -> (H, W, out), float32.
+
+    fastmath lets LLVM reorder the sum into vector lanes: the result differs from the
+    float64 reference by float32 rounding only (tests allow for that).
+    """
     n_out, n_in = w.shape
     for oy in range(r0, r1):
         for ox in range(r.shape[1]):
+            rv = r[oy, ox]
             for o in range(n_out):
-                s = np.float64(b[o])
+                s = np.float32(0.0)
                 for i in range(n_in):
-                    s += np.float64(r[oy, ox, i]) * np.float64(w[o, i])
-                out[oy, ox, o] = np.float32(s)
+                    s += rv[i] * w[o, i]
+                out[oy, ox, o] = s + b[o]
 
 
 @njit(cache=True)
@@ -367,12 +455,65 @@ def unpack_pm1(inp, channels, out):
                 out[yy, xx, c] = np.float32(1.0) - np.float32(2.0) * np.float32(bit)
 
 
+# ------------------------------------------------------------------ whole network
+# The fused runners live here, beside the kernels they inline: numba's cache only
+# notices edits to a function's own file, so a runner in another module would keep
+# running stale kernel code from its cache.
+OP_POOL, OP_BITS, OP_REAL = 0, 1, 2
+# columns of the layer plan built by app.network.Network
+(C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
+ C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD) = range(19)
+N_COLS = 19
+
+
+@njit(cache=True)
+def _view(act, off, h, w, words):
+    hp, wp = h + 2 * BORDER, w + 2 * BORDER
+    return act[off : off + hp * wp * words].reshape((hp, wp, words))
+
+
+@njit(cache=True)
+def run_body(plan, act, bw, thr, flip, scale, bias, real):
+    """Every layer between the stem and the head, in one call."""
+    for i in range(plan.shape[0]):
+        p = plan[i]
+        inp = _view(act, p[C_IN_OFF], p[C_IN_H], p[C_IN_W], p[C_IN_WORDS])
+        if p[C_OP] == OP_POOL:
+            out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
+            pool_rows(inp, out, 0, p[C_OUT_H])
+            continue
+        n_out, n_pad, nb = p[C_N_OUT], p[C_NPAD], p[C_NB]
+        w = bw[p[C_W_OFF] : p[C_W_OFF] + n_pad * nb].reshape((n_pad, nb))
+        t0 = p[C_T_OFF]
+        if p[C_OP] == OP_BITS:
+            out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
+            bconv_bits_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out],
+                              flip[t0 : t0 + n_out], out, 0, p[C_OUT_H])
+        else:
+            bconv_real_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out],
+                              bias[t0 : t0 + n_out], real, 0, p[C_OUT_H])
+
+
+@njit(cache=True)
+def run_stem(x, u, wt, thr, flip, k, stride, out):
+    stem_pad(x, k, stride, u)
+    stem_rows(u, wt, thr, flip, k, stride, out, 0, out.shape[0] - 2 * BORDER)
+
+
+@njit(cache=True)
+def run_head(act, off, h, w, words, channels, from_bits, real, hw, hb, out):
+    if from_bits:
+        unpack_pm1(_view(act, off, h, w, words), channels, real)
+    head_rows(real, hw, hb, out, 0, out.shape[0])
+
+
+
 # ------------------------------------------------------------------ threads
 @njit(cache=True, parallel=True)
-def stem_par(u, wt, thr, flip, k, stride, out, chunks):
+def stem_par(pl, wt, thr, flip, k, stride, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
-        stem_rows(u, wt, thr, flip, k, stride, out, i * n // chunks, (i + 1) * n // chunks)
+        stem_rows(pl, wt, thr, flip, k, stride, out, i * n // chunks, (i + 1) * n // chunks)
 
 
 @njit(cache=True, parallel=True)

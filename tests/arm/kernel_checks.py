@@ -1,0 +1,183 @@
+"""Every numba kernel against its numpy reference on seeded random shapes, then whole networks.
+
+A plain script (no pytest/hypothesis) so that it runs in the aarch64 guest of the ARM meter:
+
+    ../shared/tools/armcost/armcost run tests/arm/kernel_checks.py      (make test-arm)
+
+It also runs natively: ``python tests/arm/kernel_checks.py [--cases N]``. Prints one line per
+kernel and a summary; exits 1 on any mismatch.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from app import bits, kernels, reference  # noqa: E402
+from app.bits import INT32_MAX, INT32_MIN  # noqa: E402
+from app.decode import decode  # noqa: E402
+from app.detector import Detector  # noqa: E402
+from app.network import Network  # noqa: E402
+from app.preprocess import letterbox  # noqa: E402
+from app.randmodel import random_model, synthetic_frame  # noqa: E402
+
+CHANNELS = (1, 7, 31, 32, 33, 63, 64, 65, 100, 128, 129, 200, 256, 300)
+
+
+def edge_thresholds(rng, y):
+    n = y.shape[-1]
+    flat = y.reshape(-1, n)
+    thr = rng.integers(flat.min() - 2, flat.max() + 3, n).astype(np.int64)
+    pick = rng.random(n)
+    exact = flat[rng.integers(0, flat.shape[0], n), np.arange(n)]
+    thr = np.where(pick < 0.4, exact, thr)
+    thr = np.where(pick > 0.9, INT32_MIN, thr)
+    thr = np.where((pick > 0.8) & (pick <= 0.9), INT32_MAX, thr)
+    return np.clip(thr, INT32_MIN, INT32_MAX).astype(np.int32), (rng.random(n) < 0.5).astype(np.uint8)
+
+
+def padded(words):
+    buf = np.zeros(kernels.padded_shape(*words.shape), np.uint64)
+    kernels.interior(buf)[:] = words
+    return buf
+
+
+def check_stem(rng):
+    h, w = (int(v) for v in rng.integers(1, 14, 2))
+    c, n_out = int(rng.choice([1, 3])), int(rng.integers(1, 100))
+    k, s = int(rng.choice([1, 3, 5])), int(rng.choice([1, 2]))
+    x = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (n_out, k, k, c)).astype(np.int8)
+    thr, flip = edge_thresholds(rng, reference.stem_acc(x, wt, s))
+    want = reference.stem(x, wt, thr, flip, s)
+    pl = np.zeros(kernels.stem_planes_shape(h, w, c, k, s), np.int32)
+    kernels.stem_pad(x, k, s, pl)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    wtt = np.ascontiguousarray(wt.astype(np.int32).reshape(n_out, -1).T)
+    kernels.stem_rows(pl, wtt, thr, flip, k, s, out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def _bconv_case(rng):
+    h, w = (int(v) for v in rng.integers(1, 10, 2))
+    c, n_out = int(rng.choice(CHANNELS)), int(rng.integers(1, 140))
+    k, s = int(rng.choice([1, 3])), int(rng.choice([1, 2]))
+    x = bits.pack(rng.random((h, w, c)) < rng.uniform(0.1, 0.9))
+    wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
+    return h, w, c, n_out, k, s, x, wt
+
+
+def check_bconv_bits(rng):
+    h, w, c, n_out, k, s, x, wt = _bconv_case(rng)
+    thr, flip = edge_thresholds(rng, reference.bconv_y(x, c, wt, s))
+    want = reference.bconv_bits(x, c, wt, s, thr, flip)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    nup, _, nvec = kernels.patch_layout(k, c)
+    kernels.bconv_bits_rows(padded(x), kernels.compact_weights(wt, c), nup, nvec, k * k * c, k, s, thr, flip,
+                            out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def check_bconv_real(rng):
+    h, w, c, n_out, k, s, x, wt = _bconv_case(rng)
+    scale = rng.normal(0, 1, n_out).astype(np.float32)
+    bias = rng.normal(0, 3, n_out).astype(np.float32)
+    want = reference.bconv_real(x, c, wt, s, scale, bias)
+    out = np.zeros(want.shape, np.float32)
+    nup, _, nvec = kernels.patch_layout(k, c)
+    kernels.bconv_real_rows(padded(x), kernels.compact_weights(wt, c), nup, nvec, k * k * c, k, s, scale, bias,
+                            out, 0, want.shape[0])
+    return np.array_equal(out, want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def check_pool(rng):
+    h, w = (int(v) for v in rng.integers(1, 12, 2))
+    c = int(rng.choice(CHANNELS))
+    x = bits.pack(rng.random((h, w, c)) < 0.8)
+    want = reference.maxpool2(x, c)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    kernels.pool_rows(padded(x), out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c}"
+
+
+def check_head(rng):
+    h, w = (int(v) for v in rng.integers(1, 7, 2))
+    c, n_out = int(rng.choice(CHANNELS)), int(rng.integers(1, 40))
+    r = rng.normal(0, 4, (h, w, c)).astype(np.float32)
+    wt = rng.normal(0, 1, (n_out, c)).astype(np.float32)
+    b = rng.normal(0, 1, n_out).astype(np.float32)
+    out = np.zeros((h, w, n_out), np.float32)
+    kernels.head_rows(r, wt, b, out, 0, h)
+    scale = np.abs(r).reshape(-1, c) @ np.abs(wt).T + np.abs(b)
+    err = np.abs(out - reference.head(r, wt, b)).reshape(-1, n_out)
+    v = np.where(rng.random((h, w, c)) < 0.5, -1, 1)
+    pm = np.zeros((h, w, c), np.float32)
+    kernels.unpack_pm1(padded(bits.pack(v)), c, pm)
+    ok = bool(np.all(err <= 1e-6 * scale + 1e-6)) and np.array_equal(pm, v.astype(np.float32))
+    return ok, f"h={h} w={w} c={c} out={n_out}"
+
+
+def check_network(rng, model, frame_seed):
+    x = synthetic_frame(frame_seed, model.input_width, model.input_height, model.channels)
+    x = x.reshape(model.input_height, model.input_width, model.channels)
+    head, trace = Network(model).forward(x, trace=True)
+    want_head, want_trace = reference.forward(model, x, trace=True)
+    same = sorted(trace) == sorted(want_trace) and all(np.array_equal(trace[i], want_trace[i]) for i in want_trace)
+    close = np.allclose(head, want_head, rtol=1e-5, atol=1e-5)
+    return same and close, f"{model.input_width}x{model.input_height}x{model.channels} traces={same} head={close}"
+
+
+def check_detector(rng, model, frame_seed):
+    det = Detector(model=model)
+    img = synthetic_frame(frame_seed, 320, 240, 3)
+    got = det.detect(img)
+    x, lb = letterbox(img, model.input_width, model.input_height, model.channels)
+    want = decode(reference.forward(model, x), model.anchors, det.input_size, lb, img.shape, det.score_threshold,
+                  det.nms_iou, det.max_detections)
+    ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-3)
+    return ok, f"{len(got)} detections"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=12, help="random cases per kernel")
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    print(f"kernel_checks on {platform.machine()}, numpy {np.__version__}, vector bytes {kernels.VEC_BYTES}")
+    failures, total = [], 0
+    checks = [("stem", check_stem), ("bconv_bits", check_bconv_bits), ("bconv_real", check_bconv_real),
+              ("maxpool2", check_pool), ("head+unpack", check_head)]
+    for name, fn in checks:
+        t0, bad = time.time(), 0
+        for _ in range(args.cases):
+            ok, desc = fn(rng)
+            total += 1
+            if not ok:
+                bad += 1
+                failures.append(f"{name}: {desc}")
+        print(f"  {name:12s} {args.cases - bad}/{args.cases} equal  ({time.time() - t0:.1f} s)")
+    models = [("default 192x192x1", random_model(seed=3), 5),
+              ("odd 45x37x3", random_model(seed=4, width=45, height=37, channels=3, classes=("a", "b"),
+                                          widths=(5, 70, 33, 129, 64)), 6)]
+    for name, model, seed in models:
+        for label, fn in (("network", check_network), ("detector", check_detector)):
+            ok, desc = fn(rng, model, seed)
+            total += 1
+            print(f"  {label:12s} {name}: {'equal' if ok else 'MISMATCH'} ({desc})")
+            if not ok:
+                failures.append(f"{label} {name}: {desc}")
+    for f in failures:
+        print("MISMATCH", f)
+    print(f"kernel_checks: {total - len(failures)}/{total} passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
