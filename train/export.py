@@ -150,7 +150,11 @@ def export_checkpoint(ckpt, out, command: str = "", metrics: dict | None = None)
         "exported": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "checkpoint_step": int(ck.get("step", 0)),
         "data": [{"name": s["name"], "path": s["path"], "split": s["split"]} for s in ck["config"]["data"]["sources"]],
-        "train": {k: ck.get(k) for k in ("wall_s", "epochs", "device", "threads") if k in ck},
+        "train": {
+            k: ck.get(k)
+            for k in ("wall_s", "epochs", "device", "threads", "total_steps", "resumed_from", "phase_wall_s")
+            if k in ck
+        },
         "config": ck["config"],
     }
     if metrics:

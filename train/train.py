@@ -239,7 +239,8 @@ def plot_pr(metrics: dict, out_png, title):
     plt.close(fig)
 
 
-def train(cfg: dict, out_dir: Path, log=print) -> dict:
+def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
+    """Train from scratch, or continue from checkpoint ``resume`` (its weights and anchors, a fresh schedule)."""
     tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
     torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
@@ -262,10 +263,18 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
     if len(train_cache) < tc.batch_size:
         raise ConfigError(f"only {len(train_cache)} training images, fewer than batch_size {tc.batch_size}")
 
-    anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
-    log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
+    if resume is not None:
+        ck = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        anchors = np.asarray(ck["anchors"], np.float32)
+        prior = {k: ck.get(k, 0) for k in ("step", "wall_s", "epochs")}
+        log(f"resumed from {resume} (step {ck.get('step')}), its anchors kept")
+    else:
+        prior = {"step": 0, "wall_s": 0.0, "epochs": 0.0}
+        anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
+    log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
     crit = YoloLoss(anchors, model.stride, nc, tc.box_gain, tc.obj_gain, tc.cls_gain)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -346,6 +355,13 @@ def train(cfg: dict, out_dir: Path, log=print) -> dict:
         "device": str(device),
         "threads": tc.threads,
     }
+    if resume is not None:
+        # Totals over both phases, so the model card reports the whole training.
+        extra["resumed_from"] = str(resume)
+        extra["phase_steps"], extra["phase_wall_s"] = step, wall
+        extra["total_steps"] = int(prior["step"]) + step
+        extra["wall_s"] = float(prior["wall_s"]) + wall
+        extra["epochs"] = float(prior["epochs"]) + extra["epochs"]
     save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, extra)
     if final["map50"] >= best:
         save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, extra)
@@ -362,6 +378,8 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, help="time budget override")
     ap.add_argument("--out", help="output folder override")
     ap.add_argument("--threads", type=int, help="torch threads override")
+    ap.add_argument("--lr", type=float, help="peak learning rate override")
+    ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
     ap.add_argument("--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt")
@@ -378,6 +396,8 @@ def main(argv=None) -> int:
         cfg["train"] = replace(cfg["train"], minutes=args.minutes)
     if args.threads:
         cfg["train"] = replace(cfg["train"], threads=args.threads)
+    if args.lr:
+        cfg["train"] = replace(cfg["train"], lr=args.lr)
     if args.smoke:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
@@ -386,7 +406,7 @@ def main(argv=None) -> int:
     if args.float_twin and not args.out:
         out = out.with_name(out.name + "-float")
     if not args.eval_only:
-        train(cfg, out)
+        train(cfg, out, resume=args.resume)
     if args.no_export or args.smoke:
         return 0
     if cfg["model"].binary:
