@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 from armcost import start, stop  # noqa: E402
 
-from app.bench import FloatDetector, load_bench_model, bench_frame  # noqa: E402
+from app.bench import FloatDetector, bench_frame, load_bench_model  # noqa: E402
 from app.detector import STAGES, Detector  # noqa: E402
 
 cv2.setNumThreads(1)
