@@ -45,7 +45,7 @@ from app import sinks, sources  # noqa: E402
 from app.capture import Capture  # noqa: E402
 from app.config import SourceConfig  # noqa: E402
 from app.detector import DEFAULT_MODEL, Detector  # noqa: E402
-from app.pipeline import DetectionFilter, Pipeline  # noqa: E402
+from app.pipeline import Pipeline, filter_for  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Generous upper bound of one frame line (bytes), used only to size the rotation so that no file is deleted.
@@ -220,7 +220,7 @@ def _soak(args: argparse.Namespace, warmup: int, tmp: Path) -> int:
     model = model_file(args.model, tmp)
     detector = Detector(model)
     detector.warmup()
-    keep = DetectionFilter(detector.class_names, (), {}, detector.score_threshold)
+    keep = filter_for(detector, (), {})  # as the app builds it with no class settings
 
     spec = args.source
     cfg = SourceConfig(spec=spec, fps=0.0, loop=True)

@@ -20,8 +20,9 @@ FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "person" / "images"
 def soak(*args, timeout=240):
     r = subprocess.run([sys.executable, str(SOAK), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
-    figures = json.loads(r.stdout.strip().splitlines()[-1])
-    return r, figures
+    lines = r.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), f"soak printed no figures (rc {r.returncode}): {r.stderr[-3000:]}"
+    return r, json.loads(lines[-1])
 
 
 @pytest.fixture(scope="module")
