@@ -8,12 +8,14 @@ for free and never branch on borders. ``interior(buf)`` is the real tensor.
 Binary convolutions work on bytes. Each output pixel's k*k patch is gathered
 into one contiguous run, keeping only the 32-bit units that hold channels
 (ceil(in_ch / 32) per tap; the rest are zero in activations and weights alike,
-so dropping them changes no popcount), zero padded to whole vectors. The
-weights are stored the same way (``compact_weights``). ``xorpop4`` then reduces
-XOR + popcount of four weight rows against one patch with explicit LLVM vector
-code: per-byte counts (NEON CNT, AVX-512 VPOPCNTB) summed in byte lanes, widened
-only every 31 vectors. LLVM's own vectoriser widens every count to 64 bits,
-which costs three extra NEON instructions per vector on the Pi.
+so dropping them changes no popcount). The weights are stored transposed
+(``compact_weights``: patch byte j, then output channel), and ``xorcols*``
+(explicit LLVM vector code) broadcasts one patch byte against a vector of
+output channels: XOR, per-byte popcount (NEON CNT, AVX-512 VPOPCNTB), sums in
+byte lanes widened only every 31 bytes. Output channels sit in vector lanes,
+so there are no horizontal sums and no padding of K to whole vectors; LLVM's
+own vectoriser would widen every count to 64 bits, three extra NEON
+instructions per vector on the Pi.
 
 Every ``*_rows`` kernel computes output rows [r0, r1) so that the same code
 runs single-threaded or split over threads (``*_par`` wrappers, prange).
@@ -34,7 +36,6 @@ BORDER = 1  # border of every binary activation buffer; enough for kernels up to
 # Bytes per vector of the XOR+popcount loop: one NEON register on the Pi, one AVX2/AVX-512VL ymm on x86.
 # XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
 VEC_BYTES = int(os.environ.get("XNORCAM_VEC_BYTES", "16" if platform.machine().lower() in ("aarch64", "arm64") else "32"))
-ROWS = 4  # weight rows per xorpop call (output channels padded to a multiple)
 _CHUNK = 31  # vectors summed in byte lanes before widening: 31 * 8 <= 255
 
 
@@ -51,83 +52,83 @@ def popc(typingctx, x):
     return sig, codegen
 
 
-def _make_xorpop(pats: int, rows: int, vec: int):
+def _make_xorcols(blocks: int, vec: int):
     @intrinsic
-    def xorpop(typingctx, a, a_stride, b, bo, b_stride, nvec, ys, ys_off, ys_stride):
-        """ys[ys_off + p*ys_stride + r] = popcount(patch p ^ weight row r) for p < pats, r < rows.
+    def xorcols(typingctx, patch, nbytes, wt, wt_off, o_stride, ys, ys_off):
+        """ys[ys_off + o] = sum_j popcount(patch[j] ^ wt[wt_off + j*o_stride + o]), o < blocks*vec.
 
-        Patch p is a[p*a_stride : +n], row r is b[bo + r*b_stride : +n], n = nvec*vec bytes.
+        One patch byte is broadcast against ``blocks`` vectors of consecutive output
+        channels; the counts add up in byte lanes (at most 8 per byte, so 31 bytes fit)
+        and are widened to 16 bits once per 31 bytes: no horizontal sums at all.
         """
-        for arr in (a, b):
+        for arr in (patch, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
         if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(a, a_stride, b, bo, b_stride, nvec, ys, ys_off, ys_stride)
+        sig = types.none(patch, nbytes, wt, wt_off, o_stride, ys, ys_off)
 
         def codegen(context, builder, signature, args):
-            i64, i8, i16 = ir.IntType(64), ir.IntType(8), ir.IntType(16)
-            vty, wty = ir.VectorType(i8, vec), ir.VectorType(i16, vec)
+            i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+            vty, wty, dty = ir.VectorType(i8, vec), ir.VectorType(i16, vec), ir.VectorType(i32, vec)
             sa = signature.args
-            a_arr = context.make_array(sa[0])(context, builder, args[0])
-            b_arr = context.make_array(sa[2])(context, builder, args[2])
-            y_arr = context.make_array(sa[6])(context, builder, args[6])
-            ast, bo_, bst, nv, yo, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 3, 4, 5, 7, 8))
-            a_ptrs = [builder.gep(a_arr.data, [builder.mul(ast, i64(p))]) for p in range(pats)]
-            b_ptrs = [builder.gep(b_arr.data, [builder.add(bo_, builder.mul(bst, i64(r)))]) for r in range(rows)]
+            p_arr = context.make_array(sa[0])(context, builder, args[0])
+            w_arr = context.make_array(sa[2])(context, builder, args[2])
+            y_arr = context.make_array(sa[5])(context, builder, args[5])
+            nb, woff, ost, yoff = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 3, 4, 6))
+            w_base = builder.gep(w_arr.data, [woff])
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
-            redadd = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [wty]), f"llvm.vector.reduce.add.v{vec}i16")
-            v_p = cgutils.alloca_once_value(builder, i64(0))
+            j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
-            pairs = [(p, r) for p in range(pats) for r in range(rows)]
-            tot_p = {pr: cgutils.alloca_once_value(builder, i64(0)) for pr in pairs}
-            acc_p = {pr: cgutils.alloca_once(builder, vty) for pr in pairs}
+            acc8 = [cgutils.alloca_once(builder, vty) for _ in range(blocks)]
+            acc16 = [cgutils.alloca_once(builder, wty) for _ in range(blocks)]
+            for ptr in acc16:
+                builder.store(ir.Constant(wty, None), ptr)
             fn = builder.function
-            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorpop.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
+            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorcols.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
             builder.branch(oc)
-            builder.position_at_end(oc)  # outer: chunks of at most _CHUNK vectors
-            builder.cbranch(builder.icmp_signed("<", builder.load(v_p), nv), ob, oe)
+            builder.position_at_end(oc)  # chunks of at most _CHUNK patch bytes
+            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), nb), ob, oe)
             builder.position_at_end(ob)
-            for ptr in acc_p.values():
+            for ptr in acc8:
                 builder.store(ir.Constant(vty, None), ptr)
-            e = builder.add(builder.load(v_p), i64(_CHUNK))
-            builder.store(builder.select(builder.icmp_signed("<", e, nv), e, nv), end_p)
+            e = builder.add(builder.load(j_p), i64(_CHUNK))
+            builder.store(builder.select(builder.icmp_signed("<", e, nb), e, nb), end_p)
             builder.branch(ic)
-            builder.position_at_end(ic)  # inner: byte-lane sums
-            builder.cbranch(builder.icmp_signed("<", builder.load(v_p), builder.load(end_p)), ib, ie)
+            builder.position_at_end(ic)
+            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
-            v = builder.load(v_p)
-            off = builder.mul(v, i64(vec))
-
-            def load(ptr):
-                return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=1)
-
-            va = [load(ptr) for ptr in a_ptrs]
-            vb = [load(ptr) for ptr in b_ptrs]
-            for p, r in pairs:
-                c = builder.call(ctpop, [builder.xor(va[p], vb[r])])
-                builder.store(builder.add(builder.load(acc_p[p, r]), c), acc_p[p, r])
-            builder.store(builder.add(v, i64(1)), v_p)
+            j = builder.load(j_p)
+            byte = builder.load(builder.gep(p_arr.data, [j]))
+            splat = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
+                ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec))
+            row = builder.gep(w_base, [builder.mul(j, ost)])
+            for b in range(blocks):
+                wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
+                c = builder.call(ctpop, [builder.xor(splat, wv)])
+                builder.store(builder.add(builder.load(acc8[b]), c), acc8[b])
+            builder.store(builder.add(j, i64(1)), j_p)
             builder.branch(ic)
             builder.position_at_end(ie)  # widen the byte lanes once per chunk
-            for pr in pairs:
-                s = builder.call(redadd, [builder.zext(builder.load(acc_p[pr]), wty)])
-                builder.store(builder.add(builder.load(tot_p[pr]), builder.zext(s, i64)), tot_p[pr])
+            for b in range(blocks):
+                builder.store(builder.add(builder.load(acc16[b]), builder.zext(builder.load(acc8[b]), wty)), acc16[b])
             builder.branch(oc)
             builder.position_at_end(oe)
-            for p, r in pairs:
-                idx = builder.add(yo, builder.add(builder.mul(yst, i64(p)), i64(r)))
-                builder.store(builder.trunc(builder.load(tot_p[p, r]), ir.IntType(32)), builder.gep(y_arr.data, [idx]))
+            for b in range(blocks):
+                dst = builder.gep(y_arr.data, [builder.add(yoff, i64(b * vec))])
+                builder.store(builder.zext(builder.load(acc16[b]), dty), builder.bitcast(dst, dty.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return xorpop
+    return xorcols
 
 
-PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
-xorpop_block = _make_xorpop(PATS, ROWS, VEC_BYTES)
+xorcols4 = _make_xorcols(4, VEC_BYTES)
+xorcols2 = _make_xorcols(2, VEC_BYTES)
+xorcols1 = _make_xorcols(1, VEC_BYTES)
 
 
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
@@ -138,29 +139,24 @@ def interior(buf: np.ndarray) -> np.ndarray:
     return buf[BORDER:-BORDER, BORDER:-BORDER]
 
 
-def patch_layout(kernel: int, in_ch: int) -> tuple[int, int, int]:
-    """(32-bit units kept per tap, patch bytes padded to whole vectors, vectors) of a binary conv."""
+def patch_layout(kernel: int, in_ch: int) -> tuple[int, int]:
+    """(32-bit units kept per tap, patch bytes) of a binary conv."""
     nup = (in_ch + 31) // 32
-    nvec = -(-kernel * kernel * nup * 4 // VEC_BYTES)
-    return nup, nvec * VEC_BYTES, nvec
+    return nup, kernel * kernel * nup * 4
 
 
 def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
-    """(out, k, k, words) uint64 weights -> (ceil(out/4)*4, patch bytes) uint8 in the patch layout."""
+    """(out, k, k, words) uint64 weights -> (patch bytes, out padded to whole vectors) uint8.
+
+    Row j holds byte j of every output channel's compacted patch, so one patch byte meets
+    a vector of consecutive output channels.
+    """
     out, k = weight.shape[0], weight.shape[1]
-    nup, nb, _ = patch_layout(k, in_ch)
+    nup, nb = patch_layout(k, in_ch)
     raw = np.ascontiguousarray(weight, dtype="<u8").view(np.uint8).reshape(out, k * k, -1)[:, :, : 4 * nup]
-    wb = np.zeros((-(-out // ROWS) * ROWS, nb), np.uint8)
-    wb[:out, : k * k * 4 * nup] = raw.reshape(out, -1)
-    return wb
-
-
-@njit(cache=True, inline="always")
-def _bit1(y, t, f):
-    # bit 1 (-1) iff y < t (flip 0) or y > t (flip 1): the rule of app/bits.py
-    if f:
-        return np.uint64(1) if y > t else np.uint64(0)
-    return np.uint64(1) if y < t else np.uint64(0)
+    wt = np.zeros((nb, -(-out // VEC_BYTES) * VEC_BYTES), np.uint8)
+    wt[:, :out] = raw.reshape(out, nb).T
+    return wt
 
 
 # ------------------------------------------------------------------ stem
@@ -328,26 +324,27 @@ def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
 
 
 @njit(cache=True, inline="always")
-def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb4):
-    """Gather the patches of output pixels ox .. ox+PATS-1 (in 32-bit units, or 64-bit ones when nup is even).
-
-    Only the nup 32-bit units of each tap that hold channels are kept. Pixels past the row
-    end repeat the last one (their sums are ignored).
-    """
-    sy = oy * stride + off
-    for p in range(PATS):
-        sx = min(ox + p, wo - 1) * stride + off
-        if nup % 2 == 0:
-            _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patches64, p * nb4 // 2)
-        else:
-            _gather_units(src32, wp, upp, nup, k, sy, sx, patches32, p * nb4)
+def _gather(src32, src64, wp, upp, nup, k, sy, sx, patch32, patch64):
+    """Gather the patch at padded (sy, sx): the nup 32-bit units of each tap that hold channels
+    (copied as 64-bit units when nup is even)."""
+    if nup % 2 == 0:
+        _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patch64, 0)
+    else:
+        _gather_units(src32, wp, upp, nup, k, sy, sx, patch32, 0)
 
 
 @njit(cache=True, inline="always")
-def _sums(patches, wflat, nb, nvec, n_pad, ys):
-    """ys[p * n_pad + o] = popcount(patch p ^ weight row o) for every (padded) output channel."""
-    for ob in range(0, n_pad, ROWS):
-        xorpop_block(patches, nb, wflat, ob * nb, nb, nvec, ys, ob, n_pad)
+def _sums(patch, nb, wflat, o_stride, ys):
+    """ys[o] = popcount(patch ^ weights of o) for every output channel (padded to whole vectors)."""
+    ob = 0
+    while o_stride - ob >= 4 * VEC_BYTES:
+        xorcols4(patch, nb, wflat, ob, o_stride, ys, ob)
+        ob += 4 * VEC_BYTES
+    if o_stride - ob >= 2 * VEC_BYTES:
+        xorcols2(patch, nb, wflat, ob, o_stride, ys, ob)
+        ob += 2 * VEC_BYTES
+    if o_stride - ob >= VEC_BYTES:
+        xorcols1(patch, nb, wflat, ob, o_stride, ys, ob)
 
 
 @njit(cache=True)
@@ -371,59 +368,54 @@ def _popcount_thresholds(thr, flip, kk):
 
 
 @njit(cache=True)
-def bconv_bits_rows(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, r0, r1):
+def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, r0, r1):
     """Binary conv (+1 padding from the border) with fused thresholds -> packed bits in out's interior.
 
-    inp: padded (Hi+2, Wi+2, wi) uint64; wb: compact_weights(); kk = K = k*k*in_ch.
+    inp: padded (Hi+2, Wi+2, wi) uint64; wt: compact_weights(); kk = K = k*k*in_ch.
     """
     n_out = thr.shape[0]
-    n_pad, nb = wb.shape
-    wflat = wb.reshape(n_pad * nb)
+    nb, o_stride = wt.shape
+    wflat = wt.reshape(nb * o_stride)
     src64 = inp.reshape(inp.size)
     src32 = src64.view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    patches = np.zeros(PATS * nb, np.uint8)
-    patches32 = patches.view(np.uint32)
-    patches64 = patches.view(np.uint64)
-    ys = np.zeros(PATS * n_pad, np.int32)
+    patch = np.zeros(-(-nb // 8) * 8, np.uint8)
+    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
+    ys = np.zeros(o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
     for oy in range(r0, r1):
-        for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
-            _sums(patches, wflat, nb, nvec, n_pad, ys)
-            for p in range(min(PATS, wo - ox)):
-                yp = ys[p * n_pad : p * n_pad + n_out]
-                for o in range(n_out):
-                    b8[o] = np.uint8((yp[o] ^ fm[o]) > q[o])
-                _pack_bytes(b8, out[oy + BORDER, ox + p + BORDER])
+        for ox in range(wo):
+            _gather(src32, src64, wp, upp, nup, k, oy * stride + off, ox * stride + off, patch32, patch64)
+            _sums(patch, nb, wflat, o_stride, ys)
+            for o in range(n_out):
+                b8[o] = np.uint8((ys[o] ^ fm[o]) > q[o])
+            _pack_bytes(b8, out[oy + BORDER, ox + BORDER])
 
 
 @njit(cache=True)
-def bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, r0, r1):
+def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
     n_out = scale.shape[0]
-    n_pad, nb = wb.shape
-    wflat = wb.reshape(n_pad * nb)
+    nb, o_stride = wt.shape
+    wflat = wt.reshape(nb * o_stride)
     src64 = inp.reshape(inp.size)
     src32 = src64.view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
     wo = out.shape[1]
-    patches = np.zeros(PATS * nb, np.uint8)
-    patches32 = patches.view(np.uint32)
-    patches64 = patches.view(np.uint64)
-    ys = np.zeros(PATS * n_pad, np.int32)
+    patch = np.zeros(-(-nb // 8) * 8, np.uint8)
+    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
+    ys = np.zeros(o_stride, np.int32)
     for oy in range(r0, r1):
-        for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patches32, patches64, nb // 4)
-            _sums(patches, wflat, nb, nvec, n_pad, ys)
-            for p in range(min(PATS, wo - ox)):
-                for o in range(n_out):
-                    out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * n_pad + o]) + bias[o]
+        for ox in range(wo):
+            _gather(src32, src64, wp, upp, nup, k, oy * stride + off, ox * stride + off, patch32, patch64)
+            _sums(patch, nb, wflat, o_stride, ys)
+            for o in range(n_out):
+                out[oy, ox, o] = scale[o] * np.float32(kk - 2 * ys[o]) + bias[o]
 
 
 # ------------------------------------------------------------------ head
@@ -482,16 +474,16 @@ def run_body(plan, act, bw, thr, flip, scale, bias, real):
             out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
             pool_rows(inp, out, 0, p[C_OUT_H])
             continue
-        n_out, n_pad, nb = p[C_N_OUT], p[C_NPAD], p[C_NB]
-        w = bw[p[C_W_OFF] : p[C_W_OFF] + n_pad * nb].reshape((n_pad, nb))
+        n_out, o_stride, nb = p[C_N_OUT], p[C_NPAD], p[C_NB]
+        w = bw[p[C_W_OFF] : p[C_W_OFF] + o_stride * nb].reshape((nb, o_stride))
         t0 = p[C_T_OFF]
         if p[C_OP] == OP_BITS:
             out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-            bconv_bits_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out],
-                              flip[t0 : t0 + n_out], out, 0, p[C_OUT_H])
+            bconv_bits_rows(inp, w, p[C_NUP], p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out],
+                            flip[t0 : t0 + n_out], out, 0, p[C_OUT_H])
         else:
-            bconv_real_rows(inp, w, p[C_NUP], p[C_NVEC], p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out],
-                              bias[t0 : t0 + n_out], real, 0, p[C_OUT_H])
+            bconv_real_rows(inp, w, p[C_NUP], p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out],
+                            bias[t0 : t0 + n_out], real, 0, p[C_OUT_H])
 
 
 @njit(cache=True)
@@ -524,14 +516,14 @@ def pool_par(inp, out, chunks):
 
 
 @njit(cache=True, parallel=True)
-def bconv_bits_par(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, chunks):
+def bconv_bits_par(inp, wt, nup, kk, k, stride, thr, flip, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
-        bconv_bits_rows(inp, wb, nup, nvec, kk, k, stride, thr, flip, out, i * n // chunks, (i + 1) * n // chunks)
+        bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, i * n // chunks, (i + 1) * n // chunks)
 
 
 @njit(cache=True, parallel=True)
-def bconv_real_par(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, chunks):
+def bconv_real_par(inp, wt, nup, kk, k, stride, scale, bias, out, chunks):
     n = out.shape[0]
     for i in prange(chunks):
-        bconv_real_rows(inp, wb, nup, nvec, kk, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)
+        bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)

@@ -25,7 +25,6 @@ from app.kernels import (
     C_NB,
     C_NPAD,
     C_NUP,
-    C_NVEC,
     C_OP,
     C_OUT_H,
     C_OUT_OFF,
@@ -87,10 +86,11 @@ class Network:
                 k, s, n_out = lp["kernel"], lp["stride"], lp["out_ch"]
                 h, w = conv_out(h, k, s), conv_out(w, k, s)
                 wb = K.compact_weights(lt["weight"], lp["in_ch"])
-                nup, nb, nvec = K.patch_layout(k, lp["in_ch"])
+                nup, nb = K.patch_layout(k, lp["in_ch"])
+                nvec = 0
                 kk = k * k * lp["in_ch"]
                 bw.append(wb.ravel())
-                tail = [nup, nvec, wb.shape[0]]
+                tail = [nup, nvec, wb.shape[1]]
                 if lp["output"] == "bits":
                     words = n_words(n_out)
                     row = [OP_BITS, k, s, in_off, in_h, in_w, in_words, arena, h, w, words, w_off, n_out, nb, kk, t_off] + tail
@@ -169,9 +169,9 @@ class Network:
                 out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
                 calls.append((K.pool_par, (inp, out, chunks)) if par else (K.pool_rows, (inp, out, 0, int(p[C_OUT_H]))))
                 continue
-            n_out, n_pad, nb, t0 = int(p[C_N_OUT]), int(p[C_NPAD]), int(p[C_NB]), int(p[C_T_OFF])
-            w = self.bw[p[C_W_OFF] : p[C_W_OFF] + n_pad * nb].reshape(n_pad, nb)
-            geo = (w, int(p[C_NUP]), int(p[C_NVEC]), int(p[C_KK]), int(p[C_K]), int(p[C_S]))
+            n_out, o_stride, nb, t0 = int(p[C_N_OUT]), int(p[C_NPAD]), int(p[C_NB]), int(p[C_T_OFF])
+            w = self.bw[p[C_W_OFF] : p[C_W_OFF] + o_stride * nb].reshape(nb, o_stride)
+            geo = (w, int(p[C_NUP]), int(p[C_KK]), int(p[C_K]), int(p[C_S]))
             if p[C_OP] == OP_BITS:
                 out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
                 tail = (self.thr[t0 : t0 + n_out], self.flip[t0 : t0 + n_out], out)

@@ -70,7 +70,7 @@ def test_bconv_bits(h, w, c, n_out, k, s, seed):
     want = reference.bconv_bits(x, c, wt, s, thr, flip)
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
     for r0, r1 in _row_splits(rng, want.shape[0]):
-        kernels.bconv_bits_rows(_padded(x), kernels.compact_weights(wt, c), *kernels.patch_layout(k, c)[::2],
+        kernels.bconv_bits_rows(_padded(x), kernels.compact_weights(wt, c), kernels.patch_layout(k, c)[0],
                                 k * k * c, k, s, thr, flip, out, r0, r1)
     np.testing.assert_array_equal(kernels.interior(out), want)
     if n_out % 64:
@@ -86,7 +86,7 @@ def test_bconv_real(h, w, c, n_out, k, s, seed):
     want = reference.bconv_real(x, c, wt, s, scale, bias)
     out = np.full(want.shape, np.nan, np.float32)
     for r0, r1 in _row_splits(rng, want.shape[0]):
-        kernels.bconv_real_rows(_padded(x), kernels.compact_weights(wt, c), *kernels.patch_layout(k, c)[::2],
+        kernels.bconv_real_rows(_padded(x), kernels.compact_weights(wt, c), kernels.patch_layout(k, c)[0],
                                 k * k * c, k, s, scale, bias, out, r0, r1)
     np.testing.assert_array_equal(out, want)
 
@@ -136,7 +136,7 @@ def test_parallel_wrappers_match_serial():
     flip = (rng.random(65) < 0.5).astype(np.uint8)
     want = reference.bconv_bits(x, 70, wt, 1, thr, flip)
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
-    kernels.bconv_bits_par(_padded(x), kernels.compact_weights(wt, 70), *kernels.patch_layout(3, 70)[::2],
+    kernels.bconv_bits_par(_padded(x), kernels.compact_weights(wt, 70), kernels.patch_layout(3, 70)[0],
                            9 * 70, 3, 1, thr, flip, out, 4)
     np.testing.assert_array_equal(kernels.interior(out), want)
 

@@ -78,8 +78,8 @@ def check_bconv_bits(rng):
     thr, flip = edge_thresholds(rng, reference.bconv_y(x, c, wt, s))
     want = reference.bconv_bits(x, c, wt, s, thr, flip)
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
-    nup, _, nvec = kernels.patch_layout(k, c)
-    kernels.bconv_bits_rows(padded(x), kernels.compact_weights(wt, c), nup, nvec, k * k * c, k, s, thr, flip,
+    nup = kernels.patch_layout(k, c)[0]
+    kernels.bconv_bits_rows(padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, s, thr, flip,
                             out, 0, want.shape[0])
     return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
 
@@ -90,8 +90,8 @@ def check_bconv_real(rng):
     bias = rng.normal(0, 3, n_out).astype(np.float32)
     want = reference.bconv_real(x, c, wt, s, scale, bias)
     out = np.zeros(want.shape, np.float32)
-    nup, _, nvec = kernels.patch_layout(k, c)
-    kernels.bconv_real_rows(padded(x), kernels.compact_weights(wt, c), nup, nvec, k * k * c, k, s, scale, bias,
+    nup = kernels.patch_layout(k, c)[0]
+    kernels.bconv_real_rows(padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, s, scale, bias,
                             out, 0, want.shape[0])
     return np.array_equal(out, want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
 
