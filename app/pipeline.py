@@ -213,6 +213,8 @@ class Pipeline:
 
             t0 = perf()
             detections = self.detector.detect(frame.pixels)
+            # A model can overflow to inf/NaN; such rows would crash the overlay and the (NaN-refusing) log.
+            detections = detections[np.isfinite(detections).all(axis=1)]
             t1 = perf()
             if self.keep is not None:
                 detections = self.keep(detections)
