@@ -203,6 +203,11 @@ class JsonlLog:
         if self._fd is None and not self._open():
             self.failures += 1
             return False
+        if self._vanished():  # deleted or moved away (rm, logrotate): a dead inode would take every line
+            self._close_fd()
+            if not self._open():
+                self.failures += 1
+                return False
         if self.max_bytes and self._size > 0 and self._size + len(data) > self.max_bytes:
             self._rotate()
             if self._fd is None:
@@ -225,6 +230,15 @@ class JsonlLog:
             self._in_failure = False
             log.warning("log %s: writing again after %d failed line(s)", self.path, self.failures)
         return True
+
+    def _vanished(self) -> bool:
+        if self.path == "-" or self._fd is None:
+            return False
+        try:
+            st, fst = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev)
 
     def _note_failure(self, exc: OSError) -> None:
         self.last_error = f"{errno.errorcode.get(exc.errno or 0, 'E?')}: {exc.strerror or exc}"
