@@ -186,3 +186,25 @@ def test_app_logging_to_a_full_disk_keeps_detecting_and_warns_once(model_path):
     assert r.returncode == 0, r.stderr
     assert "processed=30" in r.stderr and "log_lines=0 log_failures=30" in r.stderr
     assert r.stderr.count("write failed") == 1, r.stderr
+
+
+def test_log_deleted_or_moved_away_is_recreated(tmp_path, detector):
+    """By hand (rm to free space) or by an external logrotate (mv): the log must not go on into a dead inode."""
+    path = tmp_path / "log.jsonl"
+    moved = tmp_path / "log.jsonl.old"
+    log = JsonlLog(str(path))
+    state = {}
+
+    def hook(n):
+        if n == 20:
+            state["deleted_lines"] = log.lines
+            path.unlink()
+        if n == 40:
+            path.rename(moved)
+
+    stats = run(detector, log, hook, frames=60)
+    assert stats.processed == 60 and log.failures == 0
+    assert path.exists(), "lines after the delete went into the deleted file"
+    kept = read_log(moved, allow_torn_tail=False)[0] + read_log(path, allow_torn_tail=False)[0]
+    assert len(kept) == log.lines - state["deleted_lines"]
+    assert len(read_log(path, allow_torn_tail=False)[0]) >= 19  # everything after the move is in the new file
