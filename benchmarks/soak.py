@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py [--frames 20000] [--source demo|images:DIR] [--seconds-max S]
                                         [--model FILE] [--log-max-kb KB] [--warmup-frames N] [--keep-logs DIR]
+                                        [--fault-every N]
 
 Runs in-process through the same pieces ``python -m app`` wires together
 (capture thread + latest-frame slot, the real Detector, the detection filter,
@@ -18,6 +19,9 @@ Checks (exit 1 if one fails):
     parses, frame seqs strictly increase from the oldest file to the newest,
     and rotation really happened (rotated_files >= 1).
 
+``--fault-every N`` makes the source raise on every N-th read: the same
+checks then also cover thousands of reconnects (each one an event line).
+
 The last line printed on stdout is one JSON object with the figures. Uses
 models/person.xnc when present, else a random-weight model of the default
 architecture (same cost per frame).
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -127,6 +132,28 @@ class RenderingNullPreview:
         pass
 
 
+class FailingEvery:
+    """Wraps a source so that every N-th read raises, as a flaky camera cable would."""
+
+    def __init__(self, source, every: int) -> None:
+        self.source, self.every, self.reads = source, every, 0
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def open(self) -> None:
+        self.source.open()
+
+    def read(self):
+        self.reads += 1
+        if self.reads % self.every == 0:
+            raise OSError("soak: injected camera fault")
+        return self.source.read()
+
+    def close(self) -> None:
+        self.source.close()
+
+
 def log_files(path: Path) -> list[Path]:
     """The log's files oldest first: path.{n}, ..., path.1, path."""
     rotated = []
@@ -184,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-max-kb", type=float, help="rotation size (default: about 30 rotations over the run)")
     p.add_argument("--rss-limit-mb", type=float, default=5.0, help="allowed RSS growth after warm-up (default 5)")
     p.add_argument("--keep-logs", metavar="DIR", help="write the log files here and keep them")
+    p.add_argument("--fault-every", type=int, default=0, metavar="N",
+                   help="the source raises on every N-th read (reconnect churn: leaks across reopens)")
     args = p.parse_args(argv)
     if args.frames < 10:
         p.error("--frames must be >= 10")
@@ -227,10 +256,14 @@ def _soak(args: argparse.Namespace, warmup: int, tmp: Path) -> int:
     sources.preflight(spec)
     factory = sources.make_factory(spec, cfg)
     finite = bool(getattr(factory(), "finite", False))
+    if args.fault_every:
+        logging.getLogger("xnorcam.capture").setLevel(logging.ERROR)  # one warning per injected fault is noise here
+        plain = factory
+        factory = lambda: FailingEvery(plain(), args.fault_every)  # noqa: E731
     capture = Capture(
         factory,
         hang_timeout_s=cfg.hang_timeout_s,
-        backoff_initial_s=cfg.backoff_initial_s,
+        backoff_initial_s=0.01 if args.fault_every else cfg.backoff_initial_s,
         backoff_max_s=cfg.backoff_max_s,
         lossless=finite,  # as the app does for a file source at fps 0
     )
@@ -275,6 +308,7 @@ def _soak(args: argparse.Namespace, warmup: int, tmp: Path) -> int:
         "dropped": cs.dropped,
         "processed": stats.processed,
         "source_errors": cs.errors,
+        "reopens": cs.reopens,
         "log_lines_written": log.lines,
         "log_failures": log.failures,
         "log_lines_on_disk": disk["frame_lines"] + disk["event_lines"],
@@ -289,10 +323,18 @@ def _soak(args: argparse.Namespace, warmup: int, tmp: Path) -> int:
         failures.append(f"only {preview.shown} frames shown, not past the {warmup}-frame warm-up")
     if figures["rss_growth_mb"] > args.rss_limit_mb:
         failures.append(f"RSS grew {figures['rss_growth_mb']} MB after warm-up (limit {args.rss_limit_mb})")
-    if len(preview.threads_seen) != 1:
+    if args.fault_every:
+        # Readers come and go with each reopen (one at a time): the count may dip by one, never grow.
+        if max(preview.threads_seen) > preview.threads_start or min(preview.threads_seen) < preview.threads_start - 1:
+            failures.append(f"thread count drifted across reopens: {sorted(preview.threads_seen)}")
+        if cs.errors < 1 or disk["event_lines"] < cs.errors:
+            failures.append(f"{cs.errors} injected source errors but {disk['event_lines']} event lines")
+    elif len(preview.threads_seen) != 1:
         failures.append(f"thread count changed after warm-up: {sorted(preview.threads_seen)}")
     if cs.captured != figures["logged"] + cs.dropped:
         failures.append(f"captured {cs.captured} != logged {figures['logged']} + dropped {cs.dropped}")
+    if not args.fault_every and cs.errors:
+        failures.append(f"{cs.errors} source errors in a run without injected faults")
     if figures["logged"] != stats.processed or preview.shown != stats.processed:
         failures.append(f"processed {stats.processed}, shown {preview.shown}, but {figures['logged']} frame lines")
     if figures["log_lines_on_disk"] != log.lines or log.failures:

@@ -58,6 +58,15 @@ def test_short_soak_on_images_is_lossless(model_path):
     assert f["rotated_files"] >= 3
 
 
+def test_short_soak_with_reconnect_churn(model_path):
+    """A camera failing every 40 reads: hundreds of reopens leak no memory or threads and lose no frame."""
+    r, f = soak("--frames", 1500, "--warmup-frames", 300, "--model", model_path, "--fault-every", 40)
+    assert r.returncode == 0 and f["ok"], (f, r.stderr[-2000:])
+    assert f["source_errors"] >= 100 and f["reopens"] == f["source_errors"]
+    assert f["event_lines"] >= f["source_errors"] and f["log_lines_on_disk"] == f["logged"] + f["event_lines"]
+    assert f["captured"] == f["logged"] + f["dropped"] and f["rss_growth_mb"] <= 5.0
+
+
 def test_soak_fails_when_a_check_fails(model_path):
     r, f = soak("--frames", 60, "--warmup-frames", 20, "--model", model_path, "--rss-limit-mb", "-1")
     assert r.returncode == 1 and not f["ok"]
