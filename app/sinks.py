@@ -452,7 +452,12 @@ class Recorder:
             return
         h, w = canvas.shape[:2]
         if self._writer is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            except OSError as exc:  # read-only or impossible path: lose the recording, not the camera
+                self._broken = True
+                log.warning("cannot record to %s (%s); not recording", self.path, exc)
+                return
             writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
             if not writer.isOpened():
                 self._broken = True
