@@ -208,3 +208,15 @@ def test_log_deleted_or_moved_away_is_recreated(tmp_path, detector):
     kept = read_log(moved, allow_torn_tail=False)[0] + read_log(path, allow_torn_tail=False)[0]
     assert len(kept) == log.lines - state["deleted_lines"]
     assert len(read_log(path, allow_torn_tail=False)[0]) >= 19  # everything after the move is in the new file
+
+
+def test_unwritable_recording_path_does_not_stop_detection(tmp_path, model_path):
+    """--record somewhere that cannot exist (a read-only or wrong path) must cost the recording, not the camera."""
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    log = tmp_path / "log.jsonl"
+    r = run_app("--source", "demo", "--fps", "0", "--model", model_path, "--preview", "none", "--log", log,
+                "--record", not_a_dir / "rec.mp4", "--max-frames", 10)
+    assert r.returncode == 0, r.stderr
+    assert "processed=10" in r.stderr and r.stderr.count("not recording") == 1
+    assert len(read_log(log, allow_torn_tail=False)[0]) == 10
