@@ -1,4 +1,5 @@
-"""Shared fixtures. Hypothesis profiles: "ci" (default, fast) and "thorough" (HYPOTHESIS_PROFILE=thorough)."""
+"""Shared fixtures. Hypothesis profiles: "ci" (default, fast), "thorough" and "fuzz" (long runs: `make fuzz`,
+which selects the tests marked ``fuzz``; or HYPOTHESIS_PROFILE=thorough for the whole suite)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

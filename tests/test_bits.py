@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from app import bits
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_pack_unpack_roundtrip_and_layout(channels, seed):
     rng = np.random.default_rng(seed)
@@ -26,6 +27,7 @@ def test_sign_of_zero_is_plus_one():
     assert bits.pack(np.array([0.0, -0.0, -1e-9, 5.0]))[0] == 0b0100
 
 
+@pytest.mark.fuzz
 @given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20))
 def test_popcount_matches_python(values):
     words = np.array(values, dtype=np.uint64)
@@ -38,6 +40,7 @@ def test_popcount_table_fallback(monkeypatch):
     assert bits.popcount(words).tolist() == [0, 1, 64, 8, 1]
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_xor_popcount_dot_equals_real_dot(channels, seed):
     rng = np.random.default_rng(seed)

@@ -35,6 +35,7 @@ def _row_splits(rng, n):
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 13), st.integers(1, 13), st.sampled_from([1, 3]), st.integers(1, 130),
        st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
 def test_stem(h, w, c, n_out, k, s, seed):
@@ -61,6 +62,7 @@ def _bconv_case(h, w, c, n_out, k, s, seed):
     return rng, x, wt
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 300), st.integers(1, 130),
        st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
 def test_bconv_bits(h, w, c, n_out, k, s, seed):
@@ -77,6 +79,7 @@ def test_bconv_bits(h, w, c, n_out, k, s, seed):
         assert not np.any(out[..., -1] >> np.uint64(n_out % 64)), "bits past the last channel must stay 0"
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 300), st.integers(1, 70),
        st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
 def test_bconv_real(h, w, c, n_out, k, s, seed):
@@ -91,6 +94,7 @@ def test_bconv_real(h, w, c, n_out, k, s, seed):
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 11), st.integers(1, 11), st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_pool(h, w, c, seed):
     rng = np.random.default_rng(seed)
@@ -101,6 +105,7 @@ def test_pool(h, w, c, seed):
     np.testing.assert_array_equal(kernels.interior(out), want)
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**32 - 1))
 def test_head_and_unpack(h, w, c, n_out, seed):
     rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ def test_default_architecture_matches_reference(rand_model):
     assert -0.6 < frac < 0.6
 
 
+@pytest.mark.fuzz
 @given(st.integers(0, 2**16), st.integers(17, 70), st.integers(17, 70), st.sampled_from([1, 3]),
        st.lists(st.integers(1, 140), min_size=5, max_size=5), st.integers(1, 3))
 def test_random_architectures_match_reference(seed, w, h, c, widths, n_classes):

@@ -1,6 +1,7 @@
 """The reference is the definition: check it against naive loops and the XOR/popcount identity."""
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ def _naive_bconv_y(v, w, stride):
     return y
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 130), st.integers(1, 5),
        st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
 def test_bconv_y_matches_naive_and_xor_form(h, w, c, o, k, s, seed):
@@ -41,6 +43,7 @@ def test_bconv_y_matches_naive_and_xor_form(h, w, c, o, k, s, seed):
     assert flat.tolist() == y[0, 0].tolist()
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3]), st.integers(1, 4),
        st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
 def test_stem_acc_matches_naive(h, w, c, o, s, seed):
@@ -57,6 +60,7 @@ def test_stem_acc_matches_naive(h, w, c, o, s, seed):
     np.testing.assert_array_equal(reference.stem_acc(x, wt, s), want)
 
 
+@pytest.mark.fuzz
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 200), st.integers(0, 2**32 - 1))
 def test_maxpool_is_and_of_words(h, w, c, seed):
     rng = np.random.default_rng(seed)
