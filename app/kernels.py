@@ -52,46 +52,51 @@ def popc(typingctx, x):
     return sig, codegen
 
 
-def _make_xorcols(blocks: int, vec: int):
+def _make_xorcols(pats: int, blocks: int, vec: int):
     @intrinsic
-    def xorcols(typingctx, patch, nbytes, wt, wt_off, o_stride, ys, ys_off):
-        """ys[ys_off + o] = sum_j popcount(patch[j] ^ wt[wt_off + j*o_stride + o]), o < blocks*vec.
+    def xorcols(typingctx, patch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride):
+        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ wt[wt_off + j*o_stride + o])
+        for p < pats, o < blocks*vec, j < nbytes.
 
-        One patch byte is broadcast against ``blocks`` vectors of consecutive output
-        channels; the counts add up in byte lanes (at most 8 per byte, so 31 bytes fit)
-        and are widened to 16 bits once per 31 bytes: no horizontal sums at all.
+        Each patch byte is broadcast against ``blocks`` vectors of consecutive output
+        channels (weight loads shared by ``pats`` pixels); the counts add up in byte
+        lanes (at most 8 per byte, so 31 bytes fit) and go to the int32 sums once per
+        31 bytes: no horizontal sums at all.
         """
         for arr in (patch, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
         if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(patch, nbytes, wt, wt_off, o_stride, ys, ys_off)
+        sig = types.none(patch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
-            i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
-            vty, wty, dty = ir.VectorType(i8, vec), ir.VectorType(i16, vec), ir.VectorType(i32, vec)
+            i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
+            vty, dty = ir.VectorType(i8, vec), ir.VectorType(i32, vec)
             sa = signature.args
             p_arr = context.make_array(sa[0])(context, builder, args[0])
-            w_arr = context.make_array(sa[2])(context, builder, args[2])
-            y_arr = context.make_array(sa[5])(context, builder, args[5])
-            nb, woff, ost, yoff = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 3, 4, 6))
+            w_arr = context.make_array(sa[3])(context, builder, args[3])
+            y_arr = context.make_array(sa[6])(context, builder, args[6])
+            pst, nb, woff, ost, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 2, 4, 5, 7, 8))
             w_base = builder.gep(w_arr.data, [woff])
+            p_bases = [builder.gep(p_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
+            y_ptrs = {(q, b): builder.bitcast(
+                builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * vec)))]),
+                dty.as_pointer()) for q in range(pats) for b in range(blocks)}
+            for ptr in y_ptrs.values():
+                builder.store(ir.Constant(dty, None), ptr, align=4)
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
             j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
-            acc8 = [cgutils.alloca_once(builder, vty) for _ in range(blocks)]
-            acc16 = [cgutils.alloca_once(builder, wty) for _ in range(blocks)]
-            for ptr in acc16:
-                builder.store(ir.Constant(wty, None), ptr)
+            acc8 = {key: cgutils.alloca_once(builder, vty) for key in y_ptrs}
             fn = builder.function
             oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorcols.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
             builder.branch(oc)
             builder.position_at_end(oc)  # chunks of at most _CHUNK patch bytes
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), nb), ob, oe)
             builder.position_at_end(ob)
-            for ptr in acc8:
+            for ptr in acc8.values():
                 builder.store(ir.Constant(vty, None), ptr)
             e = builder.add(builder.load(j_p), i64(_CHUNK))
             builder.store(builder.select(builder.icmp_signed("<", e, nb), e, nb), end_p)
@@ -100,25 +105,26 @@ def _make_xorcols(blocks: int, vec: int):
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
             j = builder.load(j_p)
-            byte = builder.load(builder.gep(p_arr.data, [j]))
-            splat = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
-                ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec))
+            splats = []
+            for q in range(pats):
+                byte = builder.load(builder.gep(p_bases[q], [j]))
+                splats.append(builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
+                    ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec)))
             row = builder.gep(w_base, [builder.mul(j, ost)])
             for b in range(blocks):
                 wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
-                c = builder.call(ctpop, [builder.xor(splat, wv)])
-                builder.store(builder.add(builder.load(acc8[b]), c), acc8[b])
+                for q in range(pats):
+                    c = builder.call(ctpop, [builder.xor(splats[q], wv)])
+                    builder.store(builder.add(builder.load(acc8[q, b]), c), acc8[q, b])
             builder.store(builder.add(j, i64(1)), j_p)
             builder.branch(ic)
-            builder.position_at_end(ie)  # widen the byte lanes once per chunk
-            for b in range(blocks):
-                builder.store(builder.add(builder.load(acc16[b]), builder.zext(builder.load(acc8[b]), wty)), acc16[b])
+            builder.position_at_end(ie)  # add the byte lanes to the int32 sums once per chunk
+            for key, ptr in y_ptrs.items():
+                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc8[key]), dty))
+                builder.store(total, ptr, align=4)
             builder.branch(oc)
             builder.position_at_end(oe)
-            for b in range(blocks):
-                dst = builder.gep(y_arr.data, [builder.add(yoff, i64(b * vec))])
-                builder.store(builder.zext(builder.load(acc16[b]), dty), builder.bitcast(dst, dty.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -126,9 +132,11 @@ def _make_xorcols(blocks: int, vec: int):
     return xorcols
 
 
-xorcols4 = _make_xorcols(4, VEC_BYTES)
-xorcols2 = _make_xorcols(2, VEC_BYTES)
-xorcols1 = _make_xorcols(1, VEC_BYTES)
+PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
+xorcols8 = _make_xorcols(PATS, 8, VEC_BYTES)
+xorcols4 = _make_xorcols(PATS, 4, VEC_BYTES)
+xorcols2 = _make_xorcols(PATS, 2, VEC_BYTES)
+xorcols1 = _make_xorcols(PATS, 1, VEC_BYTES)
 
 
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
@@ -177,10 +185,14 @@ def stem_pad(x, k, stride, pl):
     p = k // 2
     h, w, c = x.shape
     for yy in range(h):
-        for xx in range(w):
-            px = xx + p
-            for ch in range(c):
-                pl[ch * stride + px % stride, yy + p, px // stride] = np.int32(x[yy, xx, ch]) - 128
+        for ch in range(c):
+            for ph in range(stride):
+                plane = pl[ch * stride + ph, yy + p]
+                # padded column i*stride + ph is image column i*stride + ph - p, kept when in 0..w-1
+                i0 = max(0, -(-(p - ph) // stride))
+                i1 = -(-(w + p - ph) // stride)
+                for i in range(i0, i1):
+                    plane[i] = np.int32(x[yy, i * stride + ph - p, ch]) - 128
 
 
 @njit(cache=True, inline="always")
@@ -259,14 +271,17 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
             r7_ = pl[tpl[7], y0 + tky[7], tcol[7] : tcol[7] + wo]
             r8_ = pl[tpl[8], y0 + tky[8], tcol[8] : tcol[8] + wo]
         for o in range(n_out):
+            hrow = halves[o >> 5]
+            f, qq, sh = fm[o], q[o], np.uint32(o & 31)
             if ntaps == 9:
                 w0, w1, w2, w3, w4 = wt[0, o], wt[1, o], wt[2, o], wt[3, o], wt[4, o]
                 w5, w6, w7, w8 = wt[5, o], wt[6, o], wt[7, o], wt[8, o]
                 for ox in range(wo):
-                    acc[ox] = np.int32(
+                    a = np.int32(
                         w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
                         + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
                     )
+                    hrow[ox] |= np.uint32((a ^ f) > qq) << sh
             else:
                 acc[:] = 0
                 for t in range(ntaps):
@@ -274,10 +289,8 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
                     row = pl[tpl[t], y0 + tky[t], tcol[t] : tcol[t] + wo]
                     for ox in range(wo):
                         acc[ox] = np.int32(acc[ox] + wv * row[ox])
-            hrow = halves[o >> 5]
-            f, qq, sh = fm[o], q[o], np.uint32(o & 31)
-            for ox in range(wo):
-                hrow[ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
+                for ox in range(wo):
+                    hrow[ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
         for ox in range(wo):
             for wi in range(words):
                 out[oy + BORDER, ox + BORDER, wi] = np.uint64(halves[2 * wi, ox]) | (
@@ -324,27 +337,38 @@ def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
 
 
 @njit(cache=True, inline="always")
-def _gather(src32, src64, wp, upp, nup, k, sy, sx, patch32, patch64):
-    """Gather the patch at padded (sy, sx): the nup 32-bit units of each tap that hold channels
-    (copied as 64-bit units when nup is even)."""
+def _gather(src32, src64, wp, upp, nup, k, sy, sx, patch32, patch64, n):
+    """Gather the patch at padded (sy, sx) to unit n: the nup 32-bit units of each tap that hold
+    channels (copied as 64-bit units when nup is even)."""
     if nup % 2 == 0:
-        _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patch64, 0)
+        _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patch64, n // 2)
     else:
-        _gather_units(src32, wp, upp, nup, k, sy, sx, patch32, 0)
+        _gather_units(src32, wp, upp, nup, k, sy, sx, patch32, n)
 
 
 @njit(cache=True, inline="always")
-def _sums(patch, nb, wflat, o_stride, ys):
-    """ys[o] = popcount(patch ^ weights of o) for every output channel (padded to whole vectors)."""
+def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride):
+    """The patches of output pixels ox .. ox+PATS-1, pstride bytes apart (past the row end: the last pixel)."""
+    for q in range(PATS):
+        x = min(ox + q, wo - 1)
+        _gather(src32, src64, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, patch64, q * pstride // 4)
+
+
+@njit(cache=True, inline="always")
+def _sums(patch, pstride, nb, wflat, o_stride, ys):
+    """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
-    while o_stride - ob >= 4 * VEC_BYTES:
-        xorcols4(patch, nb, wflat, ob, o_stride, ys, ob)
+    while o_stride - ob >= 8 * VEC_BYTES:
+        xorcols8(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        ob += 8 * VEC_BYTES
+    if o_stride - ob >= 4 * VEC_BYTES:
+        xorcols4(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
         ob += 4 * VEC_BYTES
     if o_stride - ob >= 2 * VEC_BYTES:
-        xorcols2(patch, nb, wflat, ob, o_stride, ys, ob)
+        xorcols2(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
         ob += 2 * VEC_BYTES
     if o_stride - ob >= VEC_BYTES:
-        xorcols1(patch, nb, wflat, ob, o_stride, ys, ob)
+        xorcols1(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True)
@@ -382,18 +406,21 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, r0, r1):
     off = BORDER - k // 2
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    patch = np.zeros(-(-nb // 8) * 8, np.uint8)
+    pstride = -(-nb // 8) * 8
+    patch = np.zeros(PATS * pstride, np.uint8)
     patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
-    ys = np.zeros(o_stride, np.int32)
+    ys = np.zeros(PATS * o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
     for oy in range(r0, r1):
-        for ox in range(wo):
-            _gather(src32, src64, wp, upp, nup, k, oy * stride + off, ox * stride + off, patch32, patch64)
-            _sums(patch, nb, wflat, o_stride, ys)
-            for o in range(n_out):
-                b8[o] = np.uint8((ys[o] ^ fm[o]) > q[o])
-            _pack_bytes(b8, out[oy + BORDER, ox + BORDER])
+        for ox in range(0, wo, PATS):
+            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
+            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            for p in range(min(PATS, wo - ox)):
+                yp = ys[p * o_stride : p * o_stride + n_out]
+                for o in range(n_out):
+                    b8[o] = np.uint8((yp[o] ^ fm[o]) > q[o])
+                _pack_bytes(b8, out[oy + BORDER, ox + p + BORDER])
 
 
 @njit(cache=True)
@@ -407,15 +434,17 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
     wo = out.shape[1]
-    patch = np.zeros(-(-nb // 8) * 8, np.uint8)
+    pstride = -(-nb // 8) * 8
+    patch = np.zeros(PATS * pstride, np.uint8)
     patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
-    ys = np.zeros(o_stride, np.int32)
+    ys = np.zeros(PATS * o_stride, np.int32)
     for oy in range(r0, r1):
-        for ox in range(wo):
-            _gather(src32, src64, wp, upp, nup, k, oy * stride + off, ox * stride + off, patch32, patch64)
-            _sums(patch, nb, wflat, o_stride, ys)
-            for o in range(n_out):
-                out[oy, ox, o] = scale[o] * np.float32(kk - 2 * ys[o]) + bias[o]
+        for ox in range(0, wo, PATS):
+            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
+            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            for p in range(min(PATS, wo - ox)):
+                for o in range(n_out):
+                    out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * o_stride + o]) + bias[o]
 
 
 # ------------------------------------------------------------------ head
