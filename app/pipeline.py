@@ -154,6 +154,7 @@ class Pipeline:
         self.stats = PipelineStats(stage_ms={"detect": 0.0, "overlay": 0.0, "log": 0.0})
         self._done_times: collections.deque[float] = collections.deque(maxlen=30)
         self.watchdog_pings = 0
+        self.sink_failures: dict[str, int] = {}
 
     def _fps(self) -> float:
         t = self._done_times
@@ -180,6 +181,28 @@ class Pipeline:
         s.log_lines = getattr(self.log, "lines", 0)
         s.log_failures = getattr(self.log, "failures", 0)
         s.fps = self._fps()
+
+    def _outputs(self, frame: Any, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+        """Preview and recorder: their failures are counted and contained (one warning each)."""
+        try:
+            canvas = None
+            if self.preview.needs_canvas or self.recorder.needs_canvas:
+                canvas = overlay.render(frame.pixels, detections, self.class_names, hud)
+        except Exception as exc:
+            self._sink_failed("overlay", exc)
+            return
+        for name, call in (("preview", lambda: self.preview.show(frame, canvas, detections, hud)),
+                           ("recorder", lambda: self.recorder.write(canvas))):
+            try:
+                call()
+            except Exception as exc:
+                self._sink_failed(name, exc)
+
+    def _sink_failed(self, name: str, exc: Exception) -> None:
+        n = self.sink_failures.get(name, 0) + 1
+        self.sink_failures[name] = n
+        if n == 1:
+            log.warning("%s failed (%s: %s); detection continues", name, type(exc).__name__, exc)
 
     def run(self, stop: threading.Event) -> PipelineStats:
         perf = time.perf_counter
@@ -227,11 +250,7 @@ class Pipeline:
             dropped = self.capture.slot.dropped
             hud = overlay.Hud(fps, detect_ms, dropped) if self.hud else None
 
-            canvas = None
-            if self.preview.needs_canvas or self.recorder.needs_canvas:
-                canvas = overlay.render(frame.pixels, detections, self.class_names, hud)
-            self.preview.show(frame, canvas, detections, hud)
-            self.recorder.write(canvas)
+            self._outputs(frame, detections, hud)
             t2 = perf()
             latency_ms = (done - frame.t) * 1e3
             record = frame_record(frame, detections, self.class_names, fps, latency_ms, dropped)

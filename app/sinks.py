@@ -199,7 +199,13 @@ class JsonlLog:
         return self._write_line(record)
 
     def _write_line(self, record: dict[str, Any]) -> bool:
-        data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        try:
+            data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError) as exc:  # e.g. a NaN score: not JSON; lose the line, not the camera
+            self.failures += 1
+            self.last_error = f"unencodable record: {exc}"
+            log.warning("log %s: %s", self.path, self.last_error)
+            return False
         if self._fd is None and not self._open():
             self.failures += 1
             return False

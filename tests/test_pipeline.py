@@ -255,3 +255,42 @@ def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
     events = [json.loads(x) for x in path.read_text().splitlines() if '"event"' in x]
     assert [e["event"] for e in events][:2] == ["source_error", "source_recovered"]
     assert events[0]["stage"] == "hang"
+
+
+def test_failing_preview_and_recorder_do_not_stop_detection(tmp_path, caplog):
+    class BrokenPreview:
+        needs_canvas = True
+        stop_requested = False
+
+        def show(self, *a):
+            raise RuntimeError("window vanished")
+
+        def close(self):
+            pass
+
+    class BrokenRecorder(ListRecorder):
+        def write(self, canvas):
+            raise OSError(28, "No space left on device")
+
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    cap = Capture(lambda: FakeSource(period=0.002))
+    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, preview=BrokenPreview(), recorder=BrokenRecorder(),
+                 max_frames=6)
+    stats = run_pipeline(cap, p)
+    log.close()
+    assert stats.processed == 6 and len(path.read_text().splitlines()) == 6
+    assert p.sink_failures == {"preview": 6, "recorder": 6}
+    assert caplog.text.count("window vanished") == 1
+
+
+def test_non_finite_detections_are_dropped_not_fatal(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    cap = Capture(lambda: FakeSource(period=0.002))
+    p = Pipeline(cap, FakeDetector([[1, 2, 3, 4, float("nan"), 0], [1, 2, 9, 9, 0.8, 0]]), log_sink=log, max_frames=3)
+    stats = run_pipeline(cap, p)
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert stats.processed == 3 and log.failures == 0
+    assert [len(x["detections"]) for x in lines] == [1, 1, 1]

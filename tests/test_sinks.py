@@ -97,6 +97,16 @@ def test_only_detections(tmp_path):
     assert [json.loads(x)["seq"] for x in lines_of(tmp_path / "d.jsonl")] == [1]
 
 
+def test_unencodable_record_is_a_counted_failure(tmp_path, caplog):
+    path = tmp_path / "nan.jsonl"
+    log = JsonlLog(str(path))
+    assert not log.write(record(0, np.array([[1, 2, 3, 4, np.nan, 0]], np.float32)))
+    assert log.write(record(1))
+    log.close()
+    assert log.failures == 1 and "unencodable" in caplog.text
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [1]
+
+
 def test_rotation_keeps_n_files_of_bounded_size(tmp_path):
     path = tmp_path / "r.jsonl"
     one = len(json.dumps(record(), separators=(",", ":"))) + 1
