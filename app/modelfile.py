@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,8 @@ def read_model(path) -> Model:
     """Load and fully validate a model file; any problem is a ModelFormatError."""
     chk = _Checker(path)
     try:
+        if not stat.S_ISREG(Path(path).stat().st_mode):  # /dev/zero would fill memory, a FIFO block forever
+            chk.fail("not a regular file (a device, FIFO or directory cannot be a model file)")
         raw = Path(path).read_bytes()
     except OSError as e:
         chk.fail(f"cannot read the model file: {e.strerror or e}")
