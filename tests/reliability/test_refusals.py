@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -167,3 +168,21 @@ def test_huge_json_numbers_are_refused_not_overflowed(field, model_path, tmp_pat
     bad.write_bytes(modelbytes.build(header, data, version))
     with pytest.raises(ModelFormatError, match="anchor" if field == "anchor" else field):
         read_model(bad)
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo", "directory"])
+def test_model_path_that_is_not_a_regular_file_exits_65_promptly(kind, tmp_path, fake_camera):
+    """/dev/zero would be read until memory runs out, a FIFO would block forever (even SIGTERM cannot end a
+    blocked open()): both must be refused like any other bad model file."""
+    make_env, marker = fake_camera
+    if kind == "char-device":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = tmp_path / "model.fifo"
+        os.mkfifo(path)
+    else:
+        path = tmp_path
+    r = run_app("--source", "picamera2", "--model", path, "--preview", "none", env=make_env(), timeout=60)
+    assert r.returncode == EXIT_MODEL, r.stderr
+    assert "model file refused" in r.stderr and str(path) in r.stderr
+    assert not marker.exists()
