@@ -196,19 +196,19 @@ def stem_pad(x, k, stride, pl):
 
 
 @njit(cache=True, inline="always")
-def _pack_bytes(b8, out_words):
-    """0/1 bytes (one per channel, zero past the last) -> packed words (bits.py layout).
+def _pack_bytes(g8, out, y, x):
+    """0/1 bytes (one per channel, zero past the last; g8 = their uint64 view) -> out[y, x, :].
 
     Eight bytes at a time: multiplying by 0x0102040810204080 moves byte i's low bit to
-    bit 56 + i without carries, so ``>> 56`` leaves the eight bits in order.
+    bit 56 + i without carries, so ``>> 56`` leaves the eight bits in order. (Indices, not
+    views: a view per pixel costs numba reference counting.)
     """
-    g8 = b8.view(np.uint64)
-    for wi in range(out_words.shape[0]):
+    for wi in range(out.shape[2]):
         word = np.uint64(0)
         for g in range(8):
-            x = g8[wi * 8 + g]
-            word |= ((x * np.uint64(0x0102040810204080)) >> np.uint64(56)) << np.uint64(8 * g)
-        out_words[wi] = word
+            v = g8[wi * 8 + g]
+            word |= ((v * np.uint64(0x0102040810204080)) >> np.uint64(56)) << np.uint64(8 * g)
+        out[y, x, wi] = word
 
 
 @njit(cache=True)
@@ -271,7 +271,7 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
             r7_ = pl[tpl[7], y0 + tky[7], tcol[7] : tcol[7] + wo]
             r8_ = pl[tpl[8], y0 + tky[8], tcol[8] : tcol[8] + wo]
         for o in range(n_out):
-            hrow = halves[o >> 5]
+            hi = o >> 5
             f, qq, sh = fm[o], q[o], np.uint32(o & 31)
             if ntaps == 9:
                 w0, w1, w2, w3, w4 = wt[0, o], wt[1, o], wt[2, o], wt[3, o], wt[4, o]
@@ -281,7 +281,7 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
                         w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
                         + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
                     )
-                    hrow[ox] |= np.uint32((a ^ f) > qq) << sh
+                    halves[hi, ox] |= np.uint32((a ^ f) > qq) << sh
             else:
                 acc[:] = 0
                 for t in range(ntaps):
@@ -290,7 +290,7 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
                     for ox in range(wo):
                         acc[ox] = np.int32(acc[ox] + wv * row[ox])
                 for ox in range(wo):
-                    hrow[ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
+                    halves[hi, ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
         for ox in range(wo):
             for wi in range(words):
                 out[oy + BORDER, ox + BORDER, wi] = np.uint64(halves[2 * wi, ox]) | (
@@ -412,15 +412,16 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, r0, r1):
     ys = np.zeros(PATS * o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
+    g8 = b8.view(np.uint64)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
             _sums(patch, pstride, nb, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
-                yp = ys[p * o_stride : p * o_stride + n_out]
+                base = p * o_stride
                 for o in range(n_out):
-                    b8[o] = np.uint8((yp[o] ^ fm[o]) > q[o])
-                _pack_bytes(b8, out[oy + BORDER, ox + p + BORDER])
+                    b8[o] = np.uint8((ys[base + o] ^ fm[o]) > q[o])
+                _pack_bytes(g8, out, oy + BORDER, ox + p + BORDER)
 
 
 @njit(cache=True)
