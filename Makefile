@@ -78,12 +78,8 @@ eval: setup-dev ## mAP of the shipped model through the runtime Detector
 soak: setup ## long run of the pipeline: memory, drops, log rotation
 	$(PY) benchmarks/soak.py
 
-fuzz: setup-dev ## long property-based runs (hypothesis profile "fuzz")
-	@profile=fuzz; \
-	grep -qs 'register_profile("fuzz"' tests/conftest.py || { \
-		profile=thorough; echo "fuzz: tests/conftest.py registers no 'fuzz' profile; using '$$profile'"; }; \
-	echo "$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=$$profile"; \
-	$(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=$$profile
+fuzz: setup-dev ## property-based runs of the loaders and detect(): >= 2000 cases each, counts printed
+	XNORCAM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=fuzz
 
 lint: setup-dev ## ruff check app train tests benchmarks
 	$(PY) -m ruff check $(wildcard app train tests benchmarks)
