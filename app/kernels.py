@@ -13,9 +13,10 @@ so dropping them changes no popcount). The weights are stored transposed
 (explicit LLVM vector code) broadcasts one patch byte against a vector of
 output channels: XOR, per-byte popcount (NEON CNT, AVX-512 VPOPCNTB), sums in
 byte lanes widened only every 31 bytes. Output channels sit in vector lanes,
-so there are no horizontal sums and no padding of K to whole vectors; LLVM's
-own vectoriser would widen every count to 64 bits, three extra NEON
-instructions per vector on the Pi.
+so there are no horizontal sums and no padding of K to whole vectors; each
+weight vector load serves PATS = 2 neighbouring output pixels. LLVM's own
+vectoriser would widen every count to 64 bits, three extra NEON instructions
+per vector on the Pi.
 
 Every ``*_rows`` kernel computes output rows [r0, r1) so that the same code
 runs single-threaded or split over threads (``*_par`` wrappers, prange).
@@ -478,9 +479,11 @@ def unpack_pm1(inp, channels, out):
 
 
 # ------------------------------------------------------------------ whole network
-# The fused runners live here, beside the kernels they inline: numba's cache only
-# notices edits to a function's own file, so a runner in another module would keep
-# running stale kernel code from its cache.
+# Runners that call several kernels live here, beside them: numba's cache only notices
+# edits to a function's own file, so a runner in another module would keep running
+# stale kernel code from its cache. (The binary body is not fused into one runner:
+# LLVM compiled the kernels inlined into it 1.5x slower on x86; one call per layer
+# costs little.)
 OP_POOL, OP_BITS, OP_REAL = 0, 1, 2
 # columns of the layer plan built by app.network.Network
 (C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
@@ -492,28 +495,6 @@ N_COLS = 19
 def _view(act, off, h, w, words):
     hp, wp = h + 2 * BORDER, w + 2 * BORDER
     return act[off : off + hp * wp * words].reshape((hp, wp, words))
-
-
-@njit(cache=True)
-def run_body(plan, act, bw, thr, flip, scale, bias, real):
-    """Every layer between the stem and the head, in one call."""
-    for i in range(plan.shape[0]):
-        p = plan[i]
-        inp = _view(act, p[C_IN_OFF], p[C_IN_H], p[C_IN_W], p[C_IN_WORDS])
-        if p[C_OP] == OP_POOL:
-            out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-            pool_rows(inp, out, 0, p[C_OUT_H])
-            continue
-        n_out, o_stride, nb = p[C_N_OUT], p[C_NPAD], p[C_NB]
-        w = bw[p[C_W_OFF] : p[C_W_OFF] + o_stride * nb].reshape((nb, o_stride))
-        t0 = p[C_T_OFF]
-        if p[C_OP] == OP_BITS:
-            out = _view(act, p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-            bconv_bits_rows(inp, w, p[C_NUP], p[C_KK], p[C_K], p[C_S], thr[t0 : t0 + n_out],
-                            flip[t0 : t0 + n_out], out, 0, p[C_OUT_H])
-        else:
-            bconv_real_rows(inp, w, p[C_NUP], p[C_KK], p[C_K], p[C_S], scale[t0 : t0 + n_out],
-                            bias[t0 : t0 + n_out], real, 0, p[C_OUT_H])
 
 
 @njit(cache=True)

@@ -1,10 +1,11 @@
 """Runs the layers of a loaded model: letterboxed uint8 image -> raw head grid.
 
 All weights are rearranged once, at construction, into the layouts the kernels
-want, and every activation buffer is allocated once (borders stay zero, the
-+1 padding). A frame then costs three numba calls (stem, binary body, head),
-which keeps interpreter overhead small on the Pi. A Network is not re-entrant:
-use one per thread.
+want, every activation buffer is allocated once (borders stay zero, the +1
+padding) and the argument tuple of every kernel call is built once. A frame
+then costs one numba call for the stem, one per body layer and one for the
+head, which keeps interpreter overhead small on the Pi. A Network is not
+re-entrant: use one per thread.
 """
 
 from __future__ import annotations
@@ -129,9 +130,6 @@ class Network:
         self.head_b = np.ascontiguousarray(head.tensors["bias"], np.float32)
         self.head_out = np.zeros((h, w, head.params["out_ch"]), np.float32)
         self.last_bits = bufs[-1] + (c,)
-        # One numba call per layer: LLVM compiles a kernel inlined into the fused run_body
-        # markedly worse (measured 1.5x slower on x86), so the fused runner is opt-in.
-        self.fused = False
         self._calls = self._layer_calls()
 
     # ---------------------------------------------------------------- views
@@ -152,9 +150,6 @@ class Network:
                        4 * self.threads)
 
     def body(self):
-        if self.fused and self.threads == 1:
-            K.run_body(self.plan, self.act, self.bw, self.thr, self.flip, self.scale, self.bias, self.real)
-            return
         for fn, args in self._calls:
             fn(*args)
 
