@@ -215,3 +215,63 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def calibrate_score_threshold(model_path, n_images: int = 400, seed: int = 0, grid=None) -> tuple:
+    """Pick the default score threshold that maximises F1 on TRAINING images (never the validation split).
+
+    Runs the runtime Detector on a random sample of the training sources of
+    person.toml and rewrites the model file with that threshold. Returns (threshold, f1, precision, recall).
+    """
+    import dataclasses
+
+    from app.detector import Detector as RuntimeDetector
+    from app.evaluate import load_dataset, precision_recall, shared_root
+    from app.modelfile import read_model
+    from train.data import DataConfig, load_toml, repo_root
+
+    cfg = DataConfig.from_dict(load_toml(repo_root() / "train/configs/person.toml")["data"])
+    root = shared_root() / "datasets"
+    samples = []
+    for src in cfg.sources:
+        if src.split == "train" and src.format == "yolo":
+            samples += load_dataset(root / src.path, "yolo")
+    rng = np.random.default_rng(seed)
+    samples = [samples[i] for i in rng.choice(len(samples), min(n_images, len(samples)), replace=False)]
+    model = read_model(model_path)
+    det = RuntimeDetector(model=model, score_threshold=0.005)
+    names = list(model.class_names)
+    import cv2
+
+    gts, dets = [], []
+    for s in samples:
+        keep = [k for k, n in enumerate(s.names) if n in names]
+        gts.append((s.boxes[keep], np.array([names.index(s.names[k]) for k in keep], np.int64)))
+        dets.append(det.detect(cv2.imread(str(s.image), cv2.IMREAD_COLOR)))
+    best = (model.score_threshold, -1.0, 0.0, 0.0)
+    for t in grid if grid is not None else np.arange(0.02, 0.61, 0.01):
+        p, r = precision_recall(gts, dets, float(t))
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        if f1 > best[1]:
+            best = (round(float(t), 3), f1, p, r)
+    meta = dict(model.metadata)
+    meta["score_threshold_calibration"] = {
+        "threshold": best[0],
+        "f1": best[1],
+        "precision": best[2],
+        "recall": best[3],
+        "images": len(samples),
+        "on": "random training images (person.toml train sources), runtime Detector",
+    }
+    write_model(model_path, dataclasses.replace(model, score_threshold=best[0], metadata=meta))
+    return best
+
+
+def update_metadata(model_path, extra: dict) -> None:
+    """Merge ``extra`` into a model file's metadata (e.g. validation metrics measured after export)."""
+    import dataclasses
+
+    from app.modelfile import read_model
+
+    model = read_model(model_path)
+    write_model(model_path, dataclasses.replace(model, metadata={**model.metadata, **extra}))
