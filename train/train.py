@@ -417,6 +417,10 @@ def main(argv=None) -> int:
         target = Path(args.export_to) if args.export_to else repo_root() / cfg["train"].export_to
         export_checkpoint(out / "best.pt", target, command=" ".join(["python -m train.train", *(argv or sys.argv[1:])]))
         print(f"exported {target}")
+        from train.export import calibrate_score_threshold
+
+        thr, f1, p, r = calibrate_score_threshold(target)
+        print(f"default score threshold {thr} (F1 {f1:.3f}, P {p:.3f}, R {r:.3f} on training images)")
         # The exported file through the runtime Detector: the numbers the Pi would get.
         det = RuntimeDetector(target, score_threshold=EVAL_SCORE_THRESHOLD)
         m = evaluate(det.detect, validation_split(), list(det.class_names), det.model.score_threshold)
