@@ -38,6 +38,20 @@ def class_colour(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+_DIGITS_AS_ZERO = str.maketrans("123456789", "000000000")
+
+
+@lru_cache(maxsize=1024)
+def _text_size_cached(shape: str, scale: float) -> tuple[tuple[int, int], int]:
+    return cv2.getTextSize(shape, FONT, scale, 1)
+
+
+def text_size(text: str, scale: float) -> tuple[tuple[int, int], int]:
+    """cv2.getTextSize, cached: digits all have one width in the Hershey fonts, so a label
+    or HUD line measures like its digits-as-zeros form (getTextSize costs more than drawing)."""
+    return _text_size_cached(text.translate(_DIGITS_AS_ZERO), scale)
+
+
 def label_text(det_class: int, score: float, class_names: Sequence[str]) -> str:
     name = class_names[det_class] if 0 <= det_class < len(class_names) else f"class{det_class}"
     return f"{name} {score:.2f}"
@@ -67,7 +81,7 @@ def _draw(
     # HUD first, bottom-left: labels sit at the tops of boxes and are drawn over it, never hidden.
     if hud is not None:
         text = hud.text()
-        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
+        (tw, th), base = text_size(text, font_scale)
         bg = (0, 0, 0, 160) if rgba else (0, 0, 0)
         cv2.rectangle(canvas, (0, h - th - base - 6), (tw + 6, h - 1), bg, cv2.FILLED)
         cv2.putText(canvas, text, (3, h - base - 3), FONT, font_scale, colour((255, 255, 255)), 1, cv2.LINE_AA)
@@ -80,7 +94,7 @@ def _draw(
         p2 = (int(round(x2 * sx)), int(round(y2 * sy)))
         cv2.rectangle(canvas, p1, p2, c, thick)
         text = label_text(cls_i, float(score), class_names)
-        (tw, th), base = cv2.getTextSize(text, FONT, font_scale, 1)
+        (tw, th), base = text_size(text, font_scale)
         # Label sits above the box, or inside it when the box touches the top.
         ty = p1[1] - 2 if p1[1] - th - base - 2 >= 0 else p1[1] + th + base + 2
         tx = min(max(p1[0], 0), max(0, w - tw - 2))

@@ -93,3 +93,12 @@ def test_boxes_outside_the_image_do_not_crash():
 def test_render_refuses_bad_frames(bad):
     with pytest.raises(ValueError):
         render(bad, dets(), NAMES)
+
+
+def test_cached_text_size_matches_opencv():
+    import cv2
+
+    from app.overlay import FONT, text_size
+
+    for text in ("person 0.87", "7.5 fps  det 120.3 ms  dropped 4127", "class12 0.19", "dog 1.00"):
+        assert text_size(text, 0.4) == cv2.getTextSize(text, FONT, 0.4, 1)
