@@ -200,12 +200,12 @@ class DemoSource(ImagesSource):
         self._step += 1
         h, w = photo.shape[:2]
         out_w, out_h = self.size
-        # Crop a window of the output's aspect ratio that shrinks (zoom in 1.0 -> 1.25)
-        # and slides left to right as the phase goes 0 -> 1.
-        scale = min(w / out_w, h / out_h) / (1.0 + 0.25 * phase)
+        # Fill the frame (no bars: their edges look like people to a small detector) and
+        # zoom in a little while drifting down from the top, where the heads are.
+        scale = min(w / out_w, h / out_h) / (1.0 + 0.15 * phase)
         cw, ch = out_w * scale, out_h * scale
-        x0 = (w - cw) * phase
-        y0 = (h - ch) * 0.5
+        x0 = (w - cw) * (0.35 + 0.3 * phase)
+        y0 = (h - ch) * 0.4 * phase
         m = np.array([[1 / scale, 0, -x0 / scale], [0, 1 / scale, -y0 / scale]], dtype=np.float64)
         frame = cv2.warpAffine(photo, m, self.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._pacer.wait()
