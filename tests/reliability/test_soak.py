@@ -59,10 +59,12 @@ def test_short_soak_on_images_is_lossless(model_path):
 
 
 def test_short_soak_with_reconnect_churn(model_path):
-    """A camera failing every 40 reads: hundreds of reopens leak no memory or threads and lose no frame."""
+    """A camera failing every 40 reads: dozens of reopens leak no memory or threads and lose no frame."""
     r, f = soak("--frames", 1500, "--warmup-frames", 300, "--model", model_path, "--fault-every", 40)
     assert r.returncode == 0 and f["ok"], (f, r.stderr[-2000:])
-    assert f["source_errors"] >= 100 and f["reopens"] == f["source_errors"]
+    # Each reopened source fails on its 40th read, so 39 good reads per error: how many errors there were
+    # follows from how many frames were captured, whatever the machine's speed. 1500 frames need >= 37.
+    assert f["source_errors"] >= max(37, (f["captured"] - 38) // 39) and f["reopens"] == f["source_errors"]
     assert f["event_lines"] >= f["source_errors"] and f["log_lines_on_disk"] == f["logged"] + f["event_lines"]
     assert f["captured"] == f["logged"] + f["dropped"] and f["rss_growth_mb"] <= 5.0
 
