@@ -243,6 +243,9 @@ def _check_cross(config: Config) -> None:
         )
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KB
+
+
 def load(path: str | Path | None = None) -> Config:
     """Load ``path``, or the default file when it exists, or the built-in defaults."""
     if path is None:
@@ -251,6 +254,11 @@ def load(path: str | Path | None = None) -> Config:
         path = DEFAULT_CONFIG_PATH
     path = Path(path)
     try:
+        # A device reads forever and a FIFO blocks before any signal can stop us: refuse both unread.
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"config file {path}: not a regular file (a device, FIFO or directory cannot be a config)")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path}: {path.stat().st_size} bytes is too large (at most {MAX_CONFIG_BYTES})")
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -116,3 +117,16 @@ def test_overrides_are_validated_like_the_file():
 def test_from_dict_refuses_non_table():
     with pytest.raises(ConfigError):
         from_dict([])  # type: ignore[arg-type]
+
+
+def test_device_fifo_directory_and_huge_files_are_refused_unread(tmp_path):
+    """/dev/zero would be read until memory ran out, and a FIFO would block past SIGTERM."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo, tmp_path):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load(path)
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"#" * (cfgmod.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="too large"):
+        load(huge)
