@@ -132,3 +132,18 @@ FAKE_PICAMERA2 = textwrap.dedent(
 )
 
 
+def run_pipeline(capture, pipeline, timeout_s: float, *closers):
+    """Run ``pipeline`` over ``capture`` until it stops itself or ``timeout_s`` passes; then stop the capture,
+    refresh the counters and close ``closers`` (logs, notifiers), failures or not. Returns the pipeline's stats."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout_s, stop.set)
+    timer.start()
+    capture.start()
+    try:
+        return pipeline.run(stop)
+    finally:
+        timer.cancel()
+        capture.stop()
+        pipeline.refresh_stats()
+        for closer in closers:
+            closer.close()

@@ -3,7 +3,6 @@ watchdog stays honest (no pings while wedged), both in-process and through ``pyt
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from app.service import Notifier
 from app.sinks import JsonlLog
 from tests.fakes.fake_source import FakeSource
 from tests.reliability.logread import frames_and_events, read_log
-from tests.reliability.support import run_app
+from tests.reliability.support import run_app, run_pipeline
 
 
 class ScriptedSource(FakeSource):
@@ -80,18 +79,7 @@ def test_raise_garbage_open_failure_and_hang_are_survived_and_logged(tmp_path, d
     preview = StopWhen(lambda: len(made) > len(SCRIPTS), 30)  # 30 frames once all faults are over
     p = Pipeline(cap, detector, log_sink=log, preview=preview, notifier=notifier, idle_grace_s=grace,
                  status_interval_s=0.05)
-    stop = threading.Event()
-    timer = threading.Timer(30, stop.set)
-    timer.start()
-    cap.start()
-    try:
-        stats = p.run(stop)
-    finally:
-        timer.cancel()
-        cap.stop()
-        p.refresh_stats()
-        log.close()
-        notifier.close()
+    stats = run_pipeline(cap, p, 30, log, notifier)
     time.sleep(0.1)  # let the receiver take the last datagrams
 
     assert stats.stopped_by == "preview closed", stats.summary()

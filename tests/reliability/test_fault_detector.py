@@ -5,7 +5,6 @@ NaN) only ever see finite detections."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 
@@ -16,6 +15,7 @@ from app.pipeline import Pipeline
 from app.sinks import JsonlLog
 from tests.fakes.fake_source import FakeSource
 from tests.reliability.logread import frames_and_events, read_log
+from tests.reliability.support import run_pipeline
 
 
 class RenderingPreview:
@@ -72,16 +72,7 @@ def run(detector, tmp_path, frames=20):
     preview = RenderingPreview()
     cap = Capture(lambda: FakeSource(period=0.002, shape=(48, 64)))
     p = Pipeline(cap, detector, log_sink=log, preview=preview, max_frames=frames)
-    stop = threading.Event()
-    timer = threading.Timer(30, stop.set)
-    timer.start()
-    cap.start()
-    try:
-        stats = p.run(stop)
-    finally:
-        timer.cancel()
-        cap.stop()
-        log.close()
+    stats = run_pipeline(cap, p, 30, log)
     assert stats.processed == frames and stats.stopped_by == "max frames"
     assert preview.canvases == frames and log.failures == 0
     records, _ = read_log(path, allow_torn_tail=False)

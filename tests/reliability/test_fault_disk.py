@@ -8,7 +8,6 @@ import errno
 import os
 import shutil
 import subprocess
-import threading
 
 import pytest
 
@@ -18,7 +17,7 @@ from app.pipeline import Pipeline
 from app.sinks import JsonlLog
 from tests.fakes.fake_source import FakeSource
 from tests.reliability.logread import frames_and_events, read_log
-from tests.reliability.support import run_app
+from tests.reliability.support import run_app, run_pipeline
 
 
 class FrameHook:
@@ -42,17 +41,7 @@ class FrameHook:
 def run(detector, log, hook, frames):
     cap = Capture(lambda: FakeSource(period=0.001, shape=(48, 64)))
     p = Pipeline(cap, detector, log_sink=log, preview=FrameHook(hook, frames))
-    stop = threading.Event()
-    timer = threading.Timer(60, stop.set)
-    timer.start()
-    cap.start()
-    try:
-        stats = p.run(stop)
-    finally:
-        timer.cancel()
-        cap.stop()
-        p.refresh_stats()
-        log.close()
+    stats = run_pipeline(cap, p, 60, log)
     assert stats.stopped_by == "preview closed"
     return stats
 
