@@ -64,6 +64,14 @@ def wait_for_lines(proc, log, n, timeout=90):
     raise AssertionError(f"fewer than {n} log lines after {timeout} s")
 
 
+def sigterm_and_wait(proc) -> tuple[str, float]:
+    """SIGTERM ``proc`` and wait for it: its stderr and the seconds it took to exit."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    return err, time.monotonic() - t0
+
+
 def test_sigterm_inside_a_frame_finishes_that_frame_and_exits_0(tmp_path, model_path, notify_socket):
     runner = tmp_path / "runner.py"
     runner.write_text(MID_FRAME_RUNNER.format(root=str(ROOT)))
@@ -95,10 +103,7 @@ def test_sigterm_at_a_random_moment_exits_0_within_2s_with_a_whole_log(tmp_path,
     try:
         wait_for_lines(proc, log, 10)
         time.sleep(random.uniform(0.0, 0.3))
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
+        err, elapsed = sigterm_and_wait(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -119,10 +124,7 @@ def test_sigterm_while_the_camera_hangs_exits_0_within_2s(tmp_path, model_path, 
     try:
         wait_for_lines(proc, log, 8)
         time.sleep(0.5)  # the capture thread is now stuck inside the driver call
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
+        err, elapsed = sigterm_and_wait(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
