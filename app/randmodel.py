@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -110,6 +111,22 @@ def random_model(
         metadata={"name": "random", "description": "random weights, thresholds calibrated on a synthetic frame",
                   "seed": seed},
     )
+
+
+def model_file_or_random(path, tmp_dir) -> Path:
+    """``path`` if given, else the shipped default, else a seed-0 random model written into ``tmp_dir``.
+
+    Benchmarks use it so they run (on the right architecture) before a trained model exists.
+    """
+    from app.detector import DEFAULT_MODEL
+
+    if path:
+        return Path(path)
+    if DEFAULT_MODEL.exists():
+        return DEFAULT_MODEL
+    out = Path(tmp_dir) / "random.xnc"
+    write_model(out, random_model(seed=0))
+    return out
 
 
 def main(argv=None) -> int:

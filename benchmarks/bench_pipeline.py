@@ -47,21 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from app import overlay  # noqa: E402
 from app.detector import DEFAULT_MODEL, Detector  # noqa: E402
+from app.randmodel import model_file_or_random  # noqa: E402
 from app.sinks import JsonlLog, frame_record  # noqa: E402
 from app.sources import DemoSource, Frame  # noqa: E402
-
-
-def model_file(arg: str | None, tmp: Path) -> Path:
-    if arg:
-        return Path(arg)
-    if DEFAULT_MODEL.exists():
-        return DEFAULT_MODEL
-    from app.modelfile import write_model
-    from app.randmodel import random_model
-
-    path = tmp / "random.xnc"
-    write_model(path, random_model(seed=0))
-    return path
 
 
 def lores_buffer(bgr: np.ndarray, stride: int = 384) -> np.ndarray:
@@ -231,7 +219,7 @@ def main(argv=None) -> int:
         ap.error("--frames must be at least 200")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model = model_file(args.model, tmp)
+        model = model_file_or_random(args.model, tmp)
         result = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else "random (default architecture)")}
         result.update(split(model, args.frames, tmp))
         ms = result["per_frame_ms"]

@@ -51,6 +51,7 @@ from app.capture import Capture  # noqa: E402
 from app.config import SourceConfig  # noqa: E402
 from app.detector import DEFAULT_MODEL, Detector  # noqa: E402
 from app.pipeline import Pipeline, filter_for  # noqa: E402
+from app.randmodel import model_file_or_random  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Generous upper bound of one frame line (bytes), used only to size the rotation so that no file is deleted.
@@ -71,17 +72,6 @@ def os_threads() -> int:
     return threading.active_count()
 
 
-def model_file(arg: str | None, tmp: Path) -> Path:
-    if arg:
-        return Path(arg)
-    if DEFAULT_MODEL.exists():
-        return DEFAULT_MODEL
-    from app.modelfile import write_model
-    from app.randmodel import random_model
-
-    path = tmp / "random.xnc"
-    write_model(path, random_model(seed=0))
-    return path
 
 
 class RenderingNullPreview:
@@ -246,7 +236,7 @@ def _soak(args: argparse.Namespace, warmup: int, tmp: Path) -> int:
     # Keep every file the run can make: the line count across files must be exact.
     files = math.ceil(args.frames * LINE_BYTES_BOUND / max_bytes) + 2
 
-    model = model_file(args.model, tmp)
+    model = model_file_or_random(args.model, tmp)
     detector = Detector(model)
     detector.warmup()
     keep = filter_for(detector, (), {})  # as the app builds it with no class settings
