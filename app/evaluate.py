@@ -2,8 +2,9 @@
 
     python -m app eval [--model FILE] [--data DIR] [--format yolo|voc|coco] [--class NAME] [--limit N]
 
-Without ``--data`` it evaluates the held-out validation split (person/clinic and
-coco_mini, sources training never sees) from the shared datasets folder. It
+Without ``--data`` it evaluates the shipped model's held-out validation split from
+the shared datasets folder: the whole scenes listed in models/person-split.txt
+(capston2, fall and clinic scenes training never saw) plus all of coco_mini. It
 prints mAP@0.5 and mAP@0.5:0.95 (pycocotools), precision and recall at the
 model's default score threshold, and as the LAST line one JSON object with the
 keys map50, map50_95, images, precision, recall.
@@ -30,7 +31,9 @@ import numpy as np
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # A low threshold gives COCO's AP the whole precision-recall curve; P/R use the model's own threshold.
 EVAL_SCORE_THRESHOLD = 0.005
-VALIDATION_SPLIT = (("person/clinic", "yolo"), ("coco_mini", "coco"))
+# The shipped model's held-out split: scenes listed by train.split, plus whole sources.
+VALIDATION_SPLIT_FILE = Path(__file__).resolve().parents[1] / "models" / "person-split.txt"
+VALIDATION_WHOLE = (("coco_mini", "coco"),)
 
 
 class EvalDataError(ValueError):
@@ -104,13 +107,16 @@ def _image_size(path: Path) -> tuple:
     return img.shape[1], img.shape[0]
 
 
-def load_yolo(folder: Path) -> list:
+def load_yolo(folder: Path, only: set | None = None) -> list:
+    """Every labelled image of a YOLO folder, or those whose file name is in ``only``."""
     names = _yaml_names(folder / "data.yaml")
     out = []
     img_dir = folder / "images"
     if not img_dir.is_dir():
         raise EvalDataError(f"{folder}: no images/ folder")
     for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if only is not None and img.name not in only:
+            continue
         lab = folder / "labels" / (img.stem + ".txt")
         boxes, cls = [], []
         if lab.exists():
@@ -202,8 +208,26 @@ def validation_split() -> list:
         raise EvalDataError(
             f"no --data given and the shared datasets ({root}) are absent: pass --data DIR [--format yolo|voc|coco]"
         )
+    per_folder: dict = {}
+    try:
+        lines = VALIDATION_SPLIT_FILE.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise EvalDataError(f"{VALIDATION_SPLIT_FILE}: {e.strerror}") from None
+    for ln, line in enumerate(lines, 1):
+        kind, _, rel = line.partition(" ")
+        if kind != "val":
+            continue
+        folder, sep, name = rel.strip().rpartition("/images/")
+        if not sep:
+            raise EvalDataError(f"{VALIDATION_SPLIT_FILE}:{ln}: expected 'val SOURCE/images/NAME', got {line!r}")
+        per_folder.setdefault(folder, set()).add(name)
     out = []
-    for sub, fmt in VALIDATION_SPLIT:
+    for folder, names in sorted(per_folder.items()):
+        found = load_yolo(root / folder, only=names)
+        if len(found) != len(names):
+            raise EvalDataError(f"{root / folder}: {len(names) - len(found)} held-out images listed but missing")
+        out += found
+    for sub, fmt in VALIDATION_WHOLE:
         out += load_dataset(root / sub, fmt)
     return out
 
@@ -372,7 +396,7 @@ def main(argv=None) -> int:
         if args.cls not in names:
             print(f"--class {args.cls!r} is not one of the model's classes {names}", file=sys.stderr)
             return 2
-    data = args.data or "validation split (person/clinic + coco_mini)"
+    data = args.data or "validation split (models/person-split.txt scenes + coco_mini)"
     print(f"model: {args.model or 'default'}  data: {data}  images: {len(samples[: args.limit or None])}")
     try:
         m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls)

@@ -139,3 +139,23 @@ def test_only_one_class_is_scored(tmp_path):
     assert both["map50"] < 0.75
     assert dogs["map50"] == pytest.approx(1.0) and dogs["precision"] == 1.0
     assert people["map50"] < 0.05
+
+
+def test_default_split_reads_the_listed_scenes_and_whole_sources(tmp_path, monkeypatch):
+    data = tmp_path / "datasets"
+    make_yolo(data / "person" / "cam", n=5)
+    whole = make_yolo(data / "whole", n=2, seed=1)
+    split = tmp_path / "split.txt"
+    split.write_text("# held out\nval person/cam/images/im1.png\nval person/cam/images/im3.png\ndrop person/cam/images/im0.png\n")
+    monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path))
+    monkeypatch.setattr(ev, "VALIDATION_SPLIT_FILE", split)
+    monkeypatch.setattr(ev, "VALIDATION_WHOLE", (("whole", "yolo"),))
+    got = ev.validation_split()
+    assert [s.image.name for s in got] == ["im1.png", "im3.png", "im0.png", "im1.png"]
+    assert got[2].image.parent.parent == whole
+    split.write_text("val person/cam/images/gone.png\n")
+    with pytest.raises(ev.EvalDataError, match="missing"):
+        ev.validation_split()
+    split.write_text("val person/cam/im1.png\n")
+    with pytest.raises(ev.EvalDataError, match=r"split.txt:1"):
+        ev.validation_split()

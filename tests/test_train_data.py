@@ -249,12 +249,52 @@ def test_real_person_config_loads_cleanly():
     )
     rep = td.LoadReport()
     val = td.load_split(cfg, "val", rep)
+    train = td.load_split(cfg, "train", rep)
     assert rep.problems == []
-    assert sum(s.source == "clinic" for s in val) == 465
     coco = [s for s in val if s.source == "coco_mini"]
     assert 100 < len(coco) <= 159 and any(len(s.boxes) for s in coco)
     train_sources = {src.name for src in cfg.sources if src.split == "train"}
     assert not train_sources & {s.source for s in val}  # whole sources held out
+    listed = td.read_split_file(cfg.split_file)
+    held = {p for p, k in listed.items() if k == "val"}
+    dropped = {p for p, k in listed.items() if k == "drop"}
+    root = td.data_root(cfg)
+    val_paths = {s.image.relative_to(root).as_posix() for s in val if s.source != "coco_mini"}
+    train_paths = {s.image.relative_to(root).as_posix() for s in train}
+    assert val_paths == held  # every listed scene image, and nothing else, is validation
+    assert not train_paths & (held | dropped)
+    assert {s.source for s in val} >= {"capston2", "fall", "clinic", "coco_mini"}
+
+
+def test_scenes_split_routes_listed_images(tmp_path):
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    (ds / "labels").mkdir()
+    for n in ("a", "b", "c"):
+        cv2.imwrite(str(ds / "images" / f"{n}.jpg"), np.full((20, 20), 128, np.uint8))
+        (ds / "labels" / f"{n}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    split = tmp_path / "split.txt"
+    split.write_text("# comment\nval ds/images/a.jpg\ndrop ds/images/b.jpg\n")
+    cfg = td.DataConfig.from_dict(
+        {
+            "classes": ["person"],
+            "root": str(tmp_path),
+            "split_file": str(split),
+            "sources": [{"name": "ds", "path": "ds", "format": "yolo", "split": "scenes"}],
+        }
+    )
+    assert [s.image.name for s in td.load_split(cfg, "val")] == ["a.jpg"]
+    assert [s.image.name for s in td.load_split(cfg, "train")] == ["c.jpg"]
+
+
+def test_scenes_split_needs_a_split_file_and_a_clean_one(tmp_path):
+    src = {"name": "ds", "path": "ds", "format": "yolo", "split": "scenes"}
+    with pytest.raises(td.ConfigError, match="split_file"):
+        td.DataConfig.from_dict({"classes": ["person"], "sources": [src]})
+    bad = tmp_path / "split.txt"
+    bad.write_text("val a.jpg\nkeep b.jpg\n")
+    with pytest.raises(td.ConfigError, match=r"split.txt:2"):
+        td.read_split_file(bad)
 
 
 @pytest.mark.skipif(not (SHARED / "raccoon").is_dir(), reason="../shared/datasets absent")

@@ -59,7 +59,7 @@ class SourceConfig:
     name: str
     path: str  # relative to the data root, or absolute
     format: str
-    split: str = "train"  # "train" or "val"
+    split: str = "train"  # "train", "val", or "scenes" (held-out scenes listed in data.split_file)
     annotations: str = ""  # COCO: json file(s), relative to path; "a.json,b.json" allowed
     images: str = ""  # COCO: image folder(s) matching annotations, comma separated
     masks: bool = False  # YOLO: masks/NAME.png instance masks for copy-paste
@@ -68,8 +68,8 @@ class SourceConfig:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"source {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
-        if self.split not in ("train", "val"):
-            raise ConfigError(f"source {self.name!r}: split must be 'train' or 'val', got {self.split!r}")
+        if self.split not in ("train", "val", "scenes"):
+            raise ConfigError(f"source {self.name!r}: split must be 'train', 'val' or 'scenes', got {self.split!r}")
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,15 @@ class DataConfig:
     on_error: str = "skip"  # "skip" or "stop"
     cache_long_side: int = 224
     cache_file: str = ""  # e.g. runs/cache-person.npz; "" = no disk cache
+    split_file: str = ""  # "val PATH" / "drop PATH" lines (train.split), for split = "scenes" sources
 
     def __post_init__(self):
         if self.on_error not in ("skip", "stop"):
             raise ConfigError(f"data.on_error must be 'skip' or 'stop', got {self.on_error!r}")
         if not self.classes:
             raise ConfigError("data.classes must name at least one class")
+        if any(s.split == "scenes" for s in self.sources) and not self.split_file:
+            raise ConfigError("a source has split = 'scenes' but data.split_file is not set")
 
     @staticmethod
     def from_dict(d: dict) -> DataConfig:
@@ -384,14 +387,45 @@ def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport
     return samples[: src.limit] if src.limit else samples
 
 
+def read_split_file(path) -> dict:
+    """{relative image path: "val" | "drop"} from a train.split file; other lines are comments."""
+    path = Path(path) if Path(path).is_absolute() else repo_root() / path
+    out = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"data.split_file: {exc}") from None
+    for ln, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        kind, _, rel = line.partition(" ")
+        if kind not in ("val", "drop") or not rel.strip():
+            raise ConfigError(f"{path}:{ln}: expected 'val PATH' or 'drop PATH', got {line!r}")
+        out[rel.strip()] = kind
+    return out
+
+
 def load_split(cfg: DataConfig, split: str, report: LoadReport | None = None) -> list:
     report = report if report is not None else LoadReport()
     root = data_root(cfg)
+    listed = read_split_file(cfg.split_file) if cfg.split_file else {}
     out = []
     for src in cfg.sources:
         if src.split == split:
             out += load_source(src, root, list(cfg.classes), report, cfg.on_error == "stop")
+        elif src.split == "scenes":
+            for s in load_source(src, root, list(cfg.classes), report, cfg.on_error == "stop"):
+                kind = listed.get(_relative(s.image, root), "train")
+                if kind == split:
+                    out.append(s)
     return out
+
+
+def _relative(image: Path, root: Path) -> str:
+    try:
+        return Path(image).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return Path(image).as_posix()
 
 
 # ------------------------------------------------------------------ RAM cache
@@ -512,7 +546,8 @@ def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, 
     if cfg.cache_file:
         base = Path(cfg.cache_file)
         base = base if base.is_absolute() else repo_root() / base
-        key = hashlib.sha1(repr((cfg.classes, cfg.sources, str(data_root(cfg)))).encode()).hexdigest()[:8]
+        listed = sorted(read_split_file(cfg.split_file).items()) if cfg.split_file else []
+        key = hashlib.sha1(repr((cfg.classes, cfg.sources, str(data_root(cfg)), listed)).encode()).hexdigest()[:8]
         path = base.with_name(f"{base.stem}-{split}-{cfg.cache_long_side}-{key}.npz")
         if path.exists():
             return load_cache(path)
