@@ -119,7 +119,7 @@ def test_loss_goes_down_on_a_tiny_batch():
     t = torch.tensor([[0, 0, 20, 10, 36, 40], [1, 0, 30, 20, 46, 50]], dtype=torch.float32)
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(80):
         loss, _ = crit(net(x), t)
         opt.zero_grad()
         loss.backward()
@@ -151,3 +151,40 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     assert ck["step"] == 3 and ck["config"]["model"]["widths"] == [32, 64, 128, 256, 256]
     for (k, v), (k2, v2) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_binary_net_starts_from_its_float_twin():
+    from train.train import init_from_float
+
+    torch.manual_seed(0)
+    cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16))
+    float_net = tm.Detector(tm.ModelConfig(**{**cfg.__dict__, "binary": False}))
+    binary = tm.Detector(cfg)
+    init_from_float(binary, float_net.state_dict(), log=lambda *_: None)
+    for fm, bm in zip(float_net.layers, binary.layers, strict=True):
+        if isinstance(bm, tm.BConv):
+            assert torch.equal(torch.sign(bm.weight), torch.sign(fm.weight))  # same signs
+            assert bm.weight.abs().amax(dim=(1, 2, 3)).allclose(torch.ones(bm.out_ch))  # scaled into [-1, 1]
+        elif isinstance(bm, (tm.Stem, tm.Head)):
+            for (_, a), (_, b) in zip(fm.state_dict().items(), bm.state_dict().items(), strict=True):
+                assert torch.equal(a, b)
+
+
+def test_distillation_is_zero_only_where_the_student_matches():
+    from train.train import distill_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 3 * 6, 4, 4)
+    same = distill_loss(t.clone(), t, 3)
+    # At equality only the teacher's own objectness entropy remains (soft BCE targets).
+    p = torch.sigmoid(split_head(t, 3)[..., 4])
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+    assert float(same) == pytest.approx(float(entropy), rel=1e-5)
+    s = t.clone().requires_grad_(True)
+    moved = t.clone()
+    moved[:, 0] += 3.0  # anchor 0's tx differs
+    loss = distill_loss(s, moved, 3)
+    assert float(loss) > float(same)
+    loss.backward()
+    g = split_head(s.grad, 3)
+    assert g[:, 0, ..., 0].abs().sum() > 0 and g[:, 1:, ..., 0].abs().sum() == 0

@@ -19,6 +19,7 @@ ReLU or hardtanh), as the yardstick for what binarisation costs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -208,9 +209,16 @@ class Pool(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, in_ch, out_ch):
+    # Objectness starts near its base rate (a few people among 3 anchors x 144 cells), so the first
+    # steps learn where people are instead of pushing hundreds of empty slots down.
+    OBJ_PRIOR = 0.01
+
+    def __init__(self, in_ch, out_ch, num_anchors: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=True)
+        per = out_ch // num_anchors
+        with torch.no_grad():
+            self.conv.bias.view(num_anchors, per)[:, 4] = math.log(self.OBJ_PRIOR / (1 - self.OBJ_PRIOR))
 
     def forward(self, r):
         return self.conv(r)
@@ -237,7 +245,7 @@ class Detector(nn.Module):
                 layers.append(Pool())
             prev = ch
         layers.append(BConv(prev, w[-1], cfg.binary, act, real_output=True))
-        layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes)))
+        layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes), cfg.num_anchors))
         self.layers = nn.ModuleList(layers)
 
     @property

@@ -48,6 +48,9 @@ class TrainConfig:
     cls_gain: float = 0.05
     grad_clip: float = 10.0
     max_steps: int = 0  # 0 = no limit (smoke runs set it)
+    init_from: str = ""  # checkpoint (e.g. the float twin's best.pt) whose weights start this run
+    teacher: str = ""  # checkpoint whose head the binary net is distilled from (with distill > 0)
+    distill: float = 0.0  # gain of the distillation loss (0 = off)
 
 
 def load_config(path) -> dict:
@@ -83,6 +86,40 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def init_from_float(model, state: dict, log=print):
+    """Start a binary net from its float twin's weights (Bi-Real / ReActNet's two-stage recipe).
+
+    Tensors of matching shape are copied. Latent binary weights are scaled per output channel
+    into [-1, 1], where the straight-through gradient is alive; their signs are the float signs.
+    """
+    own = model.state_dict()
+    copied = 0
+    for k, v in state.items():
+        if k in own and own[k].shape == v.shape:
+            own[k] = v.clone()
+            copied += 1
+    model.load_state_dict(own)
+    with torch.no_grad():
+        for m in model.layers:
+            if type(m).__name__ == "BConv" and m.binary:
+                m.weight.div_(m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
+    log(f"init: {copied} of {len(own)} tensors from the float twin")
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """Head distillation: objectness as soft BCE targets, and box/class outputs where the teacher sees an object."""
+    import torch.nn.functional as F
+
+    from train.loss import split_head
+
+    s, t = split_head(student, num_anchors), split_head(teacher, num_anchors)
+    t_obj = t[..., 4].sigmoid()
+    obj = F.binary_cross_entropy_with_logits(s[..., 4], t_obj)
+    rest = torch.cat([s[..., :4], s[..., 5:]], -1).sigmoid() - torch.cat([t[..., :4], t[..., 5:]], -1).sigmoid()
+    box = (t_obj * rest.pow(2).sum(-1)).sum() / t_obj.sum().clamp_min(1.0)
+    return obj + box
 
 
 def letterbox_wh(cache, width, height) -> np.ndarray:
@@ -265,6 +302,16 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
 
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
+    teacher = None
+    if tc.distill > 0:
+        if not tc.teacher:
+            raise ConfigError("train.distill > 0 needs train.teacher (a checkpoint)")
+        teacher = load_checkpoint(tc.teacher)[0].to(device)
+        log(f"distilling from {tc.teacher} (gain {tc.distill})")
+    if tc.init_from and resume is None:
+        ck = torch.load(tc.init_from, map_location="cpu", weights_only=True)
+        init_from_float(model, ck["model"], log)
+        log(f"weights from {tc.init_from}")
     if resume is not None:
         ck = torch.load(resume, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
@@ -274,6 +321,9 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
     else:
         prior = {"step": 0, "wall_s": 0.0, "epochs": 0.0}
         anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
+        for src in (tc.init_from, tc.teacher if teacher is not None else ""):
+            if src:  # the head's channels mean something only with the anchors they were trained with
+                anchors = np.asarray(torch.load(src, map_location="cpu", weights_only=True)["anchors"], np.float32)
     log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
     crit = YoloLoss(anchors, model.stride, nc, tc.box_gain, tc.obj_gain, tc.cls_gain)
     decay, no_decay = [], []
@@ -311,6 +361,12 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
             x, tg = pre.get()
             head = model(x.to(device))
             loss, parts = crit(head, tg.to(device))
+            if teacher is not None:
+                with torch.no_grad():
+                    t_head = teacher(x.to(device))
+                kd = distill_loss(head, t_head, mc.num_anchors)
+                loss = loss + tc.distill * kd * tc.batch_size
+                parts["kd"] = float(kd.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -380,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads override")
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
+    ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
+    ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
     ap.add_argument("--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt")
@@ -398,6 +456,10 @@ def main(argv=None) -> int:
         cfg["train"] = replace(cfg["train"], threads=args.threads)
     if args.lr:
         cfg["train"] = replace(cfg["train"], lr=args.lr)
+    if args.init_from:
+        cfg["train"] = replace(cfg["train"], init_from=args.init_from)
+    if args.teacher:
+        cfg["train"] = replace(cfg["train"], teacher=args.teacher, distill=cfg["train"].distill or 1.0)
     if args.smoke:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
