@@ -304,36 +304,61 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
 
 
+def _match(boxes, classes, d, score_threshold: float, iou: float) -> tuple:
+    """Greedy one-to-one matching (by score) of one image: (labels matched mask, false positives)."""
+    boxes, classes = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes)
+    d = np.asarray(d, np.float64).reshape(-1, 6)
+    d = d[d[:, 4] >= score_threshold]
+    d = d[np.argsort(-d[:, 4], kind="stable")]
+    used = np.zeros(len(boxes), bool)
+    ious = _iou(d[:, :4], boxes) if len(d) and len(boxes) else np.zeros((len(d), len(boxes)))
+    fp = 0
+    for k in range(len(d)):
+        cand = np.where(~used & (classes == d[k, 5]), ious[k], -1.0) if len(boxes) else np.zeros(0)
+        j = int(np.argmax(cand)) if cand.size else -1
+        if j >= 0 and cand[j] >= iou:
+            used[j] = True
+        else:
+            fp += 1
+    return used, fp
+
+
 def precision_recall(gts: list, dets: list, score_threshold: float, iou: float = 0.5) -> tuple:
-    """Greedy one-to-one matching (by score) at ``iou``, counting detections above ``score_threshold``."""
+    """Precision and recall of the detections above ``score_threshold``, matched one-to-one at ``iou``."""
     tp = fp = n_gt = 0
     for (boxes, classes), d in zip(gts, dets, strict=True):
-        boxes, classes = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes)
-        d = np.asarray(d, np.float64).reshape(-1, 6)
-        d = d[d[:, 4] >= score_threshold]
-        d = d[np.argsort(-d[:, 4], kind="stable")]
-        n_gt += len(boxes)
-        used = np.zeros(len(boxes), bool)
-        ious = _iou(d[:, :4], boxes) if len(d) and len(boxes) else np.zeros((len(d), len(boxes)))
-        for k in range(len(d)):
-            cand = np.where(~used & (classes == d[k, 5]), ious[k], -1.0) if len(boxes) else np.zeros(0)
-            j = int(np.argmax(cand)) if cand.size else -1
-            if j >= 0 and cand[j] >= iou:
-                used[j] = True
-                tp += 1
-            else:
-                fp += 1
+        used, f = _match(boxes, classes, d, score_threshold, iou)
+        tp, fp, n_gt = tp + int(used.sum()), fp + f, n_gt + len(used)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / n_gt if n_gt else 0.0
     return precision, recall
 
 
+def frames_found(gts: list, dets: list, score_threshold: float, iou: float = 0.5) -> float:
+    """Share of the frames with labels in which EVERY labelled object is boxed: the camera's view of recall."""
+    n = found = 0
+    for (boxes, classes), d in zip(gts, dets, strict=True):
+        used, _ = _match(boxes, classes, d, score_threshold, iou)
+        if len(used):
+            n += 1
+            found += bool(used.all())
+    return found / n if n else 0.0
+
+
 def evaluate(
-    detect, samples: list, class_names, score_threshold: float, limit: int = 0, progress=None, only: str | None = None
+    detect,
+    samples: list,
+    class_names,
+    score_threshold: float,
+    limit: int = 0,
+    progress=None,
+    only: str | None = None,
+    groups: dict | None = None,
 ) -> dict:
     """Run ``detect(image) -> (N,6)`` over GroundTruth samples; boxes of classes the model lacks are ignored.
 
-    ``only``: score one class name (its labels and detections alone).
+    ``only``: score one class name (its labels and detections alone). ``groups``: {name: predicate on a
+    sample}; each group is also scored on its own, under ``m["groups"][name]``.
     """
     index = {n: i for i, n in enumerate(class_names) if only is None or n == only}
     samples = samples[:limit] if limit else samples
@@ -347,10 +372,32 @@ def evaluate(
         d = np.asarray(detect(img), np.float32).reshape(-1, 6)
         dets.append(d[np.isin(d[:, 5], list(index.values()))])
         shapes.append(img.shape[:2])
-    m = coco_metrics(gts, dets, len(class_names), shapes)
-    p, r = precision_recall(gts, dets, score_threshold)
-    m.update(precision=p, recall=r, images=len(samples), boxes=int(sum(len(g[0]) for g in gts)))
+
+    def score(sel):
+        g, d, sh = [gts[i] for i in sel], [dets[i] for i in sel], [shapes[i] for i in sel]
+        m = coco_metrics(g, d, len(class_names), sh)
+        m["precision"], m["recall"] = precision_recall(g, d, score_threshold)
+        m.update(images=len(sel), boxes=int(sum(len(x[0]) for x in g)), frames_found=frames_found(g, d, score_threshold))
+        return m
+
+    m = score(range(len(samples)))
+    m["groups"] = {}
+    for name, pred in (groups or {}).items():
+        sel = [i for i, s in enumerate(samples) if pred(s)]
+        if sel:
+            m["groups"][name] = score(sel)
     return m
+
+
+def source_of(sample: GroundTruth) -> str:
+    """The dataset folder an image came from (``person/fall``, ``coco_mini``...), for per-source scores."""
+    parts = sample.image.parts
+    i = max(k for k, p in enumerate(parts) if p in ("images", "train2017", "val2017", "JPEGImages") or k == 0)
+    root = shared_root() / "datasets"
+    try:
+        return Path(*parts[:i]).relative_to(root).as_posix()
+    except ValueError:
+        return Path(*parts[:i]).name
 
 
 # ------------------------------------------------------------------ CLI
@@ -399,14 +446,24 @@ def main(argv=None) -> int:
     data = args.data or "validation split (models/person-split.txt scenes + coco_mini)"
     print(f"model: {args.model or 'default'}  data: {data}  images: {len(samples[: args.limit or None])}")
     try:
-        m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls)
+        groups = None
+        if not args.data:  # the default split: also per source, since they differ so much
+            srcs = sorted({source_of(x) for x in samples[: args.limit or None]})
+            groups = {src: (lambda x, src=src: source_of(x) == src) for src in srcs}
+        m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls, groups=groups)
     except EvalDataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 1
     print(f"mAP@0.5      {m['map50']:.4f}")
     print(f"mAP@0.5:0.95 {m['map50_95']:.4f}")
     print(f"precision    {m['precision']:.4f}  recall {m['recall']:.4f}  (score >= {threshold:g}, IoU 0.5)")
-    out = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "boxes")}
+    print(f"frames with every labelled object boxed: {m['frames_found']:.1%}")
+    for name, g in m["groups"].items():
+        print(
+            f"  {name:<16} {g['images']:>4} images  mAP@0.5 {g['map50']:.3f}  mAP@0.5:0.95 {g['map50_95']:.3f}  "
+            f"P {g['precision']:.3f}  R {g['recall']:.3f}  all boxed {g['frames_found']:.1%}"
+        )
+    out = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "boxes", "frames_found")}
     out["score_threshold"] = threshold
     print(json.dumps(out))
     return 0

@@ -159,3 +159,33 @@ def test_default_split_reads_the_listed_scenes_and_whole_sources(tmp_path, monke
     split.write_text("val person/cam/im1.png\n")
     with pytest.raises(ev.EvalDataError, match=r"split.txt:1"):
         ev.validation_split()
+
+
+def test_frames_found_counts_frames_with_every_label_boxed():
+    gts = [
+        (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0, 0])),
+        (np.array([[0, 0, 10, 10]], float), np.array([0])),
+        (np.zeros((0, 4)), np.zeros(0, int)),  # no labels: not a frame that counts
+    ]
+    both = np.array([[0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.9, 0]], np.float32)
+    one = both[:1]
+    assert ev.frames_found(gts, [both, one, both], 0.5) == 1.0
+    assert ev.frames_found(gts, [one, one, one], 0.5) == 0.5  # frame 0 misses its second person
+    assert ev.frames_found(gts, [both, one, both], 0.95) == 0.0  # below the score threshold
+
+
+def test_groups_are_scored_on_their_own(tmp_path):
+    a = ev.load_dataset(make_yolo(tmp_path / "a", n=3))
+    b = ev.load_dataset(make_yolo(tmp_path / "b", n=3, seed=5))
+    samples = a + b
+    perfect_a = oracle(a, ["person"])
+    calls = iter(range(len(samples)))
+
+    def detect(img):  # right on a, nothing on b
+        return perfect_a(img) if next(calls) < len(a) else np.zeros((0, 6), np.float32)
+
+    groups = {"a": lambda s: s.image.parent.parent.name == "a", "b": lambda s: s.image.parent.parent.name == "b"}
+    m = ev.evaluate(detect, samples, ["person"], 0.25, groups=groups)
+    assert m["groups"]["a"]["map50"] == pytest.approx(1.0) and m["groups"]["a"]["frames_found"] == 1.0
+    assert m["groups"]["b"]["recall"] == 0.0 and m["groups"]["b"]["images"] == 3
+    assert 0.0 < m["recall"] < 1.0
