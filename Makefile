@@ -69,7 +69,8 @@ bench: setup ## time the pipeline, then binary vs float network (last line: JSON
 bench-arm: setup ## estimate Pi Zero 2 W timings with the aarch64 instruction meter
 	$(PY) benchmarks/bench_arm.py
 
-train: setup-dev ## train the person detector (train/configs/person.toml)
+train: setup-dev ## train the person detector: its float twin, then the binary net from it (train/configs/person.toml)
+	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
 
 eval: setup-dev ## mAP of the shipped model through the runtime Detector

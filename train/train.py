@@ -36,6 +36,8 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 300
     minutes: float = 45.0
+    float_minutes: float = 0.0  # the float twin's budget (0 = minutes)
+    float_lr: float = 0.0  # the float twin's peak learning rate (0 = lr)
     lr: float = 0.002
     weight_decay: float = 0.0005
     warmup_steps: int = 200
@@ -86,6 +88,11 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _repo_path(p) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() or p.exists() else repo_root() / p
 
 
 def init_from_float(model, state: dict, log=print):
@@ -303,13 +310,16 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
     teacher = None
+    for what, path in (("train.teacher", tc.teacher if tc.distill > 0 else ""), ("train.init_from", tc.init_from)):
+        if path and not _repo_path(path).is_file():
+            raise ConfigError(f"{what}: {path} does not exist (train the float twin first: --float-twin)")
     if tc.distill > 0:
         if not tc.teacher:
             raise ConfigError("train.distill > 0 needs train.teacher (a checkpoint)")
-        teacher = load_checkpoint(tc.teacher)[0].to(device)
+        teacher = load_checkpoint(_repo_path(tc.teacher))[0].to(device)
         log(f"distilling from {tc.teacher} (gain {tc.distill})")
     if tc.init_from and resume is None:
-        ck = torch.load(tc.init_from, map_location="cpu", weights_only=True)
+        ck = torch.load(_repo_path(tc.init_from), map_location="cpu", weights_only=True)
         init_from_float(model, ck["model"], log)
         log(f"weights from {tc.init_from}")
     if resume is not None:
@@ -323,7 +333,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
         anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
         for src in (tc.init_from, tc.teacher if teacher is not None else ""):
             if src:  # the head's channels mean something only with the anchors they were trained with
-                anchors = np.asarray(torch.load(src, map_location="cpu", weights_only=True)["anchors"], np.float32)
+                anchors = np.asarray(torch.load(_repo_path(src), map_location="cpu", weights_only=True)["anchors"], np.float32)
     log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
     crit = YoloLoss(anchors, model.stride, nc, tc.box_gain, tc.obj_gain, tc.cls_gain)
     decay, no_decay = [], []
@@ -373,7 +383,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
             opt.step()
             model.clip_latent()
             step += 1
-            rec = {"step": step, "loss": float(loss) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
+            rec = {"step": step, "loss": float(loss.detach()) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
             history["train"].append(rec)
             left = max(0.0, min(budget - (time.time() - t0), (time.time() - t0) / max(step, 1) * (total_steps - step)))
             bar.set_postfix(
@@ -450,6 +460,16 @@ def main(argv=None) -> int:
         return 78
     if args.float_twin:
         cfg["model"] = replace(cfg["model"], binary=False)
+        # The twin is the yardstick and the binary net's starting point: it starts from nothing.
+        tc = cfg["train"]
+        cfg["train"] = replace(
+            tc,
+            init_from="",
+            teacher="",
+            distill=0.0,
+            minutes=tc.float_minutes or tc.minutes,
+            lr=tc.float_lr or tc.lr,
+        )
     if args.minutes is not None:
         cfg["train"] = replace(cfg["train"], minutes=args.minutes)
     if args.threads:
@@ -468,7 +488,11 @@ def main(argv=None) -> int:
     if args.float_twin and not args.out:
         out = out.with_name(out.name + "-float")
     if not args.eval_only:
-        train(cfg, out, resume=args.resume)
+        try:
+            train(cfg, out, resume=args.resume)
+        except ConfigError as e:
+            print(f"config: {e}", file=sys.stderr)
+            return 78
     if args.no_export or args.smoke:
         return 0
     if cfg["model"].binary:

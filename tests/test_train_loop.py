@@ -1,0 +1,103 @@
+"""The trainer end to end on a tiny synthetic dataset: float twin, then the binary net from it, then export.
+
+A few steps on 64x64 images; this checks the plumbing (config, data, two stages,
+distillation, checkpoints, export to a file the runtime loads), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from train import train as tt  # noqa: E402
+
+
+def _dataset(root, n, seed):
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "data.yaml").write_text("names: ['person']\n")
+    for i in range(n):
+        img = np.full((64, 64), 50, np.uint8)
+        w, h = int(rng.integers(10, 20)), int(rng.integers(20, 40))
+        x, y = int(rng.integers(0, 64 - w)), int(rng.integers(0, 64 - h))
+        img[y : y + h, x : x + w] = 220
+        cv2.imwrite(str(root / "images" / f"{i}.png"), img)
+        (root / "labels" / f"{i}.txt").write_text(f"0 {(x + w / 2) / 64} {(y + h / 2) / 64} {w / 64} {h / 64}\n")
+
+
+def _config(tmp_path, **train):
+    _dataset(tmp_path / "data" / "a", 24, 0)
+    _dataset(tmp_path / "data" / "b", 8, 1)
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        f"""
+[data]
+classes = ["person"]
+root = "{tmp_path / "data"}"
+
+[[data.sources]]
+name = "a"
+path = "a"
+format = "yolo"
+
+[[data.sources]]
+name = "b"
+path = "b"
+format = "yolo"
+split = "val"
+
+[model]
+input_width = 64
+input_height = 64
+widths = [8, 16, 16, 16]
+
+[train]
+batch_size = 8
+max_steps = 3
+minutes = 5.0
+threads = 1
+warmup_steps = 1
+val_every_minutes = 1000.0
+{extra}
+[augment]
+mosaic = 0.5
+copy_paste = 0.0
+"""
+    )
+    return cfg
+
+
+def test_two_stages_train_and_export_a_model_the_runtime_runs(tmp_path):
+    from app.detector import Detector
+    from train.export import export_checkpoint
+
+    teacher = tmp_path / "float" / "best.pt"
+    cfg = _config(tmp_path, init_from=str(teacher), teacher=str(teacher), distill=1.0)
+    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "float")]) == 0
+    assert teacher.is_file()
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 0
+    history = json.loads((tmp_path / "bin" / "history.json").read_text())
+    assert len(history["train"]) == 3 and all("kd" in r for r in history["train"])
+    assert (tmp_path / "bin" / "curves.png").stat().st_size > 1000
+    _, ck = tt.load_checkpoint(tmp_path / "bin" / "best.pt")
+    _, fck = tt.load_checkpoint(teacher)
+    assert ck["anchors"] == fck["anchors"]  # the head's meaning is inherited with the weights
+    assert ck["config"]["model"]["binary"] and not fck["config"]["model"]["binary"]
+    export_checkpoint(tmp_path / "bin" / "best.pt", tmp_path / "tiny.xnc")
+    det = Detector(tmp_path / "tiny.xnc", score_threshold=0.0)
+    out = det.detect(cv2.imread(str(tmp_path / "data" / "b" / "images" / "0.png")))
+    assert out.ndim == 2 and out.shape[1] == 6
+
+
+def test_binary_stage_without_its_float_twin_says_so(tmp_path, capsys):
+    cfg = _config(tmp_path, init_from=str(tmp_path / "missing.pt"))
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 78
+    err = capsys.readouterr().err
+    assert "train.init_from" in err and "does not exist" in err and "--float-twin" in err
