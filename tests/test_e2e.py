@@ -3,7 +3,7 @@
 The person-box check needs the TRAINED default model models/person.xnc; it is
 skipped (with the reason) until that file exists. The log checks run with a
 random-weight model when the trained one is absent. The photos are large, clear
-single people from the model's training sources (tests/fixtures/person/LICENSE.md):
+single people from the held-out split of the model (tests/fixtures/person/LICENSE.md):
 this checks that the app delivers the model's boxes intact, not model quality
 (that is `python -m app eval`).
 """
