@@ -202,6 +202,23 @@ def load_dataset(folder, fmt: str | None = None) -> list:
     return LOADERS[fmt or detect_format(folder)](folder)
 
 
+def read_split_file(path) -> list:
+    """(line number, "val" | "drop", image path relative to the datasets root) per entry of a train.split file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise EvalDataError(f"{path}: {e.strerror}") from None
+    out = []
+    for ln, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        kind, _, rel = line.partition(" ")
+        if kind not in ("val", "drop") or not rel.strip():
+            raise EvalDataError(f"{path}:{ln}: expected 'val PATH' or 'drop PATH', got {line!r}")
+        out.append((ln, kind, rel.strip()))
+    return out
+
+
 def validation_split() -> list:
     root = shared_root() / "datasets"
     if not root.is_dir():
@@ -209,17 +226,12 @@ def validation_split() -> list:
             f"no --data given and the shared datasets ({root}) are absent: pass --data DIR [--format yolo|voc|coco]"
         )
     per_folder: dict = {}
-    try:
-        lines = VALIDATION_SPLIT_FILE.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EvalDataError(f"{VALIDATION_SPLIT_FILE}: {e.strerror}") from None
-    for ln, line in enumerate(lines, 1):
-        kind, _, rel = line.partition(" ")
+    for ln, kind, rel in read_split_file(VALIDATION_SPLIT_FILE):
         if kind != "val":
             continue
-        folder, sep, name = rel.strip().rpartition("/images/")
+        folder, sep, name = rel.rpartition("/images/")
         if not sep:
-            raise EvalDataError(f"{VALIDATION_SPLIT_FILE}:{ln}: expected 'val SOURCE/images/NAME', got {line!r}")
+            raise EvalDataError(f"{VALIDATION_SPLIT_FILE}:{ln}: expected 'val SOURCE/images/NAME', got {rel!r}")
         per_folder.setdefault(folder, set()).add(name)
     out = []
     for folder, names in sorted(per_folder.items()):

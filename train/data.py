@@ -388,21 +388,15 @@ def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport
 
 
 def read_split_file(path) -> dict:
-    """{relative image path: "val" | "drop"} from a train.split file; other lines are comments."""
+    """{relative image path: "val" | "drop"} from a train.split file (format: app.evaluate.read_split_file)."""
+    from app.evaluate import EvalDataError
+    from app.evaluate import read_split_file as entries
+
     path = Path(path) if Path(path).is_absolute() else repo_root() / path
-    out = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        return {rel: kind for _, kind, rel in entries(path)}
+    except EvalDataError as exc:
         raise ConfigError(f"data.split_file: {exc}") from None
-    for ln, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        kind, _, rel = line.partition(" ")
-        if kind not in ("val", "drop") or not rel.strip():
-            raise ConfigError(f"{path}:{ln}: expected 'val PATH' or 'drop PATH', got {line!r}")
-        out[rel.strip()] = kind
-    return out
 
 
 def load_split(cfg: DataConfig, split: str, report: LoadReport | None = None) -> list:

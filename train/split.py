@@ -28,13 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from train.data import repo_root, shared_root
+from train.data import IMAGE_SUFFIXES, repo_root, shared_root
 
 SOURCES = ("person/capston2", "person/fall", "person/clinic")
 LINK = 0.85
 BUFFER = 0.80
 MAX_SCENE = 0.05
-SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def thumbnails(files: list) -> np.ndarray:
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
         "# Also held out whole: coco_mini (every image). Paths are relative to the datasets root.",
     ]
     for src in SOURCES:
-        files = sorted(p for p in (root / src / "images").iterdir() if p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in (root / src / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         val, drop = split_source(similarity(thumbnails(files)), args.fraction, rng)
         lines.append(f"# {src}: {len(files)} images, {val.sum()} val, {drop.sum()} dropped, {len(files) - val.sum() - drop.sum()} train")
         lines += [f"val {f.relative_to(root).as_posix()}" for f, v in zip(files, val, strict=True) if v]
