@@ -365,12 +365,12 @@ def evaluate(
     limit: int = 0,
     progress=None,
     only: str | None = None,
-    groups: dict | None = None,
+    group_by=None,
 ) -> dict:
     """Run ``detect(image) -> (N,6)`` over GroundTruth samples; boxes of classes the model lacks are ignored.
 
-    ``only``: score one class name (its labels and detections alone). ``groups``: {name: predicate on a
-    sample}; each group is also scored on its own, under ``m["groups"][name]``.
+    ``only``: score one class name (its labels and detections alone). ``group_by``: a key function of a
+    sample; each key's samples are also scored on their own, under ``m["groups"][key]``.
     """
     index = {n: i for i, n in enumerate(class_names) if only is None or n == only}
     samples = samples[:limit] if limit else samples
@@ -393,23 +393,23 @@ def evaluate(
         return m
 
     m = score(range(len(samples)))
-    m["groups"] = {}
-    for name, pred in (groups or {}).items():
-        sel = [i for i, s in enumerate(samples) if pred(s)]
-        if sel:
-            m["groups"][name] = score(sel)
+    members: dict = {}
+    for i, s in enumerate(samples if group_by else ()):
+        members.setdefault(group_by(s), []).append(i)
+    m["groups"] = {key: score(sel) for key, sel in sorted(members.items())}
     return m
 
 
 def source_of(sample: GroundTruth) -> str:
-    """The dataset folder an image came from (``person/fall``, ``coco_mini``...), for per-source scores."""
-    parts = sample.image.parts
-    i = max(k for k, p in enumerate(parts) if p in ("images", "train2017", "val2017", "JPEGImages") or k == 0)
-    root = shared_root() / "datasets"
+    """The dataset folder an image came from (``person/fall``, ``coco_mini``...), for per-source scores.
+
+    Every loader here keeps images one folder below their dataset (``images/``, ``train2017/``...).
+    """
+    folder = sample.image.parent.parent
     try:
-        return Path(*parts[:i]).relative_to(root).as_posix()
+        return folder.relative_to(shared_root() / "datasets").as_posix()
     except ValueError:
-        return Path(*parts[:i]).name
+        return folder.name
 
 
 # ------------------------------------------------------------------ CLI
@@ -458,11 +458,9 @@ def main(argv=None) -> int:
     data = args.data or "validation split (models/person-split.txt scenes + coco_mini)"
     print(f"model: {args.model or 'default'}  data: {data}  images: {len(samples[: args.limit or None])}")
     try:
-        groups = None
-        if not args.data:  # the default split: also per source, since they differ so much
-            srcs = sorted({source_of(x) for x in samples[: args.limit or None]})
-            groups = {src: (lambda x, src=src: source_of(x) == src) for src in srcs}
-        m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls, groups=groups)
+        # The default split is also scored per source, since they differ so much.
+        group_by = None if args.data else source_of
+        m = evaluate(det.detect, samples, names, threshold, args.limit, only=args.cls, group_by=group_by)
     except EvalDataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 1

@@ -184,8 +184,7 @@ def test_groups_are_scored_on_their_own(tmp_path):
     def detect(img):  # right on a, nothing on b
         return perfect_a(img) if next(calls) < len(a) else np.zeros((0, 6), np.float32)
 
-    groups = {"a": lambda s: s.image.parent.parent.name == "a", "b": lambda s: s.image.parent.parent.name == "b"}
-    m = ev.evaluate(detect, samples, ["person"], 0.25, groups=groups)
+    m = ev.evaluate(detect, samples, ["person"], 0.25, group_by=lambda s: s.image.parent.parent.name)
     assert m["groups"]["a"]["map50"] == pytest.approx(1.0) and m["groups"]["a"]["frames_found"] == 1.0
     assert m["groups"]["b"]["recall"] == 0.0 and m["groups"]["b"]["images"] == 3
     assert 0.0 < m["recall"] < 1.0
