@@ -310,17 +310,24 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
     teacher = None
-    for what, path in (("train.teacher", tc.teacher if tc.distill > 0 else ""), ("train.init_from", tc.init_from)):
-        if path and not _repo_path(path).is_file():
+    inherited = None  # the anchors the starting or teaching head was trained with: its channels mean nothing without them
+
+    def checkpoint(what, path):
+        p = _repo_path(path)
+        if not p.is_file():
             raise ConfigError(f"{what}: {path} does not exist (train the float twin first: --float-twin)")
+        return p
+
     if tc.distill > 0:
         if not tc.teacher:
             raise ConfigError("train.distill > 0 needs train.teacher (a checkpoint)")
-        teacher = load_checkpoint(_repo_path(tc.teacher))[0].to(device)
+        teacher, tck = load_checkpoint(checkpoint("train.teacher", tc.teacher))
+        teacher, inherited = teacher.to(device), tck["anchors"]
         log(f"distilling from {tc.teacher} (gain {tc.distill})")
     if tc.init_from and resume is None:
-        ck = torch.load(_repo_path(tc.init_from), map_location="cpu", weights_only=True)
+        ck = torch.load(checkpoint("train.init_from", tc.init_from), map_location="cpu", weights_only=True)
         init_from_float(model, ck["model"], log)
+        inherited = ck["anchors"]
         log(f"weights from {tc.init_from}")
     if resume is not None:
         ck = torch.load(resume, map_location="cpu", weights_only=True)
@@ -330,10 +337,11 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
         log(f"resumed from {resume} (step {ck.get('step')}), its anchors kept")
     else:
         prior = {"step": 0, "wall_s": 0.0, "epochs": 0.0}
-        anchors = kmeans_anchors(letterbox_wh(train_cache, mc.input_width, mc.input_height), mc.num_anchors, tc.seed)
-        for src in (tc.init_from, tc.teacher if teacher is not None else ""):
-            if src:  # the head's channels mean something only with the anchors they were trained with
-                anchors = np.asarray(torch.load(_repo_path(src), map_location="cpu", weights_only=True)["anchors"], np.float32)
+        if inherited is not None:
+            anchors = np.asarray(inherited, np.float32)
+        else:
+            wh = letterbox_wh(train_cache, mc.input_width, mc.input_height)
+            anchors = kmeans_anchors(wh, mc.num_anchors, tc.seed)
     log(f"anchors (input px): {np.round(anchors, 1).tolist()}")
     crit = YoloLoss(anchors, model.stride, nc, tc.box_gain, tc.obj_gain, tc.cls_gain)
     decay, no_decay = [], []
