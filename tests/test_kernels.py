@@ -6,28 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app import bits, kernels, reference
-from app.bits import INT32_MAX, INT32_MIN
 
-
-def _padded(words):
-    h, w, n = words.shape
-    buf = np.zeros(kernels.padded_shape(h, w, n), np.uint64)
-    kernels.interior(buf)[:] = words
-    return buf
-
-
-def _edge_thresholds(rng, y):
-    """Thresholds mixing random values, INT32_MIN/MAX and values exactly equal to some y."""
-    n = y.shape[-1]
-    flat = y.reshape(-1, n)
-    thr = rng.integers(flat.min() - 2, flat.max() + 3, n).astype(np.int64)
-    pick = rng.random(n)
-    exact = flat[rng.integers(0, flat.shape[0], n), np.arange(n)]
-    thr = np.where(pick < 0.4, exact, thr)
-    thr = np.where(pick > 0.9, INT32_MIN, thr)
-    thr = np.where((pick > 0.8) & (pick <= 0.9), INT32_MAX, thr)
-    flip = (rng.random(n) < 0.5).astype(np.uint8)
-    return np.clip(thr, INT32_MIN, INT32_MAX).astype(np.int32), flip
+# The ARM meter runs the same cases without pytest; one copy of the case makers serves both.
+from tests.arm.kernel_checks import edge_thresholds as _edge_thresholds
+from tests.arm.kernel_checks import padded as _padded
 
 
 def _row_splits(rng, n):
