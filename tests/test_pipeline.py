@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from app.pipeline import DetectionFilter, Pipeline, filter_for
 from app.sinks import JsonlLog
 from tests.fakes.fake_detector import FakeDetector
 from tests.fakes.fake_source import FakeSource
+from tests.reliability import support
 
 BOX = [[40, 30, 120, 200, 0.9, 0]]
 
@@ -59,15 +59,8 @@ class ListRecorder:
 
 
 def run_pipeline(capture, pipeline, stop_after=None):
-    stop = threading.Event()
-    if stop_after is not None:
-        threading.Timer(stop_after, stop.set).start()
-    capture.start()
-    try:
-        return pipeline.run(stop)
-    finally:
-        capture.stop()
-        pipeline.refresh_stats()
+    """Until the pipeline stops itself (max frames, source end), or ``stop_after`` seconds."""
+    return support.run_pipeline(capture, pipeline, 3600.0 if stop_after is None else stop_after)
 
 
 def test_processes_logs_and_accounts_for_every_frame(tmp_path):
