@@ -2,9 +2,10 @@
 
 Images come from the RAM :class:`train.data.Cache` (grey uint8, long side ~224).
 Cheap per-image work (placing images on a canvas, pasting person cut-outs) is
-numpy; the expensive resampling and jitter run once per batch as torch ops
-(``grid_sample`` on the whole batch), so two CPU cores are not spent on Python
-loops. The geometry mirrors :func:`app.preprocess.letterbox`: an un-jittered
+numpy (:meth:`BatchMaker.sources`, which data-loader worker processes can run);
+the expensive resampling and jitter run once per batch as torch ops
+(:meth:`BatchMaker.warp`: ``grid_sample`` on the whole batch, on the GPU when
+there is one), so the CPU cores are not spent on Python loops. The geometry mirrors :func:`app.preprocess.letterbox`: an un-jittered
 single image lands exactly where the runtime letterbox puts it, on grey 128.
 """
 
@@ -128,8 +129,9 @@ class BatchMaker:
         canvas[:h, :w] = img
         return canvas, boxes, cls, (0, 0, w, h)
 
-    # ---- torch: the whole batch at once
-    def make(self, indices, augment: bool = True):
+    # ---- numpy: the batch's canvases, warp parameters and targets (CPU; data-loader workers run this)
+    def sources(self, indices, augment: bool = True):
+        """``(canvases uint8 (B,1,C,C), params float64 (B,4) = cx, cy, scale, x direction, targets float32 (M,6))``."""
         cfg, rng, W, H = self.cfg, self.rng, self.w, self.h
         b = len(indices)
         canvases = np.empty((b, 1, CANVAS, CANVAS), np.uint8)
@@ -164,10 +166,22 @@ class BatchMaker:
                 keep, bx = t
                 if keep.any():
                     targets.append(np.column_stack([np.full(keep.sum(), k), np.asarray(cls)[keep], bx]))
-        x = torch.from_numpy(canvases).float() - 128.0  # u space: outside the canvas is grey 128
-        p = torch.from_numpy(params)
-        u = torch.arange(W, dtype=torch.float64) + 0.5 - W / 2
-        v = torch.arange(H, dtype=torch.float64) + 0.5 - H / 2
+        tg = np.concatenate(targets).astype(np.float32) if targets else np.zeros((0, 6), np.float32)
+        return canvases, params, tg
+
+    # ---- torch: resample and jitter the whole batch at once, on whatever device the canvases are
+    def warp(self, canvases: torch.Tensor, params: torch.Tensor, augment: bool = True, seed: int | None = None):
+        """Float32 (B,1,H,W) integer grey levels 0..255 from :meth:`sources`' canvases and params.
+
+        ``seed`` drives the photometric jitter; None draws it from this maker's generator.
+        """
+        cfg, W, H = self.cfg, self.w, self.h
+        dev = canvases.device
+        b = canvases.shape[0]
+        x = canvases.float() - 128.0  # u space: outside the canvas is grey 128
+        p = params.to(dev, torch.float64)
+        u = torch.arange(W, dtype=torch.float64, device=dev) + 0.5 - W / 2
+        v = torch.arange(H, dtype=torch.float64, device=dev) + 0.5 - H / 2
         sx = p[:, 0, None] + u[None] / p[:, 2, None] * p[:, 3, None]  # (B,W) source edge coordinates
         sy = p[:, 1, None] + v[None] / p[:, 2, None]  # (B,H)
         grid = torch.stack(
@@ -175,15 +189,21 @@ class BatchMaker:
         ).float()
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if augment:
-            g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-            c = 1 + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * cfg.contrast
-            br = (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * cfg.brightness
-            sigma = torch.rand(b, 1, 1, 1, generator=g) * cfg.noise
-            out = out * c + br + torch.randn(out.shape, generator=g) * sigma
+            if seed is None:
+                seed = int(self.rng.integers(1 << 62))
+            g = torch.Generator(device=dev).manual_seed(seed)
+            c = 1 + (torch.rand(b, 1, 1, 1, generator=g, device=dev) * 2 - 1) * cfg.contrast
+            br = (torch.rand(b, 1, 1, 1, generator=g, device=dev) * 2 - 1) * cfg.brightness
+            sigma = torch.rand(b, 1, 1, 1, generator=g, device=dev) * cfg.noise
+            out = out * c + br + torch.randn(out.shape, generator=g, device=dev) * sigma
         # The Pi feeds uint8 pixels: train on the same integer grid.
-        x = (out + 128.0).round().clamp(0, 255)
-        tg = torch.from_numpy(np.concatenate(targets).astype(np.float32)) if targets else torch.zeros((0, 6))
-        return x, tg
+        return (out + 128.0).round().clamp(0, 255)
+
+    def make(self, indices, augment: bool = True):
+        """``x`` float32 (B,1,H,W) and ``targets`` (M,6) b,cls,x1,y1,x2,y2, all on the CPU."""
+        canvases, params, tg = self.sources(indices, augment)
+        x = self.warp(torch.from_numpy(canvases), torch.from_numpy(params), augment)
+        return x, torch.from_numpy(tg)
 
 
 def _warp_boxes(boxes, cx, cy, s, fx, W, H, min_visible, min_side):

@@ -490,48 +490,58 @@ def _cutouts(small: np.ndarray, s: Sample) -> list:
     return out
 
 
-def save_cache(cache: Cache, path) -> None:
-    """One .npz of flat arrays plus offsets (no object arrays, so it loads with allow_pickle=False)."""
-    shapes = np.array([im.shape for im in cache.images], np.int64).reshape(-1, 2)
-    counts = np.array([len(b) for b in cache.boxes], np.int64)
-    cut_shapes = np.array([c[0].shape for c in cache.cutouts], np.int64).reshape(-1, 2)
+def _flat(cache: Cache) -> dict:
+    """Everything but the pixels as flat arrays plus counts (no object arrays: loads with allow_pickle=False)."""
     cat = lambda xs, dt: np.concatenate([x.ravel() for x in xs]).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return {
+        "shapes": np.array([im.shape for im in cache.images], np.int64).reshape(-1, 2),
+        "boxes": cat(cache.boxes, np.float32).reshape(-1, 4),
+        "classes": cat(cache.classes, np.int64),
+        "counts": np.array([len(b) for b in cache.boxes], np.int64),
+        "sources": np.array(cache.sources, dtype=np.str_),
+        "cut_pixels": cat([c[0] for c in cache.cutouts], np.uint8),
+        "cut_masks": cat([c[1] for c in cache.cutouts], np.uint8),
+        "cut_shapes": np.array([c[0].shape for c in cache.cutouts], np.int64).reshape(-1, 2),
+        "cut_classes": np.array([c[2] for c in cache.cutouts], np.int64),
+    }
+
+
+def _unflat(z, images: list) -> Cache:
+    cache = Cache(images, [], [], [str(s) for s in z["sources"]])
+    boxes, classes, b = z["boxes"], z["classes"], 0
+    for n in z["counts"]:
+        cache.boxes.append(boxes[b : b + n])
+        cache.classes.append(classes[b : b + n])
+        b += n
+    p = 0
+    for (h, w), c in zip(z["cut_shapes"], z["cut_classes"], strict=True):
+        cache.cutouts.append(
+            (z["cut_pixels"][p : p + h * w].reshape(h, w), z["cut_masks"][p : p + h * w].reshape(h, w), int(c))
+        )
+        p += h * w
+    return cache
+
+
+def _write_npz(path, arrays: dict, compress: bool = False) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp.npz")
-    np.savez(
-        tmp,
-        pixels=cat(cache.images, np.uint8),
-        shapes=shapes,
-        boxes=cat(cache.boxes, np.float32).reshape(-1, 4),
-        classes=cat(cache.classes, np.int64),
-        counts=counts,
-        sources=np.array(cache.sources, dtype=np.str_),
-        cut_pixels=cat([c[0] for c in cache.cutouts], np.uint8),
-        cut_masks=cat([c[1] for c in cache.cutouts], np.uint8),
-        cut_shapes=cut_shapes,
-        cut_classes=np.array([c[2] for c in cache.cutouts], np.int64),
-    )
+    (np.savez_compressed if compress else np.savez)(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def save_cache(cache: Cache, path) -> None:
+    """One .npz of flat arrays plus offsets (no object arrays, so it loads with allow_pickle=False)."""
+    pixels = np.concatenate([im.ravel() for im in cache.images]) if cache.images else np.zeros(0, np.uint8)
+    _write_npz(path, {"pixels": pixels.astype(np.uint8), **_flat(cache)})
 
 
 def load_cache(path) -> Cache:
     with np.load(path, allow_pickle=False) as z:
-        pix, shapes, boxes, classes, counts = z["pixels"], z["shapes"], z["boxes"], z["classes"], z["counts"]
-        cache = Cache([], [], [], [str(s) for s in z["sources"]])
-        p = b = 0
-        for (h, w), n in zip(shapes, counts, strict=True):
-            cache.images.append(pix[p : p + h * w].reshape(h, w))
-            cache.boxes.append(boxes[b : b + n])
-            cache.classes.append(classes[b : b + n])
+        pix, images, p = z["pixels"], [], 0
+        for h, w in z["shapes"]:
+            images.append(pix[p : p + h * w].reshape(h, w))
             p += h * w
-            b += n
-        p = 0
-        for (h, w), c in zip(z["cut_shapes"], z["cut_classes"], strict=True):
-            cache.cutouts.append(
-                (z["cut_pixels"][p : p + h * w].reshape(h, w), z["cut_masks"][p : p + h * w].reshape(h, w), int(c))
-            )
-            p += h * w
-    return cache
+        return _unflat(z, images)
 
 
 def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, progress=None) -> Cache:
@@ -549,3 +559,58 @@ def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, 
     if path is not None:
         save_cache(cache, path)
     return cache
+
+
+# ------------------------------------------------------------------ packed caches (carried to a GPU machine)
+
+# The device machine takes at most 64 MiB and has no datasets: a split travels as
+# JPEG-compressed cached images (~6x smaller than the raw cache), with a key that
+# says which config and split they are, so a stale pack is refused, not trained on.
+PACK_VERSION = 1
+
+
+def split_key(cfg: DataConfig, split: str) -> str:
+    """What a split's cached images are, wherever the datasets live: classes, sources, held-out list, size."""
+    listed = sorted(read_split_file(cfg.split_file).items()) if cfg.split_file else []
+    what = (PACK_VERSION, split, cfg.classes, cfg.sources, cfg.cache_long_side, listed)
+    return hashlib.sha1(repr(what).encode()).hexdigest()[:12]
+
+
+def pack_cache(cache: Cache, path, key: str, quality: int = 80) -> int:
+    """Write ``cache`` with JPEG pixels; returns the file size in bytes."""
+    if not 50 <= quality <= 100:
+        raise ConfigError(f"JPEG quality must be 50..100, got {quality}")
+    blobs = []
+    for im in cache.images:
+        ok, buf = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise ValueError(f"cannot JPEG-encode a cached image of shape {im.shape}")
+        blobs.append(buf.ravel())
+    jpeg = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+    sizes = np.array([len(b) for b in blobs], np.int64)
+    meta = {"pack_version": np.int64(PACK_VERSION), "key": np.str_(key)}
+    _write_npz(path, {"jpeg": jpeg, "jpeg_sizes": sizes, **meta, **_flat(cache)}, compress=True)
+    return Path(path).stat().st_size
+
+
+def load_packed(path, key: str) -> Cache:
+    """A :func:`pack_cache` file, refused (ConfigError) unless it is this version and this split's ``key``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no packed cache here (make it with python -m train.pack)")
+    with np.load(path, allow_pickle=False) as z:
+        if "jpeg" not in z.files or int(z["pack_version"]) != PACK_VERSION:
+            raise ConfigError(f"{path}: not a version-{PACK_VERSION} packed cache (remake it with python -m train.pack)")
+        if str(z["key"]) != key:
+            raise ConfigError(
+                f"{path}: packed for another data config or split (key {z['key']}, this config needs {key}); "
+                "remake it with python -m train.pack"
+            )
+        jpeg, images, p = z["jpeg"], [], 0
+        for (h, w), n in zip(z["shapes"], z["jpeg_sizes"], strict=True):
+            im = cv2.imdecode(jpeg[p : p + n], cv2.IMREAD_GRAYSCALE)
+            if im is None or im.shape != (h, w):
+                raise ConfigError(f"{path}: image {len(images)} does not decode to {h}x{w}")
+            images.append(im)
+            p += n
+        return _unflat(z, images)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import queue
 import random
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +23,18 @@ import numpy as np
 import torch
 
 from train.augment import AugmentConfig, BatchMaker, no_augment
-from train.data import ConfigError, DataConfig, LoadReport, cached_split, load_toml, repo_root, strict
+from train.batches import Prefetch, WorkerBatches
+from train.data import (
+    ConfigError,
+    DataConfig,
+    LoadReport,
+    cached_split,
+    load_packed,
+    load_toml,
+    repo_root,
+    split_key,
+    strict,
+)
 from train.loss import YoloLoss, kmeans_anchors
 from train.model import Detector, ModelConfig
 
@@ -42,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0005
     warmup_steps: int = 200
     threads: int = 2
+    workers: int = 0  # 0: batches from one helper thread; N: N worker processes (a GPU machine's cores)
     val_every_minutes: float = 10.0
     out_dir: str = "runs/person"
     export_to: str = "models/person.xnc"
@@ -53,6 +63,13 @@ class TrainConfig:
     init_from: str = ""  # checkpoint (e.g. the float twin's best.pt) whose weights start this run
     teacher: str = ""  # checkpoint whose head the binary net is distilled from (with distill > 0)
     distill: float = 0.0  # gain of the distillation loss (0 = off)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.workers < 0 or self.threads < 1:
+            raise ConfigError(
+                f"train: batch_size and threads must be >= 1 and workers >= 0 "
+                f"(got {self.batch_size}, {self.threads}, {self.workers})"
+            )
 
 
 def load_config(path) -> dict:
@@ -137,45 +154,6 @@ def letterbox_wh(cache, width, height) -> np.ndarray:
             s = min(width / img.shape[1], height / img.shape[0])
             out.append((b[:, 2:] - b[:, :2]) * s)
     return np.concatenate(out) if out else np.zeros((0, 2))
-
-
-class Prefetch:
-    """Makes augmented batches on a helper thread (torch ops release the GIL) while the model trains."""
-
-    def __init__(self, maker: BatchMaker, n: int, batch: int, seed: int, depth: int = 3):
-        self.maker, self.n, self.batch = maker, n, batch
-        self.rng = np.random.default_rng(seed + 1)
-        self.q: queue.Queue = queue.Queue(depth)
-        self.stop = False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop:
-            for start in range(0, self.n - self.batch + 1, self.batch):
-                if self.stop:
-                    return
-                idx = self.perm[start : start + self.batch] if start else self._new_perm()[: self.batch]
-                try:
-                    item = self.maker.make(idx)
-                except Exception as exc:  # noqa: BLE001 - reported in the main thread, never kills the epoch silently
-                    item = exc
-                self.q.put(item)
-
-    def _new_perm(self):
-        self.perm = self.rng.permutation(self.n)
-        return self.perm
-
-    def get(self):
-        item = self.q.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self):
-        self.stop = True
-        while not self.q.empty():
-            self.q.get_nowait()
 
 
 @torch.no_grad()
@@ -283,8 +261,11 @@ def plot_pr(metrics: dict, out_png, title):
     plt.close(fig)
 
 
-def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
-    """Train from scratch, or continue from checkpoint ``resume`` (its weights and anchors, a fresh schedule)."""
+def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict:
+    """Train from scratch, or continue from checkpoint ``resume`` (its weights and anchors, a fresh schedule).
+
+    ``packed``: a folder from ``python -m train.pack`` (train.npz, val.npz) to read instead of the datasets.
+    """
     tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
     torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
@@ -294,8 +275,13 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
 
     t_data = time.time()
     report = LoadReport()
-    train_cache = cached_split(dc, "train", report, progress=lambda x: tqdm(x, desc="cache train", leave=False))
-    val_cache = cached_split(dc, "val", report, progress=lambda x: tqdm(x, desc="cache val", leave=False))
+    if packed is not None:
+        train_cache = load_packed(Path(packed) / "train.npz", split_key(dc, "train"))
+        val_cache = load_packed(Path(packed) / "val.npz", split_key(dc, "val"))
+        log(f"data: packed caches from {packed}")
+    else:
+        train_cache = cached_split(dc, "train", report, progress=lambda x: tqdm(x, desc="cache train", leave=False))
+        val_cache = cached_split(dc, "val", report, progress=lambda x: tqdm(x, desc="cache val", leave=False))
     for p in report.problems[:20]:
         log(f"data: {p}")
     if len(report.problems) > 20:
@@ -358,7 +344,10 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None) -> dict:
         total_steps = min(total_steps, tc.max_steps)
     budget = tc.minutes * 60.0
     maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
-    pre = Prefetch(maker, len(train_cache), tc.batch_size, tc.seed)
+    if tc.workers:
+        pre = WorkerBatches(maker, len(train_cache), tc.batch_size, tc.seed, tc.workers, device)
+    else:
+        pre = Prefetch(maker, len(train_cache), tc.batch_size, tc.seed, device=device)
     history = {"train": [], "val": []}
     best = -1.0
     kind = "binary" if mc.binary else "float"
@@ -452,6 +441,10 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, help="time budget override")
     ap.add_argument("--out", help="output folder override")
     ap.add_argument("--threads", type=int, help="torch threads override")
+    ap.add_argument("--workers", type=int, help="batch-making worker processes override (0 = one thread)")
+    ap.add_argument("--batch-size", type=int, help="batch size override")
+    ap.add_argument("--val-every", type=float, help="minutes between validations override")
+    ap.add_argument("--packed", help="train from python -m train.pack's folder instead of the datasets")
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
@@ -462,10 +455,24 @@ def main(argv=None) -> int:
     ap.add_argument("--export-to", help="model file to write (default: train.export_to of the config)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = _overridden(load_config(args.config), args)
     except ConfigError as e:
         print(f"config: {e}", file=sys.stderr)
         return 78
+    out = Path(args.out) if args.out else repo_root() / cfg["train"].out_dir
+    if args.float_twin and not args.out:
+        out = out.with_name(out.name + "-float")
+    if not args.eval_only:
+        try:
+            train(cfg, out, resume=args.resume, packed=args.packed)
+        except ConfigError as e:
+            print(f"config: {e}", file=sys.stderr)
+            return 78
+    return _export_and_evaluate(cfg, out, args, argv)
+
+
+def _overridden(cfg: dict, args) -> dict:
+    """The config with the command line's overrides applied (ConfigError when one is out of range)."""
     if args.float_twin:
         cfg["model"] = replace(cfg["model"], binary=False)
         # The twin is the yardstick and the binary net's starting point: it starts from nothing.
@@ -484,6 +491,9 @@ def main(argv=None) -> int:
         cfg["train"] = replace(cfg["train"], threads=args.threads)
     if args.lr:
         cfg["train"] = replace(cfg["train"], lr=args.lr)
+    for flag, field in (("workers", "workers"), ("batch_size", "batch_size"), ("val_every", "val_every_minutes")):
+        if getattr(args, flag) is not None:
+            cfg["train"] = replace(cfg["train"], **{field: getattr(args, flag)})
     if args.init_from:
         cfg["train"] = replace(cfg["train"], init_from=args.init_from)
     if args.teacher:
@@ -492,15 +502,10 @@ def main(argv=None) -> int:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
         cfg["train"] = replace(cfg["train"], max_steps=6, batch_size=8, val_every_minutes=1e9)
-    out = Path(args.out) if args.out else repo_root() / cfg["train"].out_dir
-    if args.float_twin and not args.out:
-        out = out.with_name(out.name + "-float")
-    if not args.eval_only:
-        try:
-            train(cfg, out, resume=args.resume)
-        except ConfigError as e:
-            print(f"config: {e}", file=sys.stderr)
-            return 78
+    return cfg
+
+
+def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
     if args.no_export or args.smoke:
         return 0
     if cfg["model"].binary:

@@ -1,0 +1,148 @@
+"""What a GPU session needs: packed caches that fit the carry, batches made by worker processes, the warp on any device.
+
+All of it runs on the CPU here (the GPU machine runs the same code with device="cuda").
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import torch  # noqa: E402
+
+from tests.test_train_data import _rect_cache  # noqa: E402
+from tests.test_train_loop import _config  # noqa: E402
+from train import data as td  # noqa: E402
+from train import train as tt  # noqa: E402
+from train.augment import AugmentConfig, BatchMaker  # noqa: E402
+from train.batches import Prefetch, WorkerBatches, epoch_batches  # noqa: E402
+
+
+def _with_cutout(cache):
+    mask = np.zeros((40, 16), np.uint8)
+    mask[5:35, 3:13] = 1
+    cache.cutouts = [(np.full((40, 16), 200, np.uint8), mask, 0)]
+    return cache
+
+
+def test_pack_round_trip_keeps_labels_exactly_and_pixels_closely(tmp_path):
+    cache = _with_cutout(_rect_cache(5, seed=4))
+    size = td.pack_cache(cache, tmp_path / "p.npz", "k1", quality=80)
+    assert size == (tmp_path / "p.npz").stat().st_size
+    raw = sum(im.nbytes for im in cache.images)
+    assert size < raw  # the point of packing
+    back = td.load_packed(tmp_path / "p.npz", "k1")
+    assert back.sources == cache.sources
+    for a, b in zip(cache.boxes + cache.classes, back.boxes + back.classes, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(cache.images, back.images, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 3.0  # JPEG q80 on flat rectangles
+    for a, b in zip(cache.cutouts[0], back.cutouts[0], strict=True):
+        np.testing.assert_array_equal(a, b)  # cut-outs stay lossless: their masks are exact
+
+
+def test_a_stale_or_foreign_pack_is_refused_with_the_remedy(tmp_path):
+    cache = _rect_cache(2)
+    td.pack_cache(cache, tmp_path / "p.npz", "k1")
+    with pytest.raises(td.ConfigError, match="another data config or split.*train.pack"):
+        td.load_packed(tmp_path / "p.npz", "k2")
+    td.save_cache(cache, tmp_path / "raw.npz")
+    with pytest.raises(td.ConfigError, match="not a version-1 packed cache"):
+        td.load_packed(tmp_path / "raw.npz", "k1")
+    with pytest.raises(td.ConfigError, match="no packed cache here"):
+        td.load_packed(tmp_path / "absent.npz", "k1")
+    with pytest.raises(td.ConfigError, match="quality"):
+        td.pack_cache(cache, tmp_path / "q.npz", "k1", quality=20)
+
+
+def test_split_key_names_the_data_not_where_it_lives(tmp_path):
+    base = td.DataConfig(classes=("person",), sources=(td.SourceConfig("a", "a", "yolo"),), root=str(tmp_path / "r1"))
+    moved = replace(base, root=str(tmp_path / "r2"))
+    assert td.split_key(base, "train") == td.split_key(moved, "train")
+    assert td.split_key(base, "train") != td.split_key(base, "val")
+    assert td.split_key(base, "train") != td.split_key(replace(base, cache_long_side=160), "train")
+    assert td.split_key(base, "train") != td.split_key(replace(base, classes=("person", "dog")), "train")
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_sources_then_warp_is_make(augment):
+    """The worker half and the device half together give exactly the one-process batch."""
+    cache = _with_cutout(_rect_cache(6, seed=2))
+    cfg = AugmentConfig(mosaic=0.5, copy_paste=0.5)
+    x, t = BatchMaker(cache, cfg, 96, 80, seed=7).make(range(6), augment)
+    m = BatchMaker(cache, cfg, 96, 80, seed=7)
+    canvases, params, tg = m.sources(range(6), augment)
+    y = m.warp(torch.from_numpy(canvases), torch.from_numpy(params), augment)
+    assert torch.equal(x, y)
+    assert torch.equal(t, torch.from_numpy(tg))
+
+
+def test_epoch_batches_are_full_disjoint_and_seeded():
+    a = epoch_batches(50, 8, seed=3, epoch=0)
+    assert len(a) == 6 and all(len(b) == 8 for b in a)
+    flat = np.concatenate(a)
+    assert len(set(flat.tolist())) == 48 and flat.max() < 50
+    assert all(np.array_equal(p, q) for p, q in zip(a, epoch_batches(50, 8, 3, 0), strict=True))
+    assert not np.array_equal(np.concatenate(epoch_batches(50, 8, 3, 1)), flat)  # each epoch reshuffles
+
+
+def _batches(loader, n):
+    try:
+        return [loader.get() for _ in range(n)]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_batches_are_valid_and_reproducible(workers):
+    cache = _rect_cache(12, seed=5)
+    cfg = AugmentConfig(mosaic=0.3, copy_paste=0.0)
+
+    def run():
+        return _batches(WorkerBatches(BatchMaker(cache, cfg, 64, 64), len(cache), 4, 0, workers), 5)
+
+    first, again = run(), run()
+    for (x, t), (x2, t2) in zip(first, again, strict=True):
+        assert x.shape == (4, 1, 64, 64) and bool((x == x.round()).all())
+        assert len(t) == 0 or (t[:, 0].min() >= 0 and t[:, 0].max() < 4)
+        assert torch.equal(x, x2) and torch.equal(t, t2)
+    assert not torch.equal(first[0][0], first[1][0])
+
+
+def test_thread_and_worker_batches_both_cover_the_epoch_in_whole_batches():
+    cache = _rect_cache(12, seed=6)
+    cfg = AugmentConfig(mosaic=0.0, copy_paste=0.0)
+    for loader in (
+        Prefetch(BatchMaker(cache, cfg, 64, 64), len(cache), 4, 0),
+        WorkerBatches(BatchMaker(cache, cfg, 64, 64), len(cache), 4, 0, 2),
+    ):
+        got = _batches(loader, 3)
+        # No mosaic, no paste: each sample keeps its own two boxes unless the zoom pushes one out of view.
+        assert all(x.shape[0] == 4 and len(t) <= 8 for x, t in got)
+        assert sum(len(t) for _, t in got) > 0
+
+
+def test_trainer_trains_from_a_pack_with_workers_and_refuses_a_stale_one(tmp_path, capsys):
+    cfg_path = _config(tmp_path)
+    dc = tt.load_config(cfg_path)["data"]
+    packed = tmp_path / "carry"
+    for split in ("train", "val"):
+        td.pack_cache(td.cached_split(dc, split), packed / f"{split}.npz", td.split_key(dc, split))
+    args = ["--config", str(cfg_path), "--float-twin", "--no-export", "--packed", str(packed)]
+    assert tt.main([*args, "--workers", "2", "--out", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "best.pt").is_file()
+    (packed / "val.npz").replace(packed / "train.npz")  # the wrong split under the train name
+    assert tt.main([*args, "--out", str(tmp_path / "g")]) == 78
+    assert "another data config or split" in capsys.readouterr().err
+
+
+def test_bad_loader_settings_are_config_errors(tmp_path, capsys):
+    cfg_path = _config(tmp_path)
+    assert tt.main(["--config", str(cfg_path), "--workers", "-1", "--no-export"]) == 78
+    assert tt.main(["--config", str(cfg_path), "--batch-size", "0", "--no-export"]) == 78
+    assert "workers >= 0" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""Training batches, made while the model trains: a helper thread, or worker processes for a GPU.
+
+Both give ``(x, targets)``: ``x`` float32 (B,1,H,W) grey levels on ``device``,
+``targets`` (M,6) b,cls,x1,y1,x2,y2 on the CPU (the loss builds its grid there).
+
+- :class:`Prefetch` (``train.workers = 0``): one thread makes whole batches on the
+  CPU. Right for the 2-core machines: torch ops release the GIL.
+- :class:`WorkerBatches` (``train.workers = N``): N processes run the numpy half
+  (:meth:`BatchMaker.sources`: canvases, mosaic, copy-paste, boxes); the main
+  process warps on ``device``. A GPU eats thousands of images a second, which
+  one Python thread cannot place on canvases.
+
+Either way every epoch is a fresh seeded permutation, cut into whole batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from train.augment import BatchMaker
+
+
+def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list:
+    """The index batches of one epoch: a permutation seeded by (seed, epoch), the ragged end dropped."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[s : s + batch] for s in range(0, n - batch + 1, batch)]
+
+
+class Prefetch:
+    """Makes augmented batches on a helper thread while the model trains."""
+
+    def __init__(self, maker: BatchMaker, n: int, batch: int, seed: int, depth: int = 3, device="cpu"):
+        self.maker, self.n, self.batch, self.seed = maker, n, batch, seed
+        self.device = torch.device(device)
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        epoch = 0
+        while not self.stop:
+            for idx in epoch_batches(self.n, self.batch, self.seed, epoch):
+                if self.stop:
+                    return
+                try:
+                    item = self.maker.make(idx)
+                except Exception as exc:  # noqa: BLE001 - reported in the main thread, never kills the epoch silently
+                    item = exc
+                self.q.put(item)
+            epoch += 1
+
+    def get(self):
+        item = self.q.get()
+        if isinstance(item, Exception):
+            raise item
+        x, tg = item
+        return x.to(self.device), tg
+
+    def close(self):
+        self.stop = True
+        while not self.q.empty():
+            self.q.get_nowait()
+
+
+class _Sources(torch.utils.data.IterableDataset):
+    """Each worker makes every ``workers``-th batch of each epoch with its own seeded BatchMaker."""
+
+    def __init__(self, maker: BatchMaker, n: int, batch: int, seed: int):
+        self.maker, self.n, self.batch, self.seed = maker, n, batch, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        self.maker.rng = np.random.default_rng([self.seed, 1000 + wid])
+        epoch = 0
+        while True:
+            for k, idx in enumerate(epoch_batches(self.n, self.batch, self.seed, epoch)):
+                if k % nw == wid:
+                    canvases, params, tg = self.maker.sources(idx)
+                    jitter_seed = int(self.maker.rng.integers(1 << 62))
+                    yield torch.from_numpy(canvases), torch.from_numpy(params), torch.from_numpy(tg), jitter_seed
+            epoch += 1
+
+
+class WorkerBatches:
+    """Worker processes place the images; the warp and jitter run here, on ``device``."""
+
+    def __init__(self, maker: BatchMaker, n: int, batch: int, seed: int, workers: int, device="cpu"):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.maker, self.device = maker, torch.device(device)
+        self.loader = torch.utils.data.DataLoader(
+            _Sources(maker, n, batch, seed),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4,
+            persistent_workers=False,
+        )
+        self.it = iter(self.loader)
+
+    def get(self):
+        canvases, params, tg, jitter_seed = next(self.it)
+        canvases = canvases.to(self.device, non_blocking=True)
+        return self.maker.warp(canvases, params, augment=True, seed=int(jitter_seed)), tg
+
+    def close(self):
+        # Ends the worker processes (the iterator's shutdown), so a finished run leaves none behind.
+        del self.it

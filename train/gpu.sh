@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Both training stages on a GPU machine (the device tool), from packed caches; results into $OUT.
+#
+# Here, first:   python -m train.pack                      (runs/carry/train.npz, val.npz: < 56 MiB)
+#                pip download pycocotools into .whl/        (see models/README.md, "Training on a GPU")
+# Then one call: device run, carry ["runs/carry", ".whl"], command "bash train/gpu.sh", timeout 600.
+# Back here:     python -m train.train --eval-only --out DIR  (export + runtime eval of DIR/best.pt)
+#
+# The device gives 15 minutes a session, start-up included: the default stages take about 9.
+set -euo pipefail
+FLOAT_MIN=${FLOAT_MIN:-3}
+BINARY_MIN=${BINARY_MIN:-5.5}
+BATCH=${BATCH:-128}
+FLOAT_LR=${FLOAT_LR:-0.004}
+BINARY_LR=${BINARY_LR:-0.002}
+WORKERS=${WORKERS:-12}
+OUT=${OUT:-runs/gpu-out}
+export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+common=(--packed runs/carry --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every 1 --no-export)
+python3 -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
+    --out runs/gpu-float 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"
+python3 -m train.train "${common[@]}" --minutes "$BINARY_MIN" --lr "$BINARY_LR" \
+    --init-from runs/gpu-float/best.pt --teacher runs/gpu-float/best.pt \
+    --out runs/gpu 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/binary.log"
+cp runs/gpu-float/best.pt "$OUT/float-best.pt"
+cp runs/gpu-float/history.json "$OUT/float-history.json"
+cp runs/gpu/best.pt "$OUT/binary-best.pt"
+cp runs/gpu/history.json "$OUT/binary-history.json"
+cp runs/gpu/curves.png "$OUT/binary-curves.png"
+ls -la "$OUT"

@@ -1,0 +1,54 @@
+"""Pack a config's train and val caches for a GPU machine: JPEG pixels, under the 64 MiB it can carry.
+
+    python -m train.pack [--config train/configs/person.toml] [--out runs/carry] [--quality 80]
+
+Writes OUT/train.npz and OUT/val.npz (see :func:`train.data.pack_cache`). On the
+GPU machine, ``python -m train.train --packed OUT`` trains from them without
+the datasets; ``train/gpu.sh`` runs both stages there. Exit 78 when the config
+is refused or the packs would not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.data import ConfigError, LoadReport, cached_split, pack_cache, repo_root, split_key
+
+CARRY_LIMIT = 64 * 2**20  # what the device tool carries, working tree included
+CODE_ALLOWANCE = 8 * 2**20  # the repo's tracked files travel too
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.pack", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="train/configs/person.toml")
+    ap.add_argument("--out", default="runs/carry", help="folder for train.npz and val.npz")
+    ap.add_argument("--quality", type=int, default=80, help="JPEG quality, 50..100")
+    args = ap.parse_args(argv)
+    from train.train import load_config
+
+    try:
+        dc = load_config(args.config)["data"]
+        out = Path(args.out) if Path(args.out).is_absolute() else repo_root() / args.out
+        total = 0
+        for split in ("train", "val"):
+            report = LoadReport()
+            cache = cached_split(dc, split, report)
+            size = pack_cache(cache, out / f"{split}.npz", split_key(dc, split), args.quality)
+            total += size
+            print(f"{split}: {len(cache)} images, {len(cache.cutouts)} cut-outs -> {out / f'{split}.npz'} "
+                  f"({size / 2**20:.1f} MiB)")
+    except ConfigError as e:
+        print(f"pack: {e}", file=sys.stderr)
+        return 78
+    budget = CARRY_LIMIT - CODE_ALLOWANCE
+    print(f"total {total / 2**20:.1f} MiB of the {budget / 2**20:.0f} MiB left beside the code")
+    if total > budget:
+        print(f"pack: too big to carry; lower --quality (now {args.quality})", file=sys.stderr)
+        return 78
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
