@@ -98,7 +98,7 @@ def onnx_bytes(model: Model) -> bytes:
         else:
             if layer.op == "stem":
                 w = t["weight"].astype(np.float32) / 64.0
-            elif layer.op == "bconv":
+            elif layer.op in ("bconv", "rbconv"):
                 w = bits.unpack(t["weight"], p["in_ch"]).astype(np.float32)
             else:
                 w = t["weight"].astype(np.float32)[:, None, None, :]
@@ -110,8 +110,13 @@ def onnx_bytes(model: Model) -> bytes:
             attrs = [_attr_ints("kernel_shape", [k, k]), _attr_ints("strides", [s, s]),
                      _attr_ints("pads", [pad, pad, pad, pad])]
             conv_out = out if layer.op == "head" else f"c{i}"
-            nodes.append(_node("Conv", [cur, f"w{i}", f"b{i}"], [conv_out], f"conv{i}", attrs))
-            if layer.op != "head":
+            if layer.op == "rbconv":  # the float twin's block: r + conv(relu(r))
+                nodes.append(_node("Relu", [cur], [f"a{i}"], f"relu{i}"))
+                nodes.append(_node("Conv", [f"a{i}", f"w{i}", f"b{i}"], [conv_out], f"conv{i}", attrs))
+                nodes.append(_node("Add", [cur, conv_out], [out], f"add{i}"))
+            else:
+                nodes.append(_node("Conv", [cur, f"w{i}", f"b{i}"], [conv_out], f"conv{i}", attrs))
+            if layer.op not in ("head", "rbconv"):
                 nodes.append(_node("Relu", [conv_out], [out], f"relu{i}"))
             c = w.shape[0]
         cur = out

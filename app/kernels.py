@@ -449,6 +449,32 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
                     out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * o_stride + o]) + bias[o]
 
 
+# ------------------------------------------------------------------ Bi-Real blocks (rbconv)
+# An rbconv layer is three calls: sign_pack_rows (the stream's signs into a bits buffer),
+# bconv_real_rows (into a scratch stream), add_rows (stream + scratch, a new stream).
+@njit(cache=True)
+def sign_pack_rows(r, out, r0, r1):
+    """Real (H, W, C) float32 -> packed bits in out's interior: bit 1 (-1) iff r < 0, as app/bits.py says."""
+    words = out.shape[2]
+    c = r.shape[2]
+    b8 = np.zeros(words * 64, np.uint8)
+    g8 = b8.view(np.uint64)
+    for oy in range(r0, r1):
+        for ox in range(r.shape[1]):
+            for ch in range(c):
+                b8[ch] = np.uint8(r[oy, ox, ch] < np.float32(0.0))
+            _pack_bytes(g8, out, oy + BORDER, ox + BORDER)
+
+
+@njit(cache=True)
+def add_rows(a, b, out, r0, r1):
+    """out = a + b (float32, elementwise; no fastmath: the sum must round exactly as torch's does)."""
+    for oy in range(r0, r1):
+        for ox in range(a.shape[1]):
+            for ch in range(a.shape[2]):
+                out[oy, ox, ch] = a[oy, ox, ch] + b[oy, ox, ch]
+
+
 # ------------------------------------------------------------------ head
 @njit(cache=True, fastmath=True)
 def head_rows(r, w, b, out, r0, r1):
@@ -484,7 +510,7 @@ def unpack_pm1(inp, channels, out):
 # stale kernel code from its cache. (The binary body is not fused into one runner:
 # LLVM compiled the kernels inlined into it 1.5x slower on x86; one call per layer
 # costs little.)
-OP_POOL, OP_BITS, OP_REAL = 0, 1, 2
+OP_POOL, OP_BITS, OP_REAL, OP_RES = 0, 1, 2, 3
 # columns of the layer plan built by app.network.Network
 (C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
  C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD) = range(19)

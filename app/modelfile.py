@@ -86,10 +86,10 @@ def _tensor_specs(op: str, p: dict) -> dict:
         return {"weight": ("int8", (o, k, k, i)), "threshold": ("int32", (o,)), "flip": ("uint8", (o,))}
     if op == "maxpool2":
         return {}
-    if op == "bconv":
+    if op in ("bconv", "rbconv"):
         k, o, i = p["kernel"], p["out_ch"], p["in_ch"]
         spec = {"weight": ("uint64", (o, k, k, n_words(i)))}
-        if p["output"] == "bits":
+        if p.get("output") == "bits":
             spec.update(threshold=("int32", (o,)), flip=("uint8", (o,)))
         else:
             spec.update(scale=("float32", (o,)), bias=("float32", (o,)))
@@ -103,6 +103,8 @@ _PARAMS = {
     "stem": {"kernel": (1, 3, 5, 7), "stride": (1, 2), "in_ch": None, "out_ch": None},
     "maxpool2": {},
     "bconv": {"kernel": (1, 3), "stride": (1, 2), "in_ch": None, "out_ch": None, "output": ("bits", "real")},
+    # Bi-Real block on a real stream r: r + scale·y + bias, y the binary conv of sign(r); stride 1, in = out.
+    "rbconv": {"kernel": (1, 3), "stride": (1,), "in_ch": None, "out_ch": None},
     "head": {"in_ch": None, "out_ch": None},
 }
 
@@ -180,7 +182,7 @@ class _Checker:
             if name == "flip" and not np.all((t == 0) | (t == 1)):
                 self.fail(f"{where}: tensor flip holds values other than 0 and 1")
             out[name] = np.ascontiguousarray(t, dtype=_DTYPES[dt].newbyteorder("="))
-        if op == "bconv":
+        if op in ("bconv", "rbconv"):
             tail = params["in_ch"] % WORD_BITS
             if tail:
                 junk = out["weight"][..., -1] >> np.uint64(tail)
@@ -241,12 +243,16 @@ class _Checker:
                 self.fail(f"{where}: the first layer must be a stem")
             if layer.op in ("maxpool2", "bconv") and kind != "bits":
                 self.fail(f"{where}: input is {kind} but the layer needs packed bits")
+            if layer.op == "rbconv" and kind != "real":
+                self.fail(f"{where}: input is {kind} but the layer needs a real stream (a real-output bconv before it)")
             if "in_ch" in p and p["in_ch"] != c:
                 self.fail(f"{where}: in_ch={p['in_ch']} but the previous layer gives {c} channels")
-            if layer.op in ("stem", "bconv"):
+            if layer.op == "rbconv" and p["out_ch"] != p["in_ch"]:
+                self.fail(f"{where}: out_ch={p['out_ch']} must equal in_ch={p['in_ch']} (the shortcut is an identity)")
+            if layer.op in ("stem", "bconv", "rbconv"):
                 h, w = conv_out(h, p["kernel"], p["stride"]), conv_out(w, p["kernel"], p["stride"])
                 c = p["out_ch"]
-                kind = "real" if p.get("output") == "real" else "bits"
+                kind = "bits" if layer.op == "stem" or p.get("output") == "bits" else "real"
             elif layer.op == "maxpool2":
                 h, w = h // 2, w // 2
             else:
@@ -272,7 +278,7 @@ def grid_size(model: Model) -> tuple[int, int]:
     """(grid_h, grid_w) of the head output."""
     h, w = model.input_height, model.input_width
     for layer in model.layers:
-        if layer.op in ("stem", "bconv"):
+        if layer.op in ("stem", "bconv", "rbconv"):
             k, s = layer.params["kernel"], layer.params["stride"]
             h, w = conv_out(h, k, s), conv_out(w, k, s)
         elif layer.op == "maxpool2":

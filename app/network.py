@@ -38,6 +38,7 @@ from app.kernels import (
     OP_BITS,
     OP_POOL,
     OP_REAL,
+    OP_RES,
 )
 from app.modelfile import Model, conv_out
 from app.reference import check_input
@@ -72,8 +73,10 @@ class Network:
         arena = _padded_size(h, w, n_words(c))
         plan, bw, thr, flip, scale, bias = [], [], [], [], [], []
         w_off = t_off = 0
-        self.real = None
-        self.layer_out = {0: ("bits", 0)}  # layer index -> ("bits", buf index) or ("real", None)
+        self.real = None  # the newest real stream (float32 H, W, C)
+        self.real_out = {}  # plan row of a real-output bconv -> its stream
+        self.res = {}  # plan row of an rbconv -> (stream in, scratch, stream out)
+        self.layer_out = {0: ("bits", 0)}  # layer index -> ("bits", buf index) or ("real", its stream)
         for i, layer in enumerate(layers[1:-1], start=1):
             lp, lt = layer.params, layer.tensors
             in_off, in_h, in_w, in_words = bufs[-1]
@@ -92,7 +95,7 @@ class Network:
                 kk = k * k * lp["in_ch"]
                 bw.append(wb.ravel())
                 tail = [nup, nvec, wb.shape[1]]
-                if lp["output"] == "bits":
+                if lp.get("output") == "bits":
                     words = n_words(n_out)
                     row = [OP_BITS, k, s, in_off, in_h, in_w, in_words, arena, h, w, words, w_off, n_out, nb, kk, t_off] + tail
                     thr.append(lt["threshold"].astype(np.int32))
@@ -102,14 +105,28 @@ class Network:
                     bufs.append((arena, h, w, words))
                     arena += _padded_size(h, w, words)
                     self.layer_out[i] = ("bits", len(bufs) - 1)
-                else:
+                elif layer.op == "bconv":
                     row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
                     thr.append(np.zeros(n_out, np.int32))
                     flip.append(np.zeros(n_out, np.uint8))
                     scale.append(lt["scale"].astype(np.float32))
                     bias.append(lt["bias"].astype(np.float32))
                     self.real = np.zeros((h, w, n_out), np.float32)
-                    self.layer_out[i] = ("real", None)
+                    self.real_out[len(plan)] = self.real
+                    self.layer_out[i] = ("real", self.real)
+                else:  # rbconv: the stream's signs go to a bits buffer of their own, the conv reads that
+                    words = n_words(n_out)
+                    row = [OP_RES, k, s, arena, h, w, words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
+                    bufs.append((arena, h, w, words))
+                    arena += _padded_size(h, w, words)
+                    thr.append(np.zeros(n_out, np.int32))
+                    flip.append(np.zeros(n_out, np.uint8))
+                    scale.append(lt["scale"].astype(np.float32))
+                    bias.append(lt["bias"].astype(np.float32))
+                    stream = np.zeros((h, w, n_out), np.float32)
+                    self.res[len(plan)] = (self.real, np.zeros_like(stream), stream)
+                    self.real = stream
+                    self.layer_out[i] = ("real", stream)
                 w_off += wb.size
                 t_off += n_out
                 c = n_out
@@ -123,7 +140,7 @@ class Network:
         self.scale = np.concatenate(scale) if scale else np.zeros(1, np.float32)
         self.bias = np.concatenate(bias) if bias else np.zeros(1, np.float32)
         head = layers[-1]
-        self.head_from_bits = self.real is None or layers[-2].op != "bconv" or layers[-2].params["output"] != "real"
+        self.head_from_bits = self.layer_out[len(layers) - 2][0] == "bits"
         if self.head_from_bits:
             self.real = np.zeros((h, w, c), np.float32)
         self.head_w = np.ascontiguousarray(head.tensors["weight"], np.float32)
@@ -158,7 +175,7 @@ class Network:
         calls = []
         par = self.threads > 1
         chunks = 4 * self.threads
-        for p in self.plan:
+        for row, p in enumerate(self.plan):
             inp = self._view_of(p[C_IN_OFF], p[C_IN_H], p[C_IN_W], p[C_IN_WORDS])
             if p[C_OP] == OP_POOL:
                 out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
@@ -171,9 +188,19 @@ class Network:
                 out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
                 tail = (self.thr[t0 : t0 + n_out], self.flip[t0 : t0 + n_out], out)
                 fn = K.bconv_bits_par if par else K.bconv_bits_rows
-            else:
-                tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], self.real)
+            elif p[C_OP] == OP_REAL:
+                tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], self.real_out[row])
                 fn = K.bconv_real_par if par else K.bconv_real_rows
+            else:
+                stream, scratch, new = self.res[row]
+                h = int(p[C_OUT_H])
+                calls.append((K.sign_pack_rows, (stream, inp, 0, h)))
+                tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], scratch)
+                fn = K.bconv_real_par if par else K.bconv_real_rows
+                rows = (chunks,) if par else (0, h)
+                calls.append((fn, (inp, *geo, *tail, *rows)))
+                calls.append((K.add_rows, (stream, scratch, new, 0, h)))
+                continue
             rows = (chunks,) if par else (0, int(p[C_OUT_H]))
             calls.append((fn, (inp, *geo, *tail, *rows)))
         return calls
@@ -196,6 +223,6 @@ class Network:
         if not trace:
             return head
         traced = {}
-        for i, (kind, index) in self.layer_out.items():
-            traced[i] = K.interior(self._buf(index)).copy() if kind == "bits" else self.real.copy()
+        for i, (kind, where) in self.layer_out.items():
+            traced[i] = K.interior(self._buf(where)).copy() if kind == "bits" else where.copy()
         return head, traced

@@ -66,6 +66,12 @@ def bconv_real(words, in_ch, weight, stride, scale, bias) -> np.ndarray:
     return (np.asarray(scale, np.float32) * y.astype(np.float32) + np.asarray(bias, np.float32)).astype(np.float32)
 
 
+def rbconv(r, weight, scale, bias) -> np.ndarray:
+    """Bi-Real block: the real stream plus the real output of a binary conv of its signs (stride 1)."""
+    r = np.asarray(r, np.float32)
+    return (r + bconv_real(bits.pack(r), r.shape[-1], weight, 1, scale, bias)).astype(np.float32)
+
+
 def head(r: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """1x1 float conv: (H,W,in) float32 -> (H,W,out) float32."""
     r = np.asarray(r, dtype=np.float32)
@@ -98,6 +104,8 @@ def forward(model: Model, x: np.ndarray, trace: bool = False):
             else:
                 out = bconv_real(out, p["in_ch"], t["weight"], p["stride"], t["scale"], t["bias"])
             channels = p["out_ch"]
+        elif layer.op == "rbconv":
+            out = rbconv(out, t["weight"], t["scale"], t["bias"])
         elif layer.op == "head":
             if out.dtype == np.uint64:
                 out = bits.unpack(out, channels).astype(np.float32)

@@ -28,9 +28,11 @@ W, H = 72, 56  # odd sizes: 36x28 after the stem, pools floor 9x7 -> 4x3
 ANCHORS = np.array([[8.0, 16.0], [20.0, 30.0], [40.0, 44.0]], np.float32)
 
 
-def make_net(seed=0):
+def make_net(seed=0, res_blocks=0):
     torch.manual_seed(seed)
-    cfg = tm.ModelConfig(input_width=W, input_height=H, widths=(16, 24, 70, 40, 33), binary=True)
+    cfg = tm.ModelConfig(
+        input_width=W, input_height=H, widths=(16, 24, 70, 40, 33), binary=True, res_blocks=res_blocks
+    )
     net = tm.Detector(cfg, num_classes=2)
     frames = torch.stack([torch.from_numpy(synthetic_frame(s, W, H, 1)).float()[None] for s in range(4)])
     net.train()
@@ -184,6 +186,65 @@ def test_reversed_bit_order_is_caught(net_and_model):
     )
     bad = mismatches(net, broken, synthetic_frame(11, W, H, 1))
     assert 2 in bad
+
+
+# ---------------------------------------------------------------- Bi-Real blocks (rbconv)
+
+
+@pytest.fixture(scope="module")
+def res_net_and_model():
+    net = make_net(seed=5, res_blocks=2)
+    return net, to_model(net, ANCHORS, ("a", "b"))
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_bireal_blocks_torch_equals_runtime_exactly(res_net_and_model, seed):
+    """The real stream through two rbconv blocks: same floats, so the same signs feed each block."""
+    net, model = res_net_and_model
+    assert [layer.op for layer in model.layers][-4:] == ["bconv", "rbconv", "rbconv", "head"]
+    img = synthetic_frame(seed, W, H, 1)
+    head_t, outs = torch_trace(net, img)
+    head_n, tr_n = Network(model).forward(img[:, :, None], trace=True)
+    head_r, tr_r = reference.forward(model, img[:, :, None], trace=True)
+    streams = [i for i, w in tr_n.items() if w.dtype != np.uint64]
+    assert len(streams) == 3  # the real-output bconv, then each block
+    for i in streams:
+        frac = (outs[i] < 0).mean()
+        assert 0.05 < frac < 0.95, f"layer {i}: the stream's signs are nearly constant ({frac:.2f})"
+        assert np.array_equal(outs[i], tr_n[i]), f"layer {i}: torch and Network streams differ"
+        assert np.array_equal(outs[i], tr_r[i]), f"layer {i}: torch and reference streams differ"
+    for i in (i for i, w in tr_n.items() if w.dtype == np.uint64):
+        assert np.array_equal(bits.pack(outs[i]), tr_n[i]), f"layer {i}: bits differ"
+    assert np.abs(head_t - head_n).max() < 1e-4 and np.abs(head_t - head_r).max() < 1e-4
+    assert len(decode(head_t, ANCHORS, (W, H), score_threshold=0.05)) > 0
+
+
+def test_bireal_blocks_run_threaded_as_single(res_net_and_model):
+    _, model = res_net_and_model
+    img = synthetic_frame(23, W, H, 1)[:, :, None]
+    one, tr1 = Network(model).forward(img, trace=True)
+    two, tr2 = Network(model, threads=2).forward(img, trace=True)
+    assert np.array_equal(one, two) and all(np.array_equal(tr1[i], tr2[i]) for i in tr1)
+
+
+def test_a_dropped_shortcut_is_caught(res_net_and_model, monkeypatch):
+    net, model = res_net_and_model
+    monkeypatch.setattr(tm.ResBConv, "forward", lambda self, r: tm.BConv.forward(self, tm.binary_act(r)))
+    bad = mismatches(net, model, synthetic_frame(21, W, H, 1))
+    assert len(model.layers) - 3 in bad  # the first block already differs
+
+
+def test_a_zero_sign_stream_gives_plus_one(res_net_and_model):
+    """sign(0) = +1 on the stream too: an all-zero stream packs to zero words, the +1 bits."""
+    from app import kernels as K
+
+    stream = np.zeros((3, 4, 70), np.float32)
+    stream[0, 0, 5] = -0.0  # -0.0 >= 0: still +1
+    stream[1, 2, 69] = -1e-30
+    out = np.zeros(K.padded_shape(3, 4, 2), np.uint64)
+    K.sign_pack_rows(stream, out, 0, 3)
+    assert np.array_equal(K.interior(out), bits.pack(stream))
+    assert K.interior(out)[1, 2, 1] == np.uint64(1) << np.uint64(5) and int(K.interior(out).sum()) == 1 << 5
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import re
 import struct
 
 import numpy as np
@@ -189,3 +190,45 @@ def test_tensors_are_aligned(rand_model_file):
     for layer in header["layers"]:
         for d in layer["tensors"].values():
             assert d["offset"] % 64 == 0
+
+
+def _rbconv(ch, out_ch=None, stride=1, seed=0):
+    rng = np.random.default_rng(seed)
+    o = out_ch or ch
+    w = rng.integers(0, 2**63, size=(o, 3, 3, (ch + 63) // 64), dtype=np.uint64)
+    return Layer(
+        "rbconv",
+        {"kernel": 3, "stride": stride, "in_ch": ch, "out_ch": o},
+        {"weight": w, "scale": rng.normal(size=o).astype(np.float32), "bias": np.zeros(o, np.float32)},
+    )
+
+
+def _insert(model, at, layer):
+    layers = list(model.layers)
+    layers.insert(at, layer)
+    return dataclasses.replace(model, layers=tuple(layers))
+
+
+def test_rbconv_round_trips_and_keeps_the_grid(rand_model, tmp_path):
+    real_at = next(i for i, la in enumerate(rand_model.layers) if la.params.get("output") == "real")
+    ch = rand_model.layers[real_at].params["out_ch"]
+    m = _insert(_insert(rand_model, real_at + 1, _rbconv(ch)), real_at + 2, _rbconv(ch, seed=1))
+    write_model(tmp_path / "r.xnc", m)
+    back = read_model(tmp_path / "r.xnc")
+    _same(m, back)
+    assert [la.op for la in back.layers][-3:] == ["rbconv", "rbconv", "head"]
+    assert modelfile.grid_size(back) == modelfile.grid_size(rand_model)
+
+
+def test_rbconv_needs_a_real_stream_of_its_own_width_at_stride_1(rand_model, tmp_path):
+    real_at = next(i for i, la in enumerate(rand_model.layers) if la.params.get("output") == "real")
+    ch = rand_model.layers[real_at].params["out_ch"]
+    bits_ch = rand_model.layers[real_at - 1].params["out_ch"]
+    cases = [
+        (_insert(rand_model, real_at, _rbconv(bits_ch)), "needs a real stream"),
+        (_insert(rand_model, real_at + 1, _rbconv(ch, out_ch=ch // 2)), "must equal in_ch"),
+        (_insert(rand_model, real_at + 1, _rbconv(ch, stride=2)), "stride=2 must be one of [1]"),
+    ]
+    for k, (bad, needle) in enumerate(cases):
+        with pytest.raises(ModelFormatError, match=re.escape(needle)):
+            write_model(tmp_path / f"b{k}.xnc", bad)

@@ -31,7 +31,7 @@ def _dataset(root, n, seed):
         (root / "labels" / f"{i}.txt").write_text(f"0 {(x + w / 2) / 64} {(y + h / 2) / 64} {w / 64} {h / 64}\n")
 
 
-def _config(tmp_path, **train):
+def _config(tmp_path, model="", **train):
     _dataset(tmp_path / "data" / "a", 24, 0)
     _dataset(tmp_path / "data" / "b", 8, 1)
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
@@ -57,6 +57,7 @@ split = "val"
 input_width = 64
 input_height = 64
 widths = [8, 16, 16, 16]
+{model}
 
 [train]
 batch_size = 8
@@ -101,3 +102,24 @@ def test_binary_stage_without_its_float_twin_says_so(tmp_path, capsys):
     assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 78
     err = capsys.readouterr().err
     assert "train.init_from" in err and "does not exist" in err and "--float-twin" in err
+
+
+def test_bireal_blocks_train_in_both_stages_and_export_as_rbconv(tmp_path):
+    from app.detector import Detector
+    from app.modelfile import read_model
+    from train.export import export_checkpoint
+
+    teacher = tmp_path / "float" / "best.pt"
+    cfg = _config(tmp_path, model="res_blocks = 2", init_from=str(teacher), teacher=str(teacher), distill=1.0)
+    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "float")]) == 0
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 0
+    net, _ = tt.load_checkpoint(tmp_path / "bin" / "best.pt")
+    twin, _ = tt.load_checkpoint(teacher)
+    # The blocks start from the twin's signs (scaled into [-1, 1]), like every other binary conv.
+    for b, f in zip(net.layers[-3:-1], twin.layers[-3:-1], strict=True):
+        assert type(b).__name__ == "ResBConv" and b.weight.abs().max() <= 1.0
+        assert bool(((b.weight >= 0) == (f.weight >= 0)).float().mean() > 0.9)
+    export_checkpoint(tmp_path / "bin" / "best.pt", tmp_path / "res.xnc")
+    assert [la.op for la in read_model(tmp_path / "res.xnc").layers][-3:] == ["rbconv", "rbconv", "head"]
+    out = Detector(tmp_path / "res.xnc", score_threshold=0.0).detect(np.full((64, 64), 90, np.uint8))
+    assert out.ndim == 2 and out.shape[1] == 6

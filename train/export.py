@@ -19,7 +19,7 @@ import torch
 
 from app import bits
 from app.modelfile import Layer, Model, write_model
-from train.model import BConv, Detector, Head, Pool, Stem
+from train.model import BConv, Detector, Head, Pool, ResBConv, Stem
 
 
 def _fold(z: torch.Tensor, ys: torch.Tensor, valid: torch.Tensor, slope: torch.Tensor, const_plus: torch.Tensor):
@@ -105,6 +105,10 @@ def to_model(net: Detector, anchors, class_names, metadata=None) -> Model:
             )
         elif isinstance(m, Pool):
             layers.append(Layer("maxpool2", {}, {}))
+        elif isinstance(m, ResBConv):
+            w, t = fold_bconv(m)
+            params = {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch}
+            layers.append(Layer("rbconv", params, {"weight": w, **t}))
         elif isinstance(m, BConv):
             w, t = fold_bconv(m)
             params = {

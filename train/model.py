@@ -12,6 +12,8 @@ Binary mode computes exactly what the Pi computes (see app/bits.py):
   which makes the folded thresholds bit-exact.
 - max-pool after the sign (AND of bits on the Pi).
 - the last bconv outputs r = y·(α·a) + b (real), the head is a float 1x1 conv.
+- optional Bi-Real blocks (``res_blocks``) on that real stream: r + (y·(α·a) + b) with y the
+  binary conv of sign(r), the same float32 operations in the same order as the runtime's rbconv.
 
 Float-twin mode keeps the topology with real weights/activations (zero padding,
 ReLU or hardtanh), as the yardstick for what binarisation costs.
@@ -41,8 +43,11 @@ class ModelConfig:
     num_anchors: int = 3
     binary: bool = True
     float_act: str = "relu"  # float twin activation: "relu" or "hardtanh"
+    res_blocks: int = 0  # Bi-Real blocks (rbconv) on the real stream after the real-output bconv
 
     def __post_init__(self):
+        if not 0 <= self.res_blocks <= 8:
+            raise ValueError(f"res_blocks must be 0..8, got {self.res_blocks}")
         if len(self.widths) < 3:
             raise ValueError("widths needs at least stem, one bits bconv and the real-output bconv")
         if self.float_act not in ("relu", "hardtanh"):
@@ -203,6 +208,16 @@ class BConv(_Thresholded):
         return binary_act(self.normalise(y, s))
 
 
+class ResBConv(BConv):
+    """Bi-Real block: r + BN(bconv(sign(r))) (binary), r + BN(conv(act(r))) (float twin); 3x3, stride 1."""
+
+    def __init__(self, ch, binary, act):
+        super().__init__(ch, ch, binary, act, real_output=True)
+
+    def forward(self, r):
+        return r + super().forward(binary_act(r) if self.binary else self.act(r))
+
+
 class Pool(nn.Module):
     def forward(self, x):
         return F.max_pool2d(x, 2, 2)
@@ -245,6 +260,7 @@ class Detector(nn.Module):
                 layers.append(Pool())
             prev = ch
         layers.append(BConv(prev, w[-1], cfg.binary, act, real_output=True))
+        layers += [ResBConv(w[-1], cfg.binary, act) for _ in range(cfg.res_blocks)]
         layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes), cfg.num_anchors))
         self.layers = nn.ModuleList(layers)
 

@@ -36,7 +36,7 @@ from train.data import (
     strict,
 )
 from train.loss import YoloLoss, kmeans_anchors
-from train.model import Detector, ModelConfig
+from train.model import BConv, Detector, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def init_from_float(model, state: dict, log=print):
     model.load_state_dict(own)
     with torch.no_grad():
         for m in model.layers:
-            if type(m).__name__ == "BConv" and m.binary:
+            if isinstance(m, BConv) and m.binary:
                 m.weight.div_(m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
     log(f"init: {copied} of {len(own)} tensors from the float twin")
 

@@ -9,6 +9,7 @@ kernel and a summary; exits 1 on any mismatch.
 """
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -23,6 +24,7 @@ from app import bits, kernels, reference  # noqa: E402
 from app.bits import INT32_MAX, INT32_MIN  # noqa: E402
 from app.decode import decode  # noqa: E402
 from app.detector import Detector  # noqa: E402
+from app.modelfile import Layer  # noqa: E402
 from app.network import Network  # noqa: E402
 from app.preprocess import letterbox  # noqa: E402
 from app.randmodel import random_model, synthetic_frame  # noqa: E402
@@ -96,6 +98,41 @@ def check_bconv_real(rng):
     return np.array_equal(out, want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
 
 
+def check_rbconv(rng):
+    """A Bi-Real block as the Network runs it: sign_pack -> bconv_real -> add, equal to the reference."""
+    h, w = (int(v) for v in rng.integers(1, 10, 2))
+    c, k = int(rng.choice(CHANNELS)), int(rng.choice([1, 3]))
+    r = rng.normal(0, 2, (h, w, c)).astype(np.float32)
+    r[rng.random((h, w, c)) < 0.1] = 0.0  # sign(0) = +1
+    r[rng.random((h, w, c)) < 0.05] = -0.0
+    wt = bits.pack(rng.random((c, k, k, c)) < 0.5)
+    scale = rng.normal(0, 1, c).astype(np.float32)
+    bias = rng.normal(0, 3, c).astype(np.float32)
+    want = reference.rbconv(r, wt, scale, bias)
+    signs = np.zeros(kernels.padded_shape(h, w, bits.n_words(c)), np.uint64)
+    kernels.sign_pack_rows(r, signs, 0, h)
+    scratch, out = np.zeros_like(r), np.zeros_like(r)
+    kernels.bconv_real_rows(signs, kernels.compact_weights(wt, c), kernels.patch_layout(k, c)[0], k * k * c, k, 1,
+                            scale, bias, scratch, 0, h)
+    kernels.add_rows(r, scratch, out, 0, h)
+    ok = np.array_equal(kernels.interior(signs), bits.pack(r)) and np.array_equal(out, want)
+    return ok, f"h={h} w={w} c={c} k={k}"
+
+
+def with_rbconv(model, blocks=2, seed=0):
+    """``model`` with Bi-Real blocks on the stream of its real-output bconv."""
+    rng = np.random.default_rng(seed)
+    at = next(i for i, la in enumerate(model.layers) if la.params.get("output") == "real")
+    c = model.layers[at].params["out_ch"]
+    new = []
+    for _ in range(blocks):
+        wt = bits.pack(rng.random((c, 3, 3, c)) < 0.5)
+        t = {"weight": wt, "scale": rng.normal(0, 0.05, c).astype(np.float32), "bias": rng.normal(0, 1, c).astype(np.float32)}
+        new.append(Layer("rbconv", {"kernel": 3, "stride": 1, "in_ch": c, "out_ch": c}, t))
+    layers = model.layers[: at + 1] + tuple(new) + model.layers[at + 1 :]
+    return dataclasses.replace(model, layers=layers)
+
+
 def check_pool(rng):
     h, w = (int(v) for v in rng.integers(1, 12, 2))
     c = int(rng.choice(CHANNELS))
@@ -153,7 +190,7 @@ def main(argv=None) -> int:
     print(f"kernel_checks on {platform.machine()}, numpy {np.__version__}, vector bytes {kernels.VEC_BYTES}")
     failures, total = [], 0
     checks = [("stem", check_stem), ("bconv_bits", check_bconv_bits), ("bconv_real", check_bconv_real),
-              ("maxpool2", check_pool), ("head+unpack", check_head)]
+              ("rbconv", check_rbconv), ("maxpool2", check_pool), ("head+unpack", check_head)]
     for name, fn in checks:
         t0, bad = time.time(), 0
         for _ in range(args.cases):
@@ -165,7 +202,8 @@ def main(argv=None) -> int:
         print(f"  {name:12s} {args.cases - bad}/{args.cases} equal  ({time.time() - t0:.1f} s)")
     models = [("default 192x192x1", random_model(seed=3), 5),
               ("odd 45x37x3", random_model(seed=4, width=45, height=37, channels=3, classes=("a", "b"),
-                                          widths=(5, 70, 33, 129, 64)), 6)]
+                                          widths=(5, 70, 33, 129, 64)), 6),
+              ("default + 2 rbconv", with_rbconv(random_model(seed=5)), 7)]
     for name, model, seed in models:
         for label, fn in (("network", check_network), ("detector", check_detector)):
             ok, desc = fn(rng, model, seed)
