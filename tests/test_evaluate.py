@@ -174,6 +174,24 @@ def test_frames_found_counts_frames_with_every_label_boxed():
     assert ev.frames_found(gts, [both, one, both], 0.95) == 0.0  # below the score threshold
 
 
+def test_upright_found_counts_only_lone_standing_people_a_quarter_of_the_frame_tall():
+    shapes = [(100, 160)] * 5
+    stand = np.array([[10, 10, 30, 60]], float)  # 50 tall in 100: counts
+    gts = [
+        (stand, np.array([0])),
+        (np.array([[10, 10, 60, 30]], float), np.array([0])),  # lying: wider than tall
+        (np.array([[10, 10, 15, 30]], float), np.array([0])),  # 20 tall: under a quarter of 100
+        (np.concatenate([stand, stand + 70]), np.array([0, 0])),  # two people
+        (stand + 5, np.array([0])),  # counts
+    ]
+    hit = [np.array([[*g[0][0], 0.9, 0]], np.float32) for g in gts]
+    miss = np.zeros((0, 6), np.float32)
+    assert ev.upright_found(gts, hit, shapes, 0.5) == (1.0, 2)
+    assert ev.upright_found(gts, [hit[0], miss, miss, miss, miss], shapes, 0.5) == (0.5, 2)
+    assert ev.upright_found(gts, hit, shapes, 0.95) == (0.0, 2)  # below the score threshold
+    assert ev.upright_found(gts[1:4], hit[1:4], shapes[1:4], 0.5) == (0.0, 0)
+
+
 def test_groups_are_scored_on_their_own(tmp_path):
     a = ev.load_dataset(make_yolo(tmp_path / "a", n=3))
     b = ev.load_dataset(make_yolo(tmp_path / "b", n=3, seed=5))

@@ -530,7 +530,7 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
         m = evaluate_torch(out / "best.pt")
         title = "float twin (torch)"
     plot_pr(m, out / "pr.png", title)
-    summary = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall")}
+    summary = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "frames_found", "upright_found")}
     (out / "metrics.json").write_text(json.dumps(summary))
     print(json.dumps(summary))
     return 0
