@@ -146,3 +146,29 @@ def test_bad_loader_settings_are_config_errors(tmp_path, capsys):
     assert tt.main(["--config", str(cfg_path), "--workers", "-1", "--no-export"]) == 78
     assert tt.main(["--config", str(cfg_path), "--batch-size", "0", "--no-export"]) == 78
     assert "workers >= 0" in capsys.readouterr().err
+
+
+def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp_path):
+    """train/gpu.sh as the device runs it (CPU here, tiny config): what comes back is what export needs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg_path = _config(tmp_path)
+    dc = tt.load_config(cfg_path)["data"]
+    for split in ("train", "val"):
+        td.pack_cache(td.cached_split(dc, split), tmp_path / "carry" / f"{split}.npz", td.split_key(dc, split))
+    env = {**os.environ, "PY": sys.executable, "CONFIG": str(cfg_path), "CARRY": str(tmp_path / "carry"),
+           "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "WORKERS": "1", "BATCH": "8",
+           "FLOAT_MIN": "1", "BINARY_MIN": "1"}
+    proc = subprocess.run(["bash", str(root / "train" / "gpu.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    back = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert back == ["binary-best.pt", "binary-curves.png", "binary-history.json", "binary.log",
+                    "float-best.pt", "float-history.json", "float.log"]
+    assert len(back) <= 8  # what the device tool returns from $OUT
+    _, ck = tt.load_checkpoint(tmp_path / "out" / "binary-best.pt")
+    assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()

@@ -8,6 +8,9 @@
 #
 # The device gives 15 minutes a session, start-up included: the default stages take about 9.
 set -euo pipefail
+CONFIG=${CONFIG:-train/configs/person.toml}
+CARRY=${CARRY:-runs/carry}
+RUNS=${RUNS:-runs}
 FLOAT_MIN=${FLOAT_MIN:-3}
 BINARY_MIN=${BINARY_MIN:-5.5}
 BATCH=${BATCH:-128}
@@ -15,22 +18,23 @@ FLOAT_LR=${FLOAT_LR:-0.004}
 BINARY_LR=${BINARY_LR:-0.002}
 WORKERS=${WORKERS:-12}
 OUT=${OUT:-runs/gpu-out}
+PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-common=(--packed runs/carry --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every 1 --no-export)
-python3 -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
-    --out runs/gpu-float 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"
-python3 -m train.train "${common[@]}" --minutes "$BINARY_MIN" --lr "$BINARY_LR" \
-    --init-from runs/gpu-float/best.pt --teacher runs/gpu-float/best.pt \
-    --out runs/gpu 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/binary.log"
-cp runs/gpu-float/best.pt "$OUT/float-best.pt"
-cp runs/gpu-float/history.json "$OUT/float-history.json"
-cp runs/gpu/best.pt "$OUT/binary-best.pt"
-cp runs/gpu/history.json "$OUT/binary-history.json"
-cp runs/gpu/curves.png "$OUT/binary-curves.png"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+common=(--config "$CONFIG" --packed "$CARRY" --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every 1 --no-export)
+"$PY" -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
+    --out "$RUNS/gpu-float" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"
+"$PY" -m train.train "${common[@]}" --minutes "$BINARY_MIN" --lr "$BINARY_LR" \
+    --init-from "$RUNS/gpu-float/best.pt" --teacher "$RUNS/gpu-float/best.pt" \
+    --out "$RUNS/gpu" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/binary.log"
+cp "$RUNS/gpu-float/best.pt" "$OUT/float-best.pt"
+cp "$RUNS/gpu-float/history.json" "$OUT/float-history.json"
+cp "$RUNS/gpu/best.pt" "$OUT/binary-best.pt"
+cp "$RUNS/gpu/history.json" "$OUT/binary-history.json"
+cp "$RUNS/gpu/curves.png" "$OUT/binary-curves.png"
 ls -la "$OUT"
