@@ -167,9 +167,10 @@ def predict_cache(model, cache, width, height, anchors, batch=64):
     dets = []
     for start in range(0, len(cache), batch):
         idx = list(range(start, min(len(cache), start + batch)))
-        x, _ = maker.make(idx, augment=False)
+        canvases, params, _ = maker.sources(idx, augment=False)
         dev = next(model.parameters()).device
-        head = model(x.to(dev)).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        x = maker.warp(torch.from_numpy(canvases).to(dev), torch.from_numpy(params), augment=False)
+        head = model(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         for k, i in enumerate(idx):
             h, w = cache.images[i].shape
             s = min(width / w, height / h)
