@@ -19,7 +19,7 @@ from tests.test_train_loop import _config  # noqa: E402
 from train import data as td  # noqa: E402
 from train import train as tt  # noqa: E402
 from train.augment import AugmentConfig, BatchMaker  # noqa: E402
-from train.batches import Prefetch, WorkerBatches, epoch_batches  # noqa: E402
+from train.batches import Prefetch, WorkerBatches, epoch_batches, start  # noqa: E402
 
 
 def _with_cutout(cache):
@@ -172,3 +172,21 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
     assert len(back) <= 8  # what the device tool returns from $OUT
     _, ck = tt.load_checkpoint(tmp_path / "out" / "binary-best.pt")
     assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()
+
+
+def test_workers_that_cannot_start_fall_back_to_the_thread(monkeypatch):
+    cache = _rect_cache(12, seed=7)
+    cfg = AugmentConfig(mosaic=0.0, copy_paste=0.0)
+
+    def no_shm(self):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device")
+
+    said = []
+    ok = start(BatchMaker(cache, cfg, 64, 64), len(cache), 4, 0, 2, log=said.append)
+    assert type(ok).__name__ == "_First" and not said
+    first = _batches(ok, 2)
+    assert first[0][0].shape == (4, 1, 64, 64) and not torch.equal(first[0][0], first[1][0])
+    monkeypatch.setattr(WorkerBatches, "get", no_shm)
+    loader = start(BatchMaker(cache, cfg, 64, 64), len(cache), 4, 0, 2, log=said.append)
+    assert isinstance(loader, Prefetch) and "No space left" in said[0] and "one thread" in said[0]
+    assert _batches(loader, 1)[0][0].shape == (4, 1, 64, 64)

@@ -99,7 +99,7 @@ class WorkerBatches:
             batch_size=None,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=4,
+            prefetch_factor=2,  # each batch is B x 448 x 448 bytes of shared memory
             persistent_workers=False,
         )
         self.it = iter(self.loader)
@@ -112,3 +112,37 @@ class WorkerBatches:
     def close(self):
         # Ends the worker processes (the iterator's shutdown), so a finished run leaves none behind.
         del self.it
+
+
+class _First:
+    """A started loader whose first batch was already taken (to prove the workers run)."""
+
+    def __init__(self, loader, first):
+        self.loader, self.first = loader, first
+
+    def get(self):
+        if self.first is not None:
+            item, self.first = self.first, None
+            return item
+        return self.loader.get()
+
+    def close(self):
+        self.loader.close()
+
+
+def start(maker: BatchMaker, n: int, batch: int, seed: int, workers: int, device="cpu", log=print):
+    """The batch source for ``workers``; worker processes that cannot start fall back to the thread.
+
+    A container's small /dev/shm, say, fails the first batch; one slow run beats a lost GPU session.
+    """
+    if not workers:
+        return Prefetch(maker, n, batch, seed, device=device)
+    loader = None
+    try:
+        loader = WorkerBatches(maker, n, batch, seed, workers, device)
+        return _First(loader, loader.get())
+    except (RuntimeError, OSError) as exc:
+        if loader is not None:
+            loader.close()
+        log(f"batches: {workers} worker processes failed ({type(exc).__name__}: {exc}); one thread makes them instead")
+        return Prefetch(maker, n, batch, seed, device=device)

@@ -27,6 +27,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+echo "cores $(nproc); shared memory: $(df -h /dev/shm 2>/dev/null | tail -1)"
 common=(--config "$CONFIG" --packed "$CARRY" --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every "$VAL_EVERY" --no-export)
 "$PY" -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
     --out "$RUNS/gpu-float" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"

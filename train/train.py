@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from train.augment import AugmentConfig, BatchMaker, no_augment
-from train.batches import Prefetch, WorkerBatches
+from train.batches import start as start_batches
 from train.data import (
     ConfigError,
     DataConfig,
@@ -345,10 +345,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         total_steps = min(total_steps, tc.max_steps)
     budget = tc.minutes * 60.0
     maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
-    if tc.workers:
-        pre = WorkerBatches(maker, len(train_cache), tc.batch_size, tc.seed, tc.workers, device)
-    else:
-        pre = Prefetch(maker, len(train_cache), tc.batch_size, tc.seed, device=device)
+    pre = start_batches(maker, len(train_cache), tc.batch_size, tc.seed, tc.workers, device, log)
     history = {"train": [], "val": []}
     best = -1.0
     kind = "binary" if mc.binary else "float"
