@@ -143,6 +143,8 @@ def test_trainer_trains_from_a_pack_with_workers_and_refuses_a_stale_one(tmp_pat
 
 def test_bad_loader_settings_are_config_errors(tmp_path, capsys):
     cfg_path = _config(tmp_path)
+    assert tt.main(["--config", str(cfg_path), "--widths", "8,x", "--no-export"]) == 78
+    assert tt.main(["--config", str(cfg_path), "--res-blocks", "99", "--no-export"]) == 78
     assert tt.main(["--config", str(cfg_path), "--workers", "-1", "--no-export"]) == 78
     assert tt.main(["--config", str(cfg_path), "--batch-size", "0", "--no-export"]) == 78
     assert "workers >= 0" in capsys.readouterr().err
@@ -162,7 +164,7 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
         td.pack_cache(td.cached_split(dc, split), tmp_path / "carry" / f"{split}.npz", td.split_key(dc, split))
     env = {**os.environ, "PY": sys.executable, "CONFIG": str(cfg_path), "CARRY": str(tmp_path / "carry"),
            "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "WORKERS": "1", "BATCH": "8",
-           "FLOAT_MIN": "1", "BINARY_MIN": "1"}
+           "FLOAT_MIN": "1", "BINARY_MIN": "1", "MODEL_ARGS": "--res-blocks 1"}
     proc = subprocess.run(["bash", str(root / "train" / "gpu.sh")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -172,6 +174,7 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
     assert len(back) <= 8  # what the device tool returns from $OUT
     _, ck = tt.load_checkpoint(tmp_path / "out" / "binary-best.pt")
     assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()
+    assert ck["config"]["model"]["res_blocks"] == 1  # MODEL_ARGS reached both stages (the binary inits from the twin)
 
 
 def test_workers_that_cannot_start_fall_back_to_the_thread(monkeypatch):

@@ -443,6 +443,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, help="batch size override")
     ap.add_argument("--val-every", type=float, help="minutes between validations override")
     ap.add_argument("--packed", help="train from python -m train.pack's folder instead of the datasets")
+    ap.add_argument("--widths", help="model widths override, e.g. 64,64,128,256,256")
+    ap.add_argument("--res-blocks", type=int, help="Bi-Real blocks before the head override")
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
@@ -471,6 +473,13 @@ def main(argv=None) -> int:
 
 def _overridden(cfg: dict, args) -> dict:
     """The config with the command line's overrides applied (ConfigError when one is out of range)."""
+    try:
+        if args.widths:
+            cfg["model"] = replace(cfg["model"], widths=tuple(int(v) for v in args.widths.split(",")))
+        if args.res_blocks is not None:
+            cfg["model"] = replace(cfg["model"], res_blocks=args.res_blocks)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
     if args.float_twin:
         cfg["model"] = replace(cfg["model"], binary=False)
         # The twin is the yardstick and the binary net's starting point: it starts from nothing.
