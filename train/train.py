@@ -101,6 +101,29 @@ def config_dict(cfg: dict) -> dict:
     return {k: plain(asdict(v)) for k, v in cfg.items()}
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel; True if it applied.
+
+    Every training step frees and reallocates the same tens of megabytes of activations and
+    canvases. By default glibc serves those from fresh mmaps and unmaps them when freed, so
+    each step faults every page in again: 200k page faults a second, over half the CPU time
+    in the kernel on the 2-core machines. With mmap off and trimming pushed out of reach,
+    measured on 8 binary steps: 7.1 s of CPU became 4.4 s (sys 2.6 s -> 0.04 s).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): the default is only slower
+        return False
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -269,6 +292,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     """
     tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
     torch.set_num_threads(tc.threads)
+    if keep_freed_memory():
+        log("memory: freed blocks stay in the heap (glibc mallopt), not page-faulted back every step")
     seed_everything(tc.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
