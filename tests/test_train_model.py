@@ -170,6 +170,32 @@ def test_binary_net_starts_from_its_float_twin():
                 assert torch.equal(a, b)
 
 
+def test_bireal_blocks_added_to_a_trained_binary_net_start_as_the_identity():
+    """Warm start: the trained net's weights as they are (no rescale), the new blocks change nothing yet."""
+    from dataclasses import replace
+
+    from train.train import init_from_float
+
+    torch.manual_seed(1)
+    cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16))
+    old = tm.Detector(cfg)
+    with torch.no_grad():
+        old.train()
+        old(torch.rand(4, 1, 32, 32) * 255)  # BatchNorm statistics that are not the defaults
+        for m in old.layers:
+            if isinstance(m, tm.BConv):
+                m.weight.mul_(0.3)  # latent weights well inside [-1, 1]: a rescale would show
+    old.eval()
+    new = tm.Detector(replace(cfg, res_blocks=2))
+    init_from_float(new, old.state_dict(), log=lambda *_: None, from_binary=True)
+    new.eval()
+    assert [type(m).__name__ for m in new.layers][-3:] == ["ResBConv", "ResBConv", "Head"]
+    assert torch.equal(new.layers[2].weight, old.layers[2].weight)
+    x = torch.rand(3, 1, 32, 32) * 255
+    with torch.no_grad():
+        assert torch.equal(new(x), old(x))
+
+
 def test_distillation_is_zero_only_where_the_student_matches():
     from train.train import distill_loss
 

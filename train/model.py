@@ -213,6 +213,9 @@ class ResBConv(BConv):
 
     def __init__(self, ch, binary, act):
         super().__init__(ch, ch, binary, act, real_output=True)
+        # Zero-init residual (Goyal et al.): a new block starts as the identity, so blocks added
+        # to a trained net change nothing until they learn to.
+        nn.init.zeros_(self.bn.weight)
 
     def forward(self, r):
         return r + super().forward(binary_act(r) if self.binary else self.act(r))

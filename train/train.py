@@ -135,24 +135,31 @@ def _repo_path(p) -> Path:
     return p if p.is_absolute() or p.exists() else repo_root() / p
 
 
-def init_from_float(model, state: dict, log=print):
+def init_from_float(model, state: dict, log=print, from_binary: bool = False):
     """Start a binary net from its float twin's weights (Bi-Real / ReActNet's two-stage recipe).
 
     Tensors of matching shape are copied. Latent binary weights are scaled per output channel
     into [-1, 1], where the straight-through gradient is alive; their signs are the float signs.
+    ``from_binary``: the source is a trained binary net (a warm start, e.g. before added Bi-Real
+    blocks): its latent weights are already in range and its BatchNorms expect their scale, so
+    they are copied as they are. Layers the source lacks keep their own start (identity blocks).
     """
     own = model.state_dict()
-    copied = 0
-    for k, v in state.items():
-        if k in own and own[k].shape == v.shape:
-            own[k] = v.clone()
-            copied += 1
+    # The head is always the last layer: blocks added before it shift its index, not its meaning.
+    last = lambda keys: max(int(k.split(".")[1]) for k in keys if k.startswith("layers."))  # noqa: E731
+    src_head, own_head = f"layers.{last(state)}.", f"layers.{last(own)}."
+    state = {(own_head + k[len(src_head) :] if k.startswith(src_head) else k): v for k, v in state.items()}
+    copied = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    for k in copied:
+        own[k] = state[k].clone()
     model.load_state_dict(own)
-    with torch.no_grad():
-        for m in model.layers:
-            if isinstance(m, BConv) and m.binary:
-                m.weight.div_(m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
-    log(f"init: {copied} of {len(own)} tensors from the float twin")
+    if not from_binary:
+        with torch.no_grad():
+            for m in model.layers:
+                if isinstance(m, BConv) and m.binary:
+                    m.weight.div_(m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
+    source = "binary net" if from_binary else "float twin"
+    log(f"init: {len(copied)} of {len(own)} tensors from the {source}")
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -338,7 +345,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         log(f"distilling from {tc.teacher} (gain {tc.distill})")
     if tc.init_from and resume is None:
         ck = torch.load(checkpoint("train.init_from", tc.init_from), map_location="cpu", weights_only=True)
-        init_from_float(model, ck["model"], log)
+        init_from_float(model, ck["model"], log, from_binary=bool(ck.get("config", {}).get("model", {}).get("binary")))
         inherited = ck["anchors"]
         log(f"weights from {tc.init_from}")
     if resume is not None:
