@@ -105,26 +105,21 @@ class Network:
                     bufs.append((arena, h, w, words))
                     arena += _padded_size(h, w, words)
                     self.layer_out[i] = ("bits", len(bufs) - 1)
-                elif layer.op == "bconv":
-                    row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
-                    thr.append(np.zeros(n_out, np.int32))
-                    flip.append(np.zeros(n_out, np.uint8))
-                    scale.append(lt["scale"].astype(np.float32))
-                    bias.append(lt["bias"].astype(np.float32))
-                    self.real = np.zeros((h, w, n_out), np.float32)
-                    self.real_out[len(plan)] = self.real
-                    self.layer_out[i] = ("real", self.real)
-                else:  # rbconv: the stream's signs go to a bits buffer of their own, the conv reads that
-                    words = n_words(n_out)
-                    row = [OP_RES, k, s, arena, h, w, words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
-                    bufs.append((arena, h, w, words))
-                    arena += _padded_size(h, w, words)
+                else:  # a real stream: a real-output bconv starts it, each rbconv adds to it
                     thr.append(np.zeros(n_out, np.int32))
                     flip.append(np.zeros(n_out, np.uint8))
                     scale.append(lt["scale"].astype(np.float32))
                     bias.append(lt["bias"].astype(np.float32))
                     stream = np.zeros((h, w, n_out), np.float32)
-                    self.res[len(plan)] = (self.real, np.zeros_like(stream), stream)
+                    if layer.op == "bconv":
+                        row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
+                        self.real_out[len(plan)] = stream
+                    else:  # rbconv: the stream's signs go to a bits buffer of their own, the conv reads that
+                        words = n_words(n_out)
+                        row = [OP_RES, k, s, arena, h, w, words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
+                        bufs.append((arena, h, w, words))
+                        arena += _padded_size(h, w, words)
+                        self.res[len(plan)] = (self.real, np.zeros_like(stream), stream)
                     self.real = stream
                     self.layer_out[i] = ("real", stream)
                 w_off += wb.size
@@ -191,18 +186,15 @@ class Network:
             elif p[C_OP] == OP_REAL:
                 tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], self.real_out[row])
                 fn = K.bconv_real_par if par else K.bconv_real_rows
-            else:
+            else:  # OP_RES: signs of the stream in, the conv into scratch, then stream + scratch
                 stream, scratch, new = self.res[row]
-                h = int(p[C_OUT_H])
-                calls.append((K.sign_pack_rows, (stream, inp, 0, h)))
+                calls.append((K.sign_pack_rows, (stream, inp, 0, int(p[C_OUT_H]))))
                 tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], scratch)
                 fn = K.bconv_real_par if par else K.bconv_real_rows
-                rows = (chunks,) if par else (0, h)
-                calls.append((fn, (inp, *geo, *tail, *rows)))
-                calls.append((K.add_rows, (stream, scratch, new, 0, h)))
-                continue
             rows = (chunks,) if par else (0, int(p[C_OUT_H]))
             calls.append((fn, (inp, *geo, *tail, *rows)))
+            if p[C_OP] == OP_RES:
+                calls.append((K.add_rows, (stream, scratch, new, 0, int(p[C_OUT_H]))))
         return calls
 
     def head(self):
