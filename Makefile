@@ -20,7 +20,7 @@ RUNTIME_STAMP := $(VENV)/.xnorcam-runtime
 DEV_STAMP := $(VENV)/.xnorcam-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-dev run test test-arm bench bench-arm train pack eval soak fuzz lint deploy clean distclean
+.PHONY: help setup setup-dev run test test-arm bench bench-arm bench-train train pack eval soak fuzz lint deploy clean distclean
 
 help: ## list the targets
 	@echo "xnorcam: binary-network object detection for the Raspberry Pi Zero 2 W"
@@ -72,6 +72,9 @@ bench-arm: setup ## estimate Pi Zero 2 W timings with the aarch64 instruction me
 train: setup-dev ## train the person detector: its float twin, then the binary net from it (train/configs/person.toml)
 	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
+
+bench-train: setup-dev ## training steps with and without glibc keeping freed memory, same run (last line: JSON)
+	$(PY) benchmarks/bench_train_step.py
 
 pack: setup-dev ## pack the training caches (JPEG) to carry to a GPU machine: runs/carry (train/gpu.sh)
 	$(PY) -m train.pack --config train/configs/person.toml

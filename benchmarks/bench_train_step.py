@@ -1,0 +1,81 @@
+"""Training steps with and without train.train.keep_freed_memory, measured in the same run.
+
+    python benchmarks/bench_train_step.py [--steps 8] [--rounds 2]
+
+glibc's malloc settings are per process, so each side runs in its own
+subprocess: a binary Detector (widths 64, 64, 128, 256, 256) on a synthetic
+batch, 1 torch thread. The sides alternate (default, kept, default, kept...)
+so drift in the machine's load hits both. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PROBE = """
+import json, resource, sys, time
+import numpy as np, torch
+from train.train import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "kept" else False
+torch.manual_seed(0)
+torch.set_num_threads(1)
+from train.loss import YoloLoss
+from train.model import Detector, ModelConfig
+m = Detector(ModelConfig(widths=(64, 64, 128, 256, 256), binary=True), 1)
+crit = YoloLoss(np.array([[3, 11], [20, 33], [50, 96]], np.float32), m.stride, 1, 0.15, 1.0, 0.05)
+opt = torch.optim.AdamW(m.parameters(), 1e-3)
+x = torch.rand(16, 1, 192, 192) * 255
+tg = torch.tensor([[0, 0, 50, 50, 90, 150], [3, 0, 10, 10, 40, 80]], dtype=torch.float32)
+def step():
+    loss, _ = crit(m(x), tg)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+step(); step()
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    step()
+r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+print(json.dumps({"kept": kept, "wall_s": wall, "user_s": r1.ru_utime - r0.ru_utime,
+                  "sys_s": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}))
+"""
+
+
+def run(side: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, side, str(steps)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    sums = {side: {"wall_s": 0.0, "user_s": 0.0, "sys_s": 0.0, "minor_faults": 0} for side in ("default", "kept")}
+    applied = True
+    for _ in range(args.rounds):
+        for side in ("default", "kept"):
+            r = run(side, args.steps)
+            applied &= r["kept"] if side == "kept" else True
+            for k in sums[side]:
+                sums[side][k] += r[k]
+            print(f"{side:8s} wall {r['wall_s']:.2f} s  user {r['user_s']:.2f} s  sys {r['sys_s']:.2f} s  "
+                  f"minor faults {r['minor_faults']}")
+    d, k = sums["default"], sums["kept"]
+    cpu = lambda s: s["user_s"] + s["sys_s"]  # noqa: E731
+    result = {"steps": args.steps * args.rounds, "mallopt_applied": bool(applied), "default": d, "kept": k,
+              "wall_speedup": d["wall_s"] / k["wall_s"], "cpu_speedup": cpu(d) / cpu(k)}
+    print(f"kept freed memory: wall x{result['wall_speedup']:.2f}, CPU time x{result['cpu_speedup']:.2f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
