@@ -64,7 +64,10 @@ def test_short_soak_with_reconnect_churn(model_path):
     assert r.returncode == 0 and f["ok"], (f, r.stderr[-2000:])
     # Each reopened source fails on its 40th read, so 39 good reads per error: how many errors there were
     # follows from how many frames were captured, whatever the machine's speed. 1500 frames need >= 37.
-    assert f["source_errors"] >= max(37, (f["captured"] - 38) // 39) and f["reopens"] == f["source_errors"]
+    assert f["source_errors"] >= max(37, (f["captured"] - 38) // 39)
+    # Every error is followed by a reopen, except one the stop lands on during its backoff wait
+    # (CaptureThread._supervise breaks out there): reopens is errors or errors - 1, never fewer.
+    assert f["source_errors"] - 1 <= f["reopens"] <= f["source_errors"]
     assert f["event_lines"] >= f["source_errors"] and f["log_lines_on_disk"] == f["logged"] + f["event_lines"]
     assert f["captured"] == f["logged"] + f["dropped"] and f["rss_growth_mb"] <= 5.0
 
