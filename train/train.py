@@ -38,6 +38,8 @@ from train.data import (
 from train.loss import YoloLoss, kmeans_anchors
 from train.model import BConv, Detector, ModelConfig
 
+FP32_TAIL = 0.9  # with precision "bf16", the share of the schedule after which training runs in float32
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -63,8 +65,14 @@ class TrainConfig:
     init_from: str = ""  # checkpoint (e.g. the float twin's best.pt) whose weights start this run
     teacher: str = ""  # checkpoint whose head the binary net is distilled from (with distill > 0)
     distill: float = 0.0  # gain of the distillation loss (0 = off)
+    # "bf16": the training forwards (student and teacher) under bfloat16 autocast, where the CPU or GPU has it,
+    # except after FP32_TAIL of the schedule (the last tenth): the final weights and BatchNorm statistics, which export folds
+    # into the shipped thresholds, are then settled in the float32 arithmetic that export and validation use.
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be fp32 or bf16 (got {self.precision!r})")
         if self.batch_size < 1 or self.workers < 0 or self.threads < 1:
             raise ConfigError(
                 f"train: batch_size and threads must be >= 1 and workers >= 0 "
@@ -381,6 +389,12 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     pre = start_batches(maker, len(train_cache), tc.batch_size, tc.seed, tc.workers, device, log)
     history = {"train": [], "val": []}
     best = -1.0
+    if tc.precision == "bf16":
+        log(f"precision: training forwards in bfloat16 autocast on {device.type}; validation and export in float32")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16" and progress < FP32_TAIL)
+
     kind = "binary" if mc.binary else "float"
     t0 = last_val = time.time()
     step = 0
@@ -397,11 +411,14 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
                 g["lr"] = lr
             model.train()
             x, tg = pre.get()
-            head = model(x.to(device))
+            x = x.to(device)
+            with autocast():
+                head = model(x)
+            head = head.float()
             loss, parts = crit(head, tg.to(device))
             if teacher is not None:
-                with torch.no_grad():
-                    t_head = teacher(x.to(device))
+                with torch.no_grad(), autocast():
+                    t_head = teacher(x).float()
                 kd = distill_loss(head, t_head, mc.num_anchors)
                 loss = loss + tc.distill * kd * tc.batch_size
                 parts["kd"] = float(kd.detach())
@@ -479,6 +496,7 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", help="model widths override, e.g. 64,64,128,256,256")
     ap.add_argument("--res-blocks", type=int, help="Bi-Real blocks before the head override")
     ap.add_argument("--lr", type=float, help="peak learning rate override")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), help="training forwards in float32 or bfloat16 autocast")
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
@@ -531,6 +549,8 @@ def _overridden(cfg: dict, args) -> dict:
         cfg["train"] = replace(cfg["train"], threads=args.threads)
     if args.lr:
         cfg["train"] = replace(cfg["train"], lr=args.lr)
+    if args.precision:
+        cfg["train"] = replace(cfg["train"], precision=args.precision)
     for flag, field in (("workers", "workers"), ("batch_size", "batch_size"), ("val_every", "val_every_minutes")):
         if getattr(args, flag) is not None:
             cfg["train"] = replace(cfg["train"], **{field: getattr(args, flag)})
