@@ -34,7 +34,9 @@ def _dataset(root, n, seed):
 def _config(tmp_path, model="", **train):
     _dataset(tmp_path / "data" / "a", 24, 0)
     _dataset(tmp_path / "data" / "b", 8, 1)
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
+    train = {"batch_size": 8, "max_steps": 3, "minutes": 5.0, "threads": 1, "warmup_steps": 1,
+             "val_every_minutes": 1000.0, **train}
+    settings = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(
         f"""
@@ -60,13 +62,7 @@ widths = [8, 16, 16, 16]
 {model}
 
 [train]
-batch_size = 8
-max_steps = 3
-minutes = 5.0
-threads = 1
-warmup_steps = 1
-val_every_minutes = 1000.0
-{extra}
+{settings}
 [augment]
 mosaic = 0.5
 copy_paste = 0.0
@@ -123,3 +119,36 @@ def test_bireal_blocks_train_in_both_stages_and_export_as_rbconv(tmp_path):
     assert [la.op for la in read_model(tmp_path / "res.xnc").layers][-3:] == ["rbconv", "rbconv", "head"]
     out = Detector(tmp_path / "res.xnc", score_threshold=0.0).detect(np.full((64, 64), 90, np.uint8))
     assert out.ndim == 2 and out.shape[1] == 6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_precision_trains_in_bfloat16_then_settles_in_float32(tmp_path, monkeypatch, precision):
+    import torch
+
+    seen = []
+    forward = tt.Detector.forward
+
+    def recording(self, x, trace=False):
+        out = forward(self, x, trace)
+        seen.append((self.training, out.dtype))
+        return out
+
+    monkeypatch.setattr(tt.Detector, "forward", recording)
+    cfg = _config(tmp_path, max_steps=10, precision=precision)
+    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "f")]) == 0
+    student = [dtype for training, dtype in seen if training]
+    assert len(student) == 10
+    if precision == "bf16":
+        # Progress 0.0 .. 0.8 under autocast; the last step (progress 0.9) is the float32 tail.
+        assert student == [torch.bfloat16] * 9 + [torch.float32]
+    else:
+        assert set(student) == {torch.float32}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}  # validation
+    _, ck = tt.load_checkpoint(tmp_path / "f" / "best.pt")
+    assert ck["config"]["train"]["precision"] == precision
+
+
+def test_unknown_precision_is_a_config_error(tmp_path, capsys):
+    cfg = _config(tmp_path, precision="fp16")
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "x")]) == 78
+    assert "train.precision must be fp32 or bf16" in capsys.readouterr().err
