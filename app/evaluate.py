@@ -431,6 +431,30 @@ def source_of(sample: GroundTruth) -> str:
 # ------------------------------------------------------------------ CLI
 
 
+REPORT_KEYS = ("map50", "map50_95", "images", "precision", "recall", "boxes", "frames_found", "upright_found",
+               "upright_frames")
+
+
+def print_report(m: dict, threshold: float) -> dict:
+    """Print evaluate()'s metrics the way ``python -m app eval`` does; the last line is one JSON object."""
+    print(f"mAP@0.5      {m['map50']:.4f}")
+    print(f"mAP@0.5:0.95 {m['map50_95']:.4f}")
+    print(f"precision    {m['precision']:.4f}  recall {m['recall']:.4f}  (score >= {threshold:g}, IoU 0.5)")
+    print(f"frames with every labelled object boxed: {m['frames_found']:.1%}")
+    print(f"frames of one upright object >= 1/4 of the frame tall, boxed: {m['upright_found']:.1%} "
+          f"of {m['upright_frames']}")
+    for name, g in m.get("groups", {}).items():
+        print(
+            f"  {name:<16} {g['images']:>4} images  mAP@0.5 {g['map50']:.3f}  mAP@0.5:0.95 {g['map50_95']:.3f}  "
+            f"P {g['precision']:.3f}  R {g['recall']:.3f}  all boxed {g['frames_found']:.1%}  "
+            f"upright {g['upright_found']:.1%} of {g['upright_frames']}"
+        )
+    out = {k: m[k] for k in REPORT_KEYS}
+    out["score_threshold"] = threshold
+    print(json.dumps(out))
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m app eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model file (default: the shipped models/person.xnc)")
@@ -480,22 +504,7 @@ def main(argv=None) -> int:
     except EvalDataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 1
-    print(f"mAP@0.5      {m['map50']:.4f}")
-    print(f"mAP@0.5:0.95 {m['map50_95']:.4f}")
-    print(f"precision    {m['precision']:.4f}  recall {m['recall']:.4f}  (score >= {threshold:g}, IoU 0.5)")
-    print(f"frames with every labelled object boxed: {m['frames_found']:.1%}")
-    print(f"frames of one upright object >= 1/4 of the frame tall, boxed: {m['upright_found']:.1%} "
-          f"of {m['upright_frames']}")
-    for name, g in m["groups"].items():
-        print(
-            f"  {name:<16} {g['images']:>4} images  mAP@0.5 {g['map50']:.3f}  mAP@0.5:0.95 {g['map50_95']:.3f}  "
-            f"P {g['precision']:.3f}  R {g['recall']:.3f}  all boxed {g['frames_found']:.1%}  "
-            f"upright {g['upright_found']:.1%} of {g['upright_frames']}"
-        )
-    keys = ("map50", "map50_95", "images", "precision", "recall", "boxes", "frames_found", "upright_found", "upright_frames")
-    out = {k: m[k] for k in keys}
-    out["score_threshold"] = threshold
-    print(json.dumps(out))
+    print_report(m, threshold)
     return 0
 
 

@@ -152,3 +152,42 @@ def test_unknown_precision_is_a_config_error(tmp_path, capsys):
     cfg = _config(tmp_path, precision="fp16")
     assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "x")]) == 78
     assert "train.precision must be fp32 or bf16" in capsys.readouterr().err
+
+
+def test_evaluate_twin_scores_a_checkpoint_exactly_as_app_eval_scores_its_export(tmp_path, capsys):
+    """The float twin's card numbers come from train.evaluate_twin: it must be app eval's scorer around torch.
+
+    A binary checkpoint is bit-exact with its exported file, so the two reports must be equal, at the
+    threshold --like reads from that file. A different letterbox, decode or threshold would show.
+    """
+    import dataclasses
+
+    from app import evaluate as ae
+    from app.modelfile import read_model, write_model
+    from train import evaluate_twin
+    from train.export import export_checkpoint
+
+    teacher = tmp_path / "float" / "best.pt"
+    cfg = _config(tmp_path, init_from=str(teacher), max_steps=6)
+    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "float")]) == 0
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 0
+    xnc = tmp_path / "bin.xnc"
+    export_checkpoint(tmp_path / "bin" / "best.pt", xnc)
+    write_model(xnc, dataclasses.replace(read_model(xnc), score_threshold=0.01))
+    data = str(tmp_path / "data" / "b")
+
+    def last_json(rc):
+        assert rc == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    runtime = last_json(ae.main(["--model", str(xnc), "--data", data]))
+    torch_side = last_json(evaluate_twin.main([str(tmp_path / "bin" / "best.pt"), "--like", str(xnc), "--data", data]))
+    assert runtime["score_threshold"] == torch_side["score_threshold"] == pytest.approx(0.01)
+    assert runtime["images"] == 8 and runtime["boxes"] == 8
+    assert runtime["map50"] > 0  # some detections overlap the labels, so equal APs say equal boxes and scores
+    for k in ("map50", "map50_95", "precision", "recall", "frames_found"):
+        assert torch_side[k] == pytest.approx(runtime[k], abs=1e-9), k
+    twin = last_json(evaluate_twin.main([str(teacher), "--threshold", "0.1", "--data", data]))
+    assert twin["score_threshold"] == 0.1 and twin["images"] == 8
+    assert evaluate_twin.main([str(teacher), "--threshold", "2", "--data", data]) == 2
+    assert evaluate_twin.main([str(teacher), "--like", str(tmp_path / "none.xnc"), "--data", data]) == 65

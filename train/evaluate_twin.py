@@ -1,0 +1,75 @@
+"""Score a torch checkpoint (the float twin) exactly as ``python -m app eval`` scores a model file.
+
+    python -m train.evaluate_twin runs/person-float/best.pt --like models/person.xnc
+
+The checkpoint's forward runs inside the runtime's letterbox, decode and NMS
+(``train.export.torch_detector``), on the same split, with the same scorer, so
+the model card's binary and float rows differ only by the network. ``--like``
+takes the score threshold for precision, recall, "all boxed" and "upright" from
+a model file, so both rows use one threshold; ``--threshold`` sets it directly.
+The last line is one JSON object, the same keys as ``app eval``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.evaluate_twin", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="a training checkpoint (best.pt / last.pt), float or binary")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--like", help="take the score threshold from this model file (e.g. models/person.xnc)")
+    how.add_argument("--threshold", type=float, help="score threshold for precision, recall and boxed frames")
+    ap.add_argument("--data", help="dataset folder (default: the held-out validation split in ../shared)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
+    args = ap.parse_args(argv)
+
+    from app.evaluate import (
+        EVAL_SCORE_THRESHOLD,
+        EvalDataError,
+        evaluate,
+        load_dataset,
+        print_report,
+        source_of,
+        validation_split,
+    )
+    from train.export import torch_detector
+    from train.train import load_checkpoint
+
+    if args.like:
+        from app.modelfile import ModelFormatError, read_model
+
+        try:
+            threshold = float(read_model(args.like).score_threshold)
+        except (ModelFormatError, OSError) as e:
+            print(f"--like {args.like}: {e}", file=sys.stderr)
+            return 65
+    else:
+        threshold = 0.25 if args.threshold is None else args.threshold
+    if not 0.0 <= threshold <= 1.0:
+        print(f"--threshold must be within [0, 1] (got {threshold})", file=sys.stderr)
+        return 2
+    try:
+        net, ck = load_checkpoint(args.checkpoint)
+    except (OSError, KeyError, RuntimeError) as e:
+        print(f"cannot load the checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 1
+    try:
+        samples = load_dataset(args.data) if args.data else validation_split()
+    except EvalDataError as e:
+        print(f"evaluation data: {e}", file=sys.stderr)
+        return 1
+    kind = "binary" if ck["config"]["model"]["binary"] else "float"
+    print(f"checkpoint: {args.checkpoint} ({kind}, torch)  images: {len(samples[: args.limit or None])}")
+    detect = torch_detector(net, np.asarray(ck["anchors"], np.float32), EVAL_SCORE_THRESHOLD)
+    m = evaluate(detect, samples, ck["class_names"], threshold, args.limit, group_by=None if args.data else source_of)
+    print_report(m, threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
