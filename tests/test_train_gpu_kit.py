@@ -175,6 +175,7 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
     _, ck = tt.load_checkpoint(tmp_path / "out" / "binary-best.pt")
     assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()
     assert ck["config"]["model"]["res_blocks"] == 1  # MODEL_ARGS reached both stages (the binary inits from the twin)
+    assert ck["config"]["train"]["precision"] == "bf16"  # the device trains in bfloat16 unless PRECISION says not
 
 
 def test_workers_that_cannot_start_fall_back_to_the_thread(monkeypatch):

@@ -17,6 +17,7 @@ BATCH=${BATCH:-128}
 FLOAT_LR=${FLOAT_LR:-0.004}
 BINARY_LR=${BINARY_LR:-0.002}
 WORKERS=${WORKERS:-12}
+PRECISION=${PRECISION:-bf16}  # training forwards in bfloat16 (float32 for the last tenth); fp32 to turn it off
 MODEL_ARGS=${MODEL_ARGS:-}  # e.g. "--res-blocks 2" or "--widths 64,64,128,256,256": both stages get it
 VAL_EVERY=${VAL_EVERY:-2}  # minutes; each validation (921 images, decode, COCO eval) takes ~15 s of the budget
 OUT=${OUT:-runs/gpu-out}
@@ -30,7 +31,8 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 echo "cores $(nproc); shared memory: $(df -h /dev/shm 2>/dev/null | tail -1)"
 # shellcheck disable=SC2206
-common=(--config "$CONFIG" --packed "$CARRY" $MODEL_ARGS --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every "$VAL_EVERY" --no-export)
+common=(--config "$CONFIG" --packed "$CARRY" $MODEL_ARGS --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every "$VAL_EVERY"
+        --precision "$PRECISION" --no-export)
 "$PY" -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
     --out "$RUNS/gpu-float" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"
 "$PY" -m train.train "${common[@]}" --minutes "$BINARY_MIN" --lr "$BINARY_LR" \

@@ -312,6 +312,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         log("memory: freed blocks stay in the heap (glibc mallopt), not page-faulted back every step")
     seed_everything(tc.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
