@@ -73,7 +73,7 @@ train: setup-dev ## train the person detector: its float twin, then the binary n
 	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
 
-bench-train: setup-dev ## training steps with and without glibc keeping freed memory, same run (last line: JSON)
+bench-train: setup-dev ## training steps: default, glibc keeping freed memory, and bf16 forwards, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py
 
 pack: setup-dev ## pack the training caches (JPEG) to carry to a GPU machine: runs/carry (train/gpu.sh)

@@ -1,11 +1,13 @@
-"""Training steps with and without train.train.keep_freed_memory, measured in the same run.
+"""Training steps with and without train.train.keep_freed_memory, then in bfloat16, measured in the same run.
 
     python benchmarks/bench_train_step.py [--steps 8] [--rounds 2]
 
 glibc's malloc settings are per process, so each side runs in its own
 subprocess: a binary Detector (widths 64, 64, 128, 256, 256) on a synthetic
-batch, 1 torch thread. The sides alternate (default, kept, default, kept...)
-so drift in the machine's load hits both. The last line is one JSON object.
+batch, 1 torch thread. The sides alternate (default, kept, bf16, default...)
+so drift in the machine's load hits all of them. "bf16" is "kept" with the
+forward under bfloat16 autocast (train.precision = "bf16"); its speed-up is
+against "kept". The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("default", "kept", "bf16")
 
 _PROBE = """
 import json, resource, sys, time
 import numpy as np, torch
 from train.train import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "kept" else False
+kept = keep_freed_memory() if sys.argv[1] in ("kept", "bf16") else False
 torch.manual_seed(0)
 torch.set_num_threads(1)
 from train.loss import YoloLoss
@@ -33,7 +36,9 @@ opt = torch.optim.AdamW(m.parameters(), 1e-3)
 x = torch.rand(16, 1, 192, 192) * 255
 tg = torch.tensor([[0, 0, 50, 50, 90, 150], [3, 0, 10, 10, 40, 80]], dtype=torch.float32)
 def step():
-    loss, _ = crit(m(x), tg)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sys.argv[1] == "bf16"):
+        head = m(x)
+    loss, _ = crit(head.float(), tg)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -58,21 +63,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
-    sums = {side: {"wall_s": 0.0, "user_s": 0.0, "sys_s": 0.0, "minor_faults": 0} for side in ("default", "kept")}
+    sums = {side: {"wall_s": 0.0, "user_s": 0.0, "sys_s": 0.0, "minor_faults": 0} for side in SIDES}
     applied = True
     for _ in range(args.rounds):
-        for side in ("default", "kept"):
+        for side in SIDES:
             r = run(side, args.steps)
-            applied &= r["kept"] if side == "kept" else True
+            applied &= r["kept"] if side != "default" else True
             for k in sums[side]:
                 sums[side][k] += r[k]
             print(f"{side:8s} wall {r['wall_s']:.2f} s  user {r['user_s']:.2f} s  sys {r['sys_s']:.2f} s  "
                   f"minor faults {r['minor_faults']}")
-    d, k = sums["default"], sums["kept"]
+    d, k, b = sums["default"], sums["kept"], sums["bf16"]
     cpu = lambda s: s["user_s"] + s["sys_s"]  # noqa: E731
-    result = {"steps": args.steps * args.rounds, "mallopt_applied": bool(applied), "default": d, "kept": k,
-              "wall_speedup": d["wall_s"] / k["wall_s"], "cpu_speedup": cpu(d) / cpu(k)}
+    result = {"steps": args.steps * args.rounds, "mallopt_applied": bool(applied), "default": d, "kept": k, "bf16": b,
+              "wall_speedup": d["wall_s"] / k["wall_s"], "cpu_speedup": cpu(d) / cpu(k),
+              "bf16_wall_speedup": k["wall_s"] / b["wall_s"]}
     print(f"kept freed memory: wall x{result['wall_speedup']:.2f}, CPU time x{result['cpu_speedup']:.2f}")
+    print(f"bf16 forwards (both kept): wall x{result['bf16_wall_speedup']:.2f}")
     print(json.dumps(result))
     return 0
 
