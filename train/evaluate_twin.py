@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.evaluate_twin", description=__doc__.split("\n")[0])
@@ -28,16 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
     args = ap.parse_args(argv)
 
-    from app.evaluate import (
-        EVAL_SCORE_THRESHOLD,
-        EvalDataError,
-        evaluate,
-        load_dataset,
-        print_report,
-        source_of,
-        validation_split,
-    )
-    from train.export import torch_detector
+    from app.evaluate import EvalDataError, load_dataset, print_report, source_of, validation_split
+    from train.export import evaluate_torch
     from train.train import load_checkpoint
 
     if args.like:
@@ -54,7 +44,7 @@ def main(argv=None) -> int:
         print(f"--threshold must be within [0, 1] (got {threshold})", file=sys.stderr)
         return 2
     try:
-        net, ck = load_checkpoint(args.checkpoint)
+        _, ck = load_checkpoint(args.checkpoint)  # fail here, with a clear message, not inside the scorer
     except (OSError, KeyError, RuntimeError) as e:
         print(f"cannot load the checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 1
@@ -65,8 +55,7 @@ def main(argv=None) -> int:
         return 1
     kind = "binary" if ck["config"]["model"]["binary"] else "float"
     print(f"checkpoint: {args.checkpoint} ({kind}, torch)  images: {len(samples[: args.limit or None])}")
-    detect = torch_detector(net, np.asarray(ck["anchors"], np.float32), EVAL_SCORE_THRESHOLD)
-    m = evaluate(detect, samples, ck["class_names"], threshold, args.limit, group_by=None if args.data else source_of)
+    m = evaluate_torch(args.checkpoint, args.limit, threshold, samples, group_by=None if args.data else source_of)
     print_report(m, threshold)
     return 0
 

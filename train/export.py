@@ -197,14 +197,15 @@ def torch_detector(net: Detector, anchors, score_threshold: float, nms_iou: floa
     return detect
 
 
-def evaluate_torch(ckpt, limit: int = 0) -> dict:
-    """COCO metrics of a torch checkpoint on the validation split, by the same code as ``python -m app eval``."""
+def evaluate_torch(ckpt, limit: int = 0, score_threshold: float = 0.25, samples=None, group_by=None) -> dict:
+    """COCO metrics of a torch checkpoint by the same code as ``python -m app eval`` (default: the validation split)."""
     from app.evaluate import EVAL_SCORE_THRESHOLD, evaluate, validation_split
     from train.train import load_checkpoint
 
     net, ck = load_checkpoint(ckpt)
     detect = torch_detector(net, np.asarray(ck["anchors"], np.float32), EVAL_SCORE_THRESHOLD)
-    return evaluate(detect, validation_split(), ck["class_names"], 0.25, limit)
+    samples = validation_split() if samples is None else samples
+    return evaluate(detect, samples, ck["class_names"], score_threshold, limit, group_by=group_by)
 
 
 def main(argv=None) -> int:

@@ -393,10 +393,6 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     best = -1.0
     if tc.precision == "bf16":
         log(f"precision: training forwards in bfloat16 autocast on {device.type}; validation and export in float32")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16" and progress < FP32_TAIL)
-
     kind = "binary" if mc.binary else "float"
     t0 = last_val = time.time()
     step = 0
@@ -414,12 +410,13 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
             model.train()
             x, tg = pre.get()
             x = x.to(device)
-            with autocast():
+            amp = torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16" and progress < FP32_TAIL)
+            with amp:
                 head = model(x)
             head = head.float()
             loss, parts = crit(head, tg.to(device))
             if teacher is not None:
-                with torch.no_grad(), autocast():
+                with torch.no_grad(), amp:
                     t_head = teacher(x).float()
                 kd = distill_loss(head, t_head, mc.num_anchors)
                 loss = loss + tc.distill * kd * tc.batch_size
