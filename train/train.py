@@ -35,9 +35,11 @@ from train.data import (
     split_key,
     strict,
 )
+from train.ema import WeightAverage
 from train.loss import YoloLoss, kmeans_anchors
 from train.model import BConv, Detector, ModelConfig
 
+RECAL_BATCHES = 16  # training batches over which the averaged weights' BatchNorm statistics are recomputed
 FP32_TAIL = 0.9  # with precision "bf16", the share of the schedule after which training runs in float32
 
 
@@ -69,8 +71,13 @@ class TrainConfig:
     # except after FP32_TAIL of the schedule (the last tenth): the final weights and BatchNorm statistics, which export folds
     # into the shipped thresholds, are then settled in the float32 arithmetic that export and validation use.
     precision: str = "fp32"
+    # Decay of an exponential moving average of the weights (0 = off). When on, validation, checkpoints and export
+    # use the averaged weights, with BatchNorm statistics recomputed for them (train/ema.py says why).
+    ema: float = 0.0
 
     def __post_init__(self):
+        if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
+            raise ConfigError(f"train.ema must be 0 (off) or a decay in (0, 1) (got {self.ema})")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16 (got {self.precision!r})")
         if self.batch_size < 1 or self.workers < 0 or self.threads < 1:
@@ -340,7 +347,9 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
     teacher = None
-    inherited = None  # the anchors the starting or teaching head was trained with: its channels mean nothing without them
+    inherited = (
+        None  # the anchors the starting or teaching head was trained with: its channels mean nothing without them
+    )
 
     def checkpoint(what, path):
         p = _repo_path(path)
@@ -394,6 +403,17 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     if tc.precision == "bf16":
         log(f"precision: training forwards in bfloat16 autocast on {device.type}; validation and export in float32")
     kind = "binary" if mc.binary else "float"
+    ema = WeightAverage(model, tc.ema) if tc.ema else None
+    if ema is not None:
+        log(f"weights: exponential moving average (decay {tc.ema}) is what is validated, saved and exported")
+
+    def settled():
+        """The network to validate and save: the live one, or the average with its BatchNorm statistics recomputed."""
+        if ema is None:
+            return model
+        ema.recalibrate(pre.get()[0].to(device) for _ in range(RECAL_BATCHES))
+        return ema.model
+
     t0 = last_val = time.time()
     step = 0
     bar = tqdm(total=total_steps, desc=f"train {kind}", dynamic_ncols=True, mininterval=2.0)
@@ -426,6 +446,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             model.clip_latent()
+            if ema is not None:
+                ema.update(model)
             step += 1
             rec = {"step": step, "loss": float(loss.detach()) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
             history["train"].append(rec)
@@ -439,19 +461,21 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
             )
             bar.update(1)
             if time.time() - last_val > tc.val_every_minutes * 60 and len(val_cache):
-                v = validate(model, val_cache, cfg, anchors, nc)
+                net = settled()
+                v = validate(net, val_cache, cfg, anchors, nc)
                 last_val = time.time()
                 history["val"].append({"step": step, "map50": v["map50"], "map50_95": v["map50_95"]})
                 bar.write(f"val @ step {step}: mAP50 {v['map50']:.4f} mAP50-95 {v['map50_95']:.4f}")
-                save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, {"step": step, "val": v["map50"]})
+                save_checkpoint(out_dir / "last.pt", net, cfg, anchors, dc.classes, {"step": step, "val": v["map50"]})
                 if v["map50"] > best:
                     best = v["map50"]
-                    save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, {"step": step, "val": best})
+                    save_checkpoint(out_dir / "best.pt", net, cfg, anchors, dc.classes, {"step": step, "val": best})
+        wall = time.time() - t0
+        net = settled()
     finally:
         bar.close()
         pre.close()
-    wall = time.time() - t0
-    final = validate(model, val_cache, cfg, anchors, nc) if len(val_cache) else {"map50": 0.0, "map50_95": 0.0}
+    final = validate(net, val_cache, cfg, anchors, nc) if len(val_cache) else {"map50": 0.0, "map50_95": 0.0}
     history["val"].append({"step": step, "map50": final["map50"], "map50_95": final["map50_95"]})
     log(
         f"done: {step} steps ({step / max(1, steps_per_epoch):.2f} epochs) in {wall / 60:.1f} min on {device}; "
@@ -472,9 +496,9 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         extra["total_steps"] = int(prior["step"]) + step
         extra["wall_s"] = float(prior["wall_s"]) + wall
         extra["epochs"] = float(prior["epochs"]) + extra["epochs"]
-    save_checkpoint(out_dir / "last.pt", model, cfg, anchors, dc.classes, extra)
+    save_checkpoint(out_dir / "last.pt", net, cfg, anchors, dc.classes, extra)
     if final["map50"] >= best:
-        save_checkpoint(out_dir / "best.pt", model, cfg, anchors, dc.classes, extra)
+        save_checkpoint(out_dir / "best.pt", net, cfg, anchors, dc.classes, extra)
     with open(out_dir / "history.json", "w") as f:
         json.dump({**history, "summary": {k: v for k, v in extra.items()}}, f)
     plot_curves(history, out_dir / "curves.png")
@@ -496,6 +520,9 @@ def main(argv=None) -> int:
     ap.add_argument("--res-blocks", type=int, help="Bi-Real blocks before the head override")
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--precision", choices=("fp32", "bf16"), help="training forwards in float32 or bfloat16 autocast")
+    ap.add_argument(
+        "--ema", type=float, help="decay of a moving average of the weights, which is then what is saved (0 = off)"
+    )
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
@@ -550,6 +577,8 @@ def _overridden(cfg: dict, args) -> dict:
         cfg["train"] = replace(cfg["train"], lr=args.lr)
     if args.precision:
         cfg["train"] = replace(cfg["train"], precision=args.precision)
+    if args.ema is not None:
+        cfg["train"] = replace(cfg["train"], ema=args.ema)
     for flag, field in (("workers", "workers"), ("batch_size", "batch_size"), ("val_every", "val_every_minutes")):
         if getattr(args, flag) is not None:
             cfg["train"] = replace(cfg["train"], **{field: getattr(args, flag)})
