@@ -1,12 +1,12 @@
 """``python -m app eval``: COCO-style mAP of a model file through the runtime Detector (the exact Pi code).
 
-    python -m app eval [--model FILE] [--data DIR] [--format yolo|voc|coco] [--class NAME] [--limit N]
+    python -m app eval [--model FILE] [--data DIR] [--format yolo|voc|coco] [--class NAME] [--limit N] [--threshold T]
 
 Without ``--data`` it evaluates the shipped model's held-out validation split from
 the shared datasets folder: the whole scenes listed in models/person-split.txt
 (capston2, fall and clinic scenes training never saw) plus all of coco_mini. It
 prints mAP@0.5 and mAP@0.5:0.95 (pycocotools), precision and recall at the
-model's default score threshold, and as the LAST line one JSON object with the
+model's default score threshold (or ``--threshold``), and as the LAST line one JSON object with the
 keys map50, map50_95, images, precision, recall.
 
 Only numpy, cv2 and app modules are imported here; pycocotools (a dev
@@ -462,6 +462,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--format", choices=sorted(LOADERS), help="dataset format (default: detected)")
     ap.add_argument("--class", dest="cls", help="evaluate only this class name (default: all of the model's classes)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        help="score threshold for precision, recall and the found-frame shares (default: the model's own); "
+        "mAP is unaffected",
+    )
     return ap
 
 
@@ -472,6 +478,9 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     if args.limit < 0:
         print("--limit must be >= 0", file=sys.stderr)
+        return 2
+    if args.threshold is not None and not EVAL_SCORE_THRESHOLD <= args.threshold <= 1.0:
+        print(f"--threshold must be in [{EVAL_SCORE_THRESHOLD}, 1] (got {args.threshold})", file=sys.stderr)
         return 2
     from app.detector import Detector
     from app.modelfile import ModelFormatError
@@ -485,7 +494,7 @@ def main(argv=None) -> int:
         print(f"cannot load the model: {e}", file=sys.stderr)
         return 1
     names = list(det.class_names)
-    threshold = float(det.model.score_threshold)
+    threshold = float(det.model.score_threshold) if args.threshold is None else args.threshold
     try:
         samples = load_dataset(args.data, args.format) if args.data else validation_split()
     except EvalDataError as e:

@@ -106,6 +106,27 @@ def test_cli_on_a_model_file_prints_json_last(tmp_path, rand_model_file, capsys)
     assert out["images"] == 2 and 0.0 <= out["map50"] <= 1.0
 
 
+def test_cli_threshold_moves_precision_and_recall_but_not_map(tmp_path, rand_model_file, capsys):
+    data = make_yolo(tmp_path / "d", n=4)
+
+    def run(*extra):
+        assert ev.main(["--model", str(rand_model_file), "--data", str(data), *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    default, low, top = run(), run("--threshold", "0.005"), run("--threshold", "1.0")
+    assert low["score_threshold"] == 0.005 and top["score_threshold"] == 1.0
+    assert default["score_threshold"] not in (0.005, 1.0)
+    assert low["map50"] == default["map50"] == top["map50"]
+    # Nothing scores 1.0 (a sigmoid), and at 0.005 the random model boxes something.
+    assert top["recall"] == 0.0 and low["recall"] > 0.0
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1"])
+def test_cli_threshold_out_of_range_is_refused(tmp_path, rand_model_file, bad, capsys):
+    assert ev.main(["--model", str(rand_model_file), "--data", str(tmp_path), "--threshold", bad]) == 2
+    assert "--threshold" in capsys.readouterr().err
+
+
 def test_cli_without_data_or_shared_asks_for_data(tmp_path, rand_model_file, monkeypatch, capsys):
     monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path / "nowhere"))
     assert ev.main(["--model", str(rand_model_file)]) == 2
