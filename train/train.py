@@ -505,7 +505,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     return {"model": model, "anchors": anchors, "final": final, **extra}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="train/configs/person.toml")
     ap.add_argument("--float-twin", action="store_true", help="train the float twin (same topology, real values)")
@@ -530,7 +530,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
     ap.add_argument("--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt")
     ap.add_argument("--export-to", help="model file to write (default: train.export_to of the config)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cfg = _overridden(load_config(args.config), args)
     except ConfigError as e:
