@@ -82,6 +82,15 @@ def test_letterbox_shapes_and_centering(h, w, ch, kind):
     np.testing.assert_allclose(back, [0, 0, w, h], atol=1.0 / lb.scale)
 
 
+def test_letterbox_shrinks_without_aliasing():
+    # 1-px stripes, one lit in three, shrunk about 14x: an area average covers 4 or 5 lit stripes
+    # (73..91 grey, mean 85); bilinear samples a couple of columns per output pixel, so it keeps 0s and 255s.
+    img = np.zeros((900, 900), np.uint8)
+    img[:, ::3] = 255
+    x, _ = letterbox(img, 64, 64, 1)
+    assert 70 <= x.min() and x.max() <= 95 and abs(float(x.mean()) - 85.0) < 3.0
+
+
 def test_letterbox_grey_conversion_matches_cv2():
     import cv2
 
