@@ -83,7 +83,7 @@ train-shipped: setup-dev ## replay the five training stages of the shipped model
 	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/2-binary/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --minutes 44 --no-export --out $(LINEAGE)/3-res2
 	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/3-res2/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --precision bf16 --val-every 15 --minutes 130 --no-export --out $(LINEAGE)/4-bf16
 	$(TRAIN) --res-blocks 2 --resume $(LINEAGE)/4-bf16/last.pt --teacher $(LINEAGE)/1-float/best.pt --lr 3e-4 --precision bf16 --ema 0.999 --val-every 14 --minutes 112 --no-export --out $(LINEAGE)/5-ema
-	$(TRAIN) --res-blocks 2 --eval-only --out $(LINEAGE)/5-ema
+	$(TRAIN) --res-blocks 2 --eval-only --checkpoint last --out $(LINEAGE)/5-ema
 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, and bf16 forwards, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py

@@ -7,6 +7,7 @@ distillation, checkpoints, export to a file the runtime loads), not accuracy.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -191,3 +192,25 @@ def test_evaluate_twin_scores_a_checkpoint_exactly_as_app_eval_scores_its_export
     assert twin["score_threshold"] == 0.1 and twin["images"] == 8
     assert evaluate_twin.main([str(teacher), "--threshold", "2", "--data", data]) == 2
     assert evaluate_twin.main([str(teacher), "--like", str(tmp_path / "none.xnc"), "--data", data]) == 65
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_eval_only_exports_the_chosen_checkpoint(tmp_path, monkeypatch, which):
+    import train.export as te
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best", "last"):
+        (out / f"{name}.pt").write_bytes(b"")
+    seen = []
+
+    def fake_export(ckpt, target, command=""):
+        seen.append(Path(ckpt).name)
+        raise KeyboardInterrupt  # stop before calibration and evaluation, which need the datasets
+
+    monkeypatch.setattr(te, "export_checkpoint", fake_export)
+    cfg = _config(tmp_path)
+    argv = ["--config", str(cfg), "--eval-only", "--out", str(out), "--export-to", str(tmp_path / "m.xnc")]
+    with pytest.raises(KeyboardInterrupt):
+        tt.main(argv + (["--checkpoint", which] if which == "last" else []))
+    assert seen == [f"{which}.pt"]

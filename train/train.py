@@ -528,7 +528,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
-    ap.add_argument("--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt")
+    ap.add_argument(
+        "--eval-only", action="store_true", help="no training: export and evaluate OUT/best.pt (or --checkpoint)"
+    )
+    ap.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint of OUT to export and evaluate: the one validation picked, or the last (default best)",
+    )
     ap.add_argument("--export-to", help="model file to write (default: train.export_to of the config)")
     return ap
 
@@ -606,7 +614,9 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
         from train.export import export_checkpoint
 
         target = Path(args.export_to) if args.export_to else repo_root() / cfg["train"].export_to
-        export_checkpoint(out / "best.pt", target, command=" ".join(["python -m train.train", *(argv or sys.argv[1:])]))
+        export_checkpoint(
+            out / f"{args.checkpoint}.pt", target, command=" ".join(["python -m train.train", *(argv or sys.argv[1:])])
+        )
         print(f"exported {target}")
         from train.export import calibrate_score_threshold
 
@@ -619,7 +629,7 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
     else:
         from train.export import evaluate_torch
 
-        m = evaluate_torch(out / "best.pt")
+        m = evaluate_torch(out / f"{args.checkpoint}.pt")
         title = "float twin (torch)"
     plot_pr(m, out / "pr.png", title)
     summary = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "frames_found", "upright_found")}
