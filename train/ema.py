@@ -1,6 +1,6 @@
 """An exponential moving average of the weights, and BatchNorm statistics recomputed for it.
 
-A binary net's latent weights keep crossing zero late in training, so one
+A binary net's latent weights can keep crossing zero late in training, so one
 checkpoint's signs are a noisy draw: on the person split, cached validation of
 successive checkpoints swung by ±0.015 mAP@0.5. Averaging the latent weights
 over the last few hundred steps keeps the signs the recent steps agree on.
