@@ -40,8 +40,8 @@ class WeightAverage:
         d = self.current_decay()
         for avg, live in zip(self.model.parameters(), model.parameters(), strict=True):
             avg.lerp_(live.detach(), 1.0 - d)
-        for avg, live in zip(self.model.buffers(), model.buffers(), strict=True):
-            avg.copy_(live)
+        # Buffers are not copied: the model's only buffers are BatchNorm statistics, which the live net's
+        # would not fit, and ``recalibrate`` recomputes them before the average is used.
 
     @torch.no_grad()
     def recalibrate(self, batches) -> int:

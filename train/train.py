@@ -347,9 +347,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
     teacher = None
-    inherited = (
-        None  # the anchors the starting or teaching head was trained with: its channels mean nothing without them
-    )
+    # The anchors the starting or teaching head was trained with: its channels mean nothing without them.
+    inherited = None
 
     def checkpoint(what, path):
         p = _repo_path(path)
@@ -502,7 +501,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     with open(out_dir / "history.json", "w") as f:
         json.dump({**history, "summary": {k: v for k, v in extra.items()}}, f)
     plot_curves(history, out_dir / "curves.png")
-    return {"model": model, "anchors": anchors, "final": final, **extra}
+    return {"model": net, "anchors": anchors, "final": final, **extra}
 
 
 def _parser() -> argparse.ArgumentParser:
