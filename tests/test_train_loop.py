@@ -214,3 +214,16 @@ def test_eval_only_exports_the_chosen_checkpoint(tmp_path, monkeypatch, which):
     with pytest.raises(KeyboardInterrupt):
         tt.main(argv + (["--checkpoint", which] if which == "last" else []))
     assert seen == [f"{which}.pt"]
+
+
+def test_distill_flag_sets_the_gain_after_teacher_and_rejects_a_negative_one():
+    cfg = tt.load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "person.toml")
+    parse = tt._parser().parse_args
+    with_teacher = tt._overridden(dict(cfg), parse(["--teacher", "t.pt"]))
+    assert with_teacher["train"].distill == 1.0  # --teacher alone turns distillation on
+    lowered = tt._overridden(dict(cfg), parse(["--teacher", "t.pt", "--distill", "0.25"]))
+    assert (lowered["train"].teacher, lowered["train"].distill) == ("t.pt", 0.25)
+    assert tt._overridden(dict(cfg), parse(["--distill", "0"]))["train"].distill == 0.0
+    for bad in ("-0.5", "nan"):
+        with pytest.raises(tt.ConfigError, match="distill"):
+            tt._overridden(dict(cfg), parse(["--teacher", "t.pt", "--distill", bad]))

@@ -76,6 +76,8 @@ class TrainConfig:
     ema: float = 0.0
 
     def __post_init__(self):
+        if not (self.distill >= 0.0 and math.isfinite(self.distill)):
+            raise ConfigError(f"train.distill must be a finite gain >= 0 (0 = off) (got {self.distill})")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
             raise ConfigError(f"train.ema must be 0 (off) or a decay in (0, 1) (got {self.ema})")
         if self.precision not in ("fp32", "bf16"):
@@ -525,6 +527,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", help="continue from this checkpoint (weights and anchors; new schedule)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
+    ap.add_argument("--distill", type=float, help="gain of the distillation loss override (0 = off)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
     ap.add_argument(
@@ -597,6 +600,8 @@ def _overridden(cfg: dict, args) -> dict:
         cfg["train"] = replace(cfg["train"], init_from=args.init_from)
     if args.teacher:
         cfg["train"] = replace(cfg["train"], teacher=args.teacher, distill=cfg["train"].distill or 1.0)
+    if args.distill is not None:
+        cfg["train"] = replace(cfg["train"], distill=args.distill)
     if args.smoke:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
