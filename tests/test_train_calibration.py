@@ -1,0 +1,84 @@
+"""The default score threshold: F1-best on the split's dropped images, which training and validation both skip."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from app.detector import Detector  # noqa: E402
+from app.evaluate import EvalDataError  # noqa: E402
+from app.modelfile import read_model, write_model  # noqa: E402
+from app.randmodel import synthetic_frame  # noqa: E402
+from train import export as te  # noqa: E402
+
+
+def _gt(boxes):
+    return (np.asarray(boxes, np.float64).reshape(-1, 4), np.zeros(len(boxes), np.int64))
+
+
+def _det(rows):
+    return np.asarray([[*b, s, 0] for b, s in rows], np.float32).reshape(-1, 6)
+
+
+def test_f1_best_threshold_picks_the_highest_f1_and_the_lowest_value_on_ties():
+    a, b, far = [0, 0, 10, 20], [50, 50, 60, 70], [100, 0, 110, 20]
+    gts = [_gt([a, b])]
+    dets = [_det([(a, 0.9), (far, 0.7), (b, 0.5)])]
+    # 0.3: 2 right, 1 wrong (F1 0.8); 0.6: 1 and 1 (0.5); 0.8: 1 and 0 (0.667)
+    thr, f1, p, r = te.f1_best_threshold(gts, dets, [0.6, 0.8, 0.3])
+    assert (thr, round(f1, 3), round(p, 3), r) == (0.3, 0.8, 0.667, 1.0)
+    assert te.f1_best_threshold(gts, dets, [0.2, 0.3, 0.4])[0] == 0.2  # 0.2..0.4 give the same F1
+
+
+@pytest.fixture
+def shared_with_drops(tmp_path, monkeypatch, rand_model):
+    """A datasets root whose labels are the random model's own boxes scoring >= 0.3, and a split dropping 3 images."""
+    src = tmp_path / "shared" / "datasets" / "cams"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    (src / "data.yaml").write_text("names: ['person']\n")
+    det = Detector(model=rand_model, score_threshold=0.005)
+    for i in range(5):
+        img = synthetic_frame(seed=i)
+        cv2.imwrite(str(src / "images" / f"{i}.png"), img)
+        h, w = img.shape[:2]
+        rows = [d for d in det.detect(img) if d[4] >= 0.3]
+        (src / "labels" / f"{i}.txt").write_text(
+            "".join(f"0 {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n"
+                    for x1, y1, x2, y2, *_ in rows)
+        )
+    split = tmp_path / "split.txt"
+    split.write_text("# test split\nval cams/images/0.png\ndrop cams/images/1.png\ndrop cams/images/2.png\n"
+                     "drop cams/images/4.png\n")
+    monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path / "shared"))
+    return split
+
+
+def test_calibration_samples_are_the_dropped_images_only(shared_with_drops):
+    samples = te.calibration_samples(shared_with_drops)
+    assert [s.image.name for s in samples] == ["1.png", "2.png", "4.png"]
+    assert all(set(s.names) <= {"person"} for s in samples)
+    assert sum(len(s.boxes) for s in samples) > 0
+
+
+def test_calibrate_writes_the_f1_best_threshold_on_the_dropped_images(shared_with_drops, rand_model, tmp_path):
+    path = tmp_path / "m.xnc"
+    write_model(path, rand_model)
+    grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
+    thr, f1, _, _ = te.calibrate_score_threshold(path, grid=grid, split_file=shared_with_drops)
+    # The labels are the model's own boxes above 0.3, so thresholds up to 0.3 find every one of them,
+    # and 0.3 is the first to keep no box scoring below it: F1 1 there and nowhere lower.
+    assert (thr, f1) == (0.3, 1.0)
+    m = read_model(path)
+    assert m.score_threshold == 0.3
+    cal = m.metadata["score_threshold_calibration"]
+    assert cal["images"] == 3 and "dropped" in cal["on"]
+
+
+def test_a_listed_dropped_image_that_is_missing_is_named(shared_with_drops):
+    (shared_with_drops.parent / "shared" / "datasets" / "cams" / "images" / "2.png").unlink()
+    with pytest.raises(EvalDataError, match="1 dropped images listed but missing"):
+        te.calibration_samples(shared_with_drops)
