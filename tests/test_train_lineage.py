@@ -32,7 +32,7 @@ def _stages():
 
 def test_every_stage_parses_and_starts_from_an_earlier_stage():
     stages = _stages()
-    assert len(stages) == 6
+    assert len(stages) == 7  # six training stages, then the export of the last
     made: list[str] = []
     for argv in stages:
         args = tt._parser().parse_args(argv)
@@ -49,3 +49,5 @@ def test_every_stage_parses_and_starts_from_an_earlier_stage():
     # The card's lineage names the same flags for the stage that made the shipped file.
     card = (ROOT / "models" / "README.md").read_text()
     assert "--ema 0.999" in card and "--resume" in card
+    exported = tt._parser().parse_args(stages[-1])
+    assert exported.eval_only and f"--res-blocks {exported.res_blocks} --eval-only --checkpoint {exported.checkpoint}" in card
