@@ -219,26 +219,35 @@ def read_split_file(path) -> list:
     return out
 
 
+def split_images(kind: str, split_file=None) -> list:
+    """GroundTruth of the split file's images of one kind: "val" (held out) or "drop" (used by neither side)."""
+    split_file = VALIDATION_SPLIT_FILE if split_file is None else split_file
+    root = shared_root() / "datasets"
+    per_folder: dict = {}
+    for ln, k, rel in read_split_file(split_file):
+        if k != kind:
+            continue
+        folder, sep, name = rel.rpartition("/images/")
+        if not sep:
+            raise EvalDataError(f"{split_file}:{ln}: expected '{kind} SOURCE/images/NAME', got {rel!r}")
+        per_folder.setdefault(folder, set()).add(name)
+    out = []
+    for folder, names in sorted(per_folder.items()):
+        found = load_yolo(root / folder, only=names)
+        if len(found) != len(names):
+            word = {"val": "held-out", "drop": "dropped"}.get(kind, kind)
+            raise EvalDataError(f"{root / folder}: {len(names) - len(found)} {word} images listed but missing")
+        out += found
+    return out
+
+
 def validation_split() -> list:
     root = shared_root() / "datasets"
     if not root.is_dir():
         raise EvalDataError(
             f"no --data given and the shared datasets ({root}) are absent: pass --data DIR [--format yolo|voc|coco]"
         )
-    per_folder: dict = {}
-    for ln, kind, rel in read_split_file(VALIDATION_SPLIT_FILE):
-        if kind != "val":
-            continue
-        folder, sep, name = rel.rpartition("/images/")
-        if not sep:
-            raise EvalDataError(f"{VALIDATION_SPLIT_FILE}:{ln}: expected 'val SOURCE/images/NAME', got {rel!r}")
-        per_folder.setdefault(folder, set()).add(name)
-    out = []
-    for folder, names in sorted(per_folder.items()):
-        found = load_yolo(root / folder, only=names)
-        if len(found) != len(names):
-            raise EvalDataError(f"{root / folder}: {len(names) - len(found)} held-out images listed but missing")
-        out += found
+    out = split_images("val")
     for sub, fmt in VALIDATION_WHOLE:
         out += load_dataset(root / sub, fmt)
     return out

@@ -229,22 +229,9 @@ def calibration_samples(split_file=None) -> list:
     frames the network has not seen, as the Pi's are, and picking a threshold on them leaks no
     validation label. Empty when the split drops nothing.
     """
-    from app.evaluate import VALIDATION_SPLIT_FILE, EvalDataError, load_yolo, read_split_file, shared_root
+    from app.evaluate import split_images
 
-    split_file = VALIDATION_SPLIT_FILE if split_file is None else split_file
-    per_folder: dict = {}
-    for _, kind, rel in read_split_file(split_file):
-        if kind == "drop":
-            folder, _, name = rel.rpartition("/images/")
-            per_folder.setdefault(folder, set()).add(name)
-    root = shared_root() / "datasets"
-    out = []
-    for folder, names in sorted(per_folder.items()):
-        found = load_yolo(root / folder, only=names)
-        if len(found) != len(names):
-            raise EvalDataError(f"{root / folder}: {len(names) - len(found)} dropped images listed but missing")
-        out += found
-    return out
+    return split_images("drop", split_file)
 
 
 def f1_best_threshold(gts: list, dets: list, grid) -> tuple:
