@@ -625,9 +625,10 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
         from train.export import calibrate_score_threshold
 
         thr, f1, p, r = calibrate_score_threshold(target)
-        print(f"default score threshold {thr} (F1 {f1:.3f}, P {p:.3f}, R {r:.3f} on images it was not trained on)")
         # The exported file through the runtime Detector: the numbers the Pi would get.
         det = RuntimeDetector(target, score_threshold=EVAL_SCORE_THRESHOLD)
+        on = det.model.metadata["score_threshold_calibration"]["on"]  # training images when the split drops none
+        print(f"default score threshold {thr} (F1 {f1:.3f}, P {p:.3f}, R {r:.3f} on {on})")
         m = evaluate(det.detect, validation_split(), list(det.class_names), det.model.score_threshold)
         title = "binary (runtime)"
     else:
