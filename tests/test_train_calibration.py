@@ -13,6 +13,7 @@ from app.evaluate import EvalDataError  # noqa: E402
 from app.modelfile import read_model, write_model  # noqa: E402
 from app.randmodel import synthetic_frame  # noqa: E402
 from train import export as te  # noqa: E402
+from train.data import DataConfig, SourceConfig  # noqa: E402
 
 
 def _gt(boxes):
@@ -57,6 +58,12 @@ def shared_with_drops(tmp_path, monkeypatch, rand_model):
     return split
 
 
+def _data(split_file) -> DataConfig:
+    """The data config of the fixture's one source, whose held-out and dropped scenes ``split_file`` lists."""
+    src = SourceConfig(name="cams", path="cams", format="yolo", split="scenes")
+    return DataConfig(classes=("person",), sources=(src,), split_file=str(split_file))
+
+
 def test_calibration_samples_are_the_dropped_images_only(shared_with_drops):
     samples = te.calibration_samples(shared_with_drops)
     assert [s.image.name for s in samples] == ["1.png", "2.png", "4.png"]
@@ -68,7 +75,7 @@ def test_calibrate_writes_the_f1_best_threshold_on_the_dropped_images(shared_wit
     path = tmp_path / "m.xnc"
     write_model(path, rand_model)
     grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
-    thr, f1, _, _ = te.calibrate_score_threshold(path, grid=grid, split_file=shared_with_drops)
+    thr, f1, _, _ = te.calibrate_score_threshold(path, _data(shared_with_drops), grid=grid)
     # The labels are the model's own boxes above 0.3, so thresholds up to 0.3 find every one of them,
     # and 0.3 is the first to keep no box scoring below it: F1 1 there and nowhere lower.
     assert (thr, f1) == (0.3, 1.0)
@@ -82,3 +89,19 @@ def test_a_listed_dropped_image_that_is_missing_is_named(shared_with_drops):
     (shared_with_drops.parent / "shared" / "datasets" / "cams" / "images" / "2.png").unlink()
     with pytest.raises(EvalDataError, match="1 dropped images listed but missing"):
         te.calibration_samples(shared_with_drops)
+
+
+def test_without_dropped_images_it_calibrates_on_the_configs_training_images(shared_with_drops, rand_model, tmp_path):
+    no_drops = tmp_path / "no-drops.txt"
+    no_drops.write_text("val cams/images/0.png\n")  # the same scene held out, nothing dropped
+    path = tmp_path / "m.xnc"
+    write_model(path, rand_model)
+    grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
+    thr, f1, _, _ = te.calibrate_score_threshold(path, _data(no_drops), grid=grid)
+    assert (thr, f1) == (0.3, 1.0)
+    cal = read_model(path).metadata["score_threshold_calibration"]
+    # images 1..4 train; 0 is held out and must not be used
+    assert cal["images"] == 4 and "training" in cal["on"]
+    names = sorted(s.image.name for s in te.training_samples(_data(no_drops), 400))
+    assert names == ["1.png", "2.png", "3.png", "4.png"]
+    assert len(te.training_samples(_data(no_drops), 2, seed=1)) == 2

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -247,35 +249,52 @@ def f1_best_threshold(gts: list, dets: list, grid) -> tuple:
     return best
 
 
-def calibrate_score_threshold(model_path, n_images: int = 400, seed: int = 0, grid=None, split_file=None) -> tuple:
+def training_samples(data, n_images: int, seed: int = 0) -> list:
+    """GroundTruth of ``n_images`` random training images of a data config (every format it names)."""
+    from app.evaluate import GroundTruth
+    from train.data import LoadReport, load_split
+
+    pool = load_split(data, "train", LoadReport())
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in sorted(rng.choice(len(pool), min(n_images, len(pool)), replace=False)):
+        s = pool[i]
+        img = cv2.imread(str(s.image), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            from app.evaluate import EvalDataError
+
+            raise EvalDataError(f"{s.image}: cannot decode image")
+        h, w = img.shape[:2]
+        boxes = np.asarray(s.boxes, np.float64).reshape(-1, 4) * [w, h, w, h]
+        out.append(GroundTruth(s.image, boxes, [data.classes[c] for c in s.classes]))
+    return out
+
+
+def calibrate_score_threshold(model_path, data, n_images: int = 400, seed: int = 0, grid=None) -> tuple:
     """Set the model file's default score threshold to the F1-best one on images it was not trained on.
 
-    Those are the split's dropped images (``calibration_samples``). A network scores the images it
-    trained on higher than new ones, so a threshold picked there is too high for the camera: the
-    stop-11 model's was 0.36 on training images and 0.24 on the dropped ones. Only when the split
-    drops nothing does it fall back to ``n_images`` random training images. Never the validation split.
+    Those are the dropped images of ``data.split_file`` (``calibration_samples``). A network scores
+    the images it trained on higher than new ones, so a threshold picked there is too high for the
+    camera: the stop-11 model's was 0.36 on training images and 0.24 on the dropped ones. Only when
+    the data config drops nothing does it fall back to ``n_images`` random training images of that
+    config. Never the validation split. ``data``: the train.data.DataConfig the model trained on.
     Returns (threshold, f1, precision, recall).
     """
     import dataclasses
 
-    import cv2
-
     from app.detector import Detector as RuntimeDetector
-    from app.evaluate import load_dataset, shared_root
     from app.modelfile import read_model
-    from train.data import DataConfig, load_toml, repo_root
+    from train.data import repo_root
 
-    samples = calibration_samples(split_file)
+    split_file = None
+    if data.split_file:
+        split_file = Path(data.split_file)
+        split_file = split_file if split_file.is_absolute() else repo_root() / split_file
+    samples = calibration_samples(split_file) if split_file else []
     on = "the split's dropped images (neither trained on nor validated), runtime Detector"
     if not samples:
-        cfg = DataConfig.from_dict(load_toml(repo_root() / "train/configs/person.toml")["data"])
-        root = shared_root() / "datasets"
-        for src in cfg.sources:
-            if src.split == "train" and src.format == "yolo":
-                samples += load_dataset(root / src.path, "yolo")
-        rng = np.random.default_rng(seed)
-        samples = [samples[i] for i in rng.choice(len(samples), min(n_images, len(samples)), replace=False)]
-        on = "random training images (person.toml train sources), runtime Detector"
+        samples = training_samples(data, n_images, seed)
+        on = "random training images (the data config's training split), runtime Detector"
     model = read_model(model_path)
     det = RuntimeDetector(model=model, score_threshold=0.005)
     names = list(model.class_names)

@@ -624,7 +624,7 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
         print(f"exported {target}")
         from train.export import calibrate_score_threshold
 
-        thr, f1, p, r = calibrate_score_threshold(target)
+        thr, f1, p, r = calibrate_score_threshold(target, cfg["data"])
         # The exported file through the runtime Detector: the numbers the Pi would get.
         det = RuntimeDetector(target, score_threshold=EVAL_SCORE_THRESHOLD)
         on = det.model.metadata["score_threshold_calibration"]["on"]  # training images when the split drops none
