@@ -227,3 +227,23 @@ def test_distill_flag_sets_the_gain_after_teacher_and_rejects_a_negative_one():
     for bad in ("-0.5", "nan"):
         with pytest.raises(tt.ConfigError, match="distill"):
             tt._overridden(dict(cfg), parse(["--teacher", "t.pt", "--distill", bad]))
+
+
+def test_augment_flag_overrides_one_setting_and_rejects_unknown_keys_and_ranges():
+    cfg = tt.load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "person.toml")
+    parse = tt._parser().parse_args
+    got = tt._overridden(dict(cfg), parse(["--augment", "mosaic=0.1", "--augment", "scale_min=0.75"]))["augment"]
+    assert (got.mosaic, got.scale_min) == (0.1, 0.75)
+    assert got.copy_paste == cfg["augment"].copy_paste  # the others stay as configured
+    for bad, why in (("mosaic=1.5", "mosaic"), ("scale_min=2", "scale_min"), ("zoom=1", "unknown key"),
+                     ("mosaic", "KEY=NUMBER"), ("noise=x", "KEY=NUMBER"), ("translate=nan", "translate")):
+        with pytest.raises(tt.ConfigError, match=why):
+            tt._overridden(dict(cfg), parse(["--augment", bad]))
+
+
+def test_an_augment_table_out_of_range_is_refused_with_the_key(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "train" / "configs" / "person.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("mosaic = 0.3", "mosaic = -0.3"))
+    with pytest.raises(tt.ConfigError, match=r"augment: .*mosaic"):
+        tt.load_config(bad)

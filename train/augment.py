@@ -36,6 +36,18 @@ class AugmentConfig:
     min_visible: float = 0.25  # drop a box when less of it than this stays in view
     min_side: float = 3.0  # drop a box smaller than this (input px)
 
+    def __post_init__(self):
+        for name in ("mosaic", "copy_paste", "flip", "min_visible"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"augment.{name} is a probability or fraction in [0, 1], got {v}")
+        if not 0.0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"augment needs 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        for name in ("translate", "brightness", "contrast", "noise", "min_side"):
+            v = getattr(self, name)
+            if not (v >= 0.0 and math.isfinite(v)):
+                raise ValueError(f"augment.{name} must be finite and >= 0, got {v}")
+
 
 def no_augment() -> AugmentConfig:
     return AugmentConfig(0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)

@@ -50,7 +50,7 @@ def strict(cls, data: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a missing key, or a value out of range (__post_init__)
         raise ConfigError(f"{where}: {exc}") from None
 
 

@@ -528,6 +528,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-from", help="start from this checkpoint's weights (e.g. the float twin's best.pt)")
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
     ap.add_argument("--distill", type=float, help="gain of the distillation loss override (0 = off)")
+    ap.add_argument(
+        "--augment",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one [augment] setting, e.g. --augment mosaic=0.1 (repeatable)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images: checks the pipeline")
     ap.add_argument("--no-export", action="store_true", help="skip export and evaluation after training")
     ap.add_argument(
@@ -602,11 +609,27 @@ def _overridden(cfg: dict, args) -> dict:
         cfg["train"] = replace(cfg["train"], teacher=args.teacher, distill=cfg["train"].distill or 1.0)
     if args.distill is not None:
         cfg["train"] = replace(cfg["train"], distill=args.distill)
+    if args.augment:
+        cfg["augment"] = strict(AugmentConfig, {**asdict(cfg["augment"]), **_augment_overrides(args.augment)}, "--augment")
     if args.smoke:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
         cfg["train"] = replace(cfg["train"], max_steps=6, batch_size=8, val_every_minutes=1e9)
     return cfg
+
+
+def _augment_overrides(items: list) -> dict:
+    """{key: float} from KEY=VALUE strings (unknown keys and ranges are checked by AugmentConfig)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value) if sep else None
+        except ValueError:
+            out[key.strip()] = None
+        if out[key.strip()] is None:
+            raise ConfigError(f"--augment: expected KEY=NUMBER, got {item!r}")
+    return out
 
 
 def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
