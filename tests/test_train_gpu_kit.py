@@ -197,7 +197,7 @@ def test_workers_that_cannot_start_fall_back_to_the_thread(monkeypatch):
 
 
 def test_kept_freed_memory_stops_the_page_faults_of_every_step():
-    """The same 64 MB allocated and freed 20 times: fresh page faults each time by default, not after."""
+    """The same 64 MB allocated and freed 60 times: fresh page faults each time by default, not after."""
     import subprocess
     import sys
 
@@ -208,7 +208,7 @@ def test_kept_freed_memory_stops_the_page_faults_of_every_step():
         "ok = keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
         "torch.ones(16 << 20)\n"
         "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(20):\n"
+        "for _ in range(60):\n"
         "    torch.ones(16 << 20).sum()\n"
         "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
     )
@@ -225,6 +225,7 @@ def test_kept_freed_memory_stops_the_page_faults_of_every_step():
     if ok != "True":
         pytest.skip("not glibc on Linux: mallopt is not there to set")
     _, default = faults("default")
-    assert default > 20 * 10000  # every 64 MB tensor faults its 16k pages in again
-    # At most a round of first touches (measured with one thread: 0 or 1 of 20), not one per allocation.
+    assert default > 60 * 10000  # every 64 MB tensor faults its 16k pages in again
+    # A few rounds while the heap settles (0 to 4 measured, whatever the count of allocations), not one
+    # per allocation: with 20 allocations the bound of a fifth failed at random, so the probe makes 60.
     assert kept < default / 5
