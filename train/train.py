@@ -610,12 +610,17 @@ def _overridden(cfg: dict, args) -> dict:
     if args.distill is not None:
         cfg["train"] = replace(cfg["train"], distill=args.distill)
     if args.augment:
-        cfg["augment"] = strict(AugmentConfig, {**asdict(cfg["augment"]), **_augment_overrides(args.augment)}, "--augment")
+        cfg["augment"] = augment_overridden(cfg["augment"], args.augment)
     if args.smoke:
         srcs = tuple(replace(s, limit=40) for s in cfg["data"].sources)
         cfg["data"] = replace(cfg["data"], sources=srcs, cache_file="")
         cfg["train"] = replace(cfg["train"], max_steps=6, batch_size=8, val_every_minutes=1e9)
     return cfg
+
+
+def augment_overridden(aug: AugmentConfig, items: list) -> AugmentConfig:
+    """``aug`` with the command line's KEY=VALUE settings; ConfigError names a bad key, value or range."""
+    return strict(AugmentConfig, {**asdict(aug), **_augment_overrides(items)}, "--augment")
 
 
 def _augment_overrides(items: list) -> dict:
