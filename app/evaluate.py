@@ -366,6 +366,11 @@ def frames_found(gts: list, dets: list, score_threshold: float, iou: float = 0.5
     return found / n if n else 0.0
 
 
+def stands(box_w, box_h, frame_h) -> bool:
+    """A box of a standing person, as "upright" counts it: taller than wide and at least a quarter of the frame tall."""
+    return bool(box_h >= max(box_w, frame_h / 4))
+
+
 def upright_found(gts: list, dets: list, shapes: list, score_threshold: float, iou: float = 0.5) -> tuple:
     """(share boxed, frames) over frames of ONE labelled object standing up (taller than wide) and at
     least a quarter of the frame tall: the issue's "a person walking through a room", as labels can say it.
@@ -373,7 +378,7 @@ def upright_found(gts: list, dets: list, shapes: list, score_threshold: float, i
     n = found = 0
     for (boxes, classes), d, (h, _) in zip(gts, dets, shapes, strict=True):
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
-        if len(b) != 1 or b[0, 3] - b[0, 1] < max(b[0, 2] - b[0, 0], h / 4):
+        if len(b) != 1 or not stands(b[0, 2] - b[0, 0], b[0, 3] - b[0, 1], h):
             continue
         used, _ = _match(boxes, classes, d, score_threshold, iou)
         n += 1

@@ -251,7 +251,7 @@ def f1_best_threshold(gts: list, dets: list, grid) -> tuple:
 
 def training_samples(data, n_images: int, seed: int = 0) -> list:
     """GroundTruth of ``n_images`` random training images of a data config (every format it names)."""
-    from app.evaluate import GroundTruth
+    from app.evaluate import EvalDataError, GroundTruth
     from train.data import LoadReport, load_split
 
     pool = load_split(data, "train", LoadReport())
@@ -261,8 +261,6 @@ def training_samples(data, n_images: int, seed: int = 0) -> list:
         s = pool[i]
         img = cv2.imread(str(s.image), cv2.IMREAD_UNCHANGED)
         if img is None:
-            from app.evaluate import EvalDataError
-
             raise EvalDataError(f"{s.image}: cannot decode image")
         h, w = img.shape[:2]
         boxes = np.asarray(s.boxes, np.float64).reshape(-1, 4) * [w, h, w, h]

@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from app.evaluate import stands
+
 BANDS = (0.0, 0.1, 0.25, 0.45, 0.65, 0.85, 1.0 + 1e-9)
 
 
@@ -36,7 +38,7 @@ def size_shares(maker, indices, augment: bool, height: int, batch: int = 64) -> 
         heights.append(h)
         for b in range(len(chunk)):
             mine = tg[:, 0] == b
-            single += int(mine.sum() == 1 and h[mine][0] >= max(w[mine][0], 0.25))
+            single += int(mine.sum() == 1 and stands(w[mine][0], h[mine][0], 1.0))
         n += len(chunk)
     h = np.concatenate(heights) if heights else np.zeros(0)
     counts = np.histogram(h, BANDS)[0]

@@ -629,10 +629,10 @@ def _augment_overrides(items: list) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         try:
-            out[key.strip()] = float(value) if sep else None
+            out[key.strip()] = float(value)
         except ValueError:
-            out[key.strip()] = None
-        if out[key.strip()] is None:
+            sep = ""
+        if not sep:
             raise ConfigError(f"--augment: expected KEY=NUMBER, got {item!r}")
     return out
 
