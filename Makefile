@@ -87,7 +87,7 @@ train-shipped: setup-dev ## replay the seven training stages of the shipped mode
 	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/6-res3/best.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 3e-4 --precision bf16 --ema 0.999 --val-every 20 --minutes 105 --no-export --out $(LINEAGE)/7-large
 	$(TRAIN) --res-blocks 3 --eval-only --checkpoint best --out $(LINEAGE)/7-large
 
-bench-train: setup-dev ## training steps: default, glibc keeping freed memory, and bf16 forwards, same run (last line: JSON)
+bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py
 
 pack: setup-dev ## pack the training caches (JPEG) to carry to a GPU machine: runs/carry (train/gpu.sh)
