@@ -77,7 +77,7 @@ train: setup-dev ## train the person detector: its float twin, then the binary n
 # train-shipped replays them with the same flags; about 11 hours on the 2-core CPU it was made on.
 LINEAGE ?= runs/lineage
 TRAIN := $(PY) -m train.train --config train/configs/person.toml
-train-shipped: setup-dev ## replay the seven training stages of the shipped model (hours on a CPU; exports models/person.xnc)
+train-shipped: setup-dev ## replay the eight training stages of the shipped model (and stage 8's teacher) (hours on a CPU; exports models/person.xnc)
 	$(TRAIN) --float-twin --minutes 40 --no-export --out $(LINEAGE)/1-float
 	$(TRAIN) --init-from $(LINEAGE)/1-float/best.pt --teacher $(LINEAGE)/1-float/best.pt --minutes 85 --no-export --out $(LINEAGE)/2-binary
 	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/2-binary/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --minutes 44 --no-export --out $(LINEAGE)/3-res2
@@ -85,7 +85,9 @@ train-shipped: setup-dev ## replay the seven training stages of the shipped mode
 	$(TRAIN) --res-blocks 2 --resume $(LINEAGE)/4-bf16/last.pt --teacher $(LINEAGE)/1-float/best.pt --lr 3e-4 --precision bf16 --ema 0.999 --val-every 14 --minutes 112 --no-export --out $(LINEAGE)/5-ema
 	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/5-ema/last.pt --teacher $(LINEAGE)/1-float/best.pt --distill 0.5 --lr 3e-4 --precision bf16 --ema 0.999 --val-every 20 --minutes 135 --no-export --out $(LINEAGE)/6-res3
 	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/6-res3/best.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 3e-4 --precision bf16 --ema 0.999 --val-every 20 --minutes 105 --no-export --out $(LINEAGE)/7-large
-	$(TRAIN) --res-blocks 3 --eval-only --checkpoint best --out $(LINEAGE)/7-large
+	$(TRAIN) --float-twin --res-blocks 3 --init-from $(LINEAGE)/1-float/best.pt --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --val-every 15 --minutes 55 --no-export --out $(LINEAGE)/twin-large
+	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/7-large/best.pt --teacher $(LINEAGE)/twin-large/best.pt --distill 1 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --compile --val-every 20 --minutes 105 --no-export --out $(LINEAGE)/8-distill
+	$(TRAIN) --res-blocks 3 --eval-only --checkpoint last --out $(LINEAGE)/8-distill
 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py
