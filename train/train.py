@@ -37,7 +37,7 @@ from train.data import (
 )
 from train.ema import WeightAverage
 from train.loss import YoloLoss, kmeans_anchors
-from train.model import BConv, Detector, ModelConfig
+from train.model import BConv, Detector, ModelConfig, ResBConv
 
 RECAL_BATCHES = 16  # training batches over which the averaged weights' BatchNorm statistics are recomputed
 FP32_TAIL = 0.9  # with precision "bf16", the share of the schedule after which training runs in float32
@@ -157,7 +157,7 @@ def _repo_path(p) -> Path:
     return p if p.is_absolute() or p.exists() else repo_root() / p
 
 
-def init_from_float(model, state: dict, log=print, from_binary: bool = False):
+def init_from_float(model, state: dict, log=print, from_binary: bool = False, src_cfg: dict | None = None):
     """Start a binary net from its float twin's weights (Bi-Real / ReActNet's two-stage recipe).
 
     Tensors of matching shape are copied. Latent binary weights are scaled per output channel
@@ -165,6 +165,8 @@ def init_from_float(model, state: dict, log=print, from_binary: bool = False):
     ``from_binary``: the source is a trained binary net (a warm start, e.g. before added Bi-Real
     blocks): its latent weights are already in range and its BatchNorms expect their scale, so
     they are copied as they are. Layers the source lacks keep their own start (identity blocks).
+    ``src_cfg``: the source's model config; a source one bits bconv longer and one block shorter
+    is promoted (:func:`promote_last_bconv`).
     """
     own = model.state_dict()
     # The head is always the last layer: blocks added before it shift its index, not its meaning.
@@ -182,6 +184,46 @@ def init_from_float(model, state: dict, log=print, from_binary: bool = False):
                     m.weight.div_(m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
     source = "binary net" if from_binary else "float twin"
     log(f"init: {len(copied)} of {len(own)} tensors from the {source}")
+    if src_cfg is not None and _is_promotion(src_cfg, model.cfg):
+        promote_last_bconv(model, log)
+
+
+# How small the promoted layer's real output starts: small enough that the new shortcut barely
+# moves the stream, large enough that Adam grows it within a few hundred steps.
+PROMOTE_EPS = 1.0 / 16
+
+
+def _is_promotion(src: dict, own) -> bool:
+    """The source's last bits bconv becomes the real-output one, its real-output bconv a Bi-Real block."""
+    sw, ow = tuple(src.get("widths", ())), tuple(own.widths)
+    return (
+        len(sw) == len(ow) + 1
+        and sw[:-1] == ow
+        and sw[-1] == sw[-2]
+        and own.res_blocks == src.get("res_blocks", 0) + 1
+        and bool(src.get("binary")) == own.binary
+    )
+
+
+def promote_last_bconv(model, log=print):
+    """Give the source's last bits bconv a real shortcut around the layer after it (Bi-Real).
+
+    The layer list keeps its length and tensor names: layer i, once a bits bconv, now outputs
+    r = BN(α·y) as real, and layer i+1, once the real-output bconv, becomes r + BN(bconv(sign r)).
+    Scaling layer i's BN affine by PROMOTE_EPS keeps sign(r), so layer i+1 sees the same input,
+    and makes the shortcut's r small, so the network starts close to the source. The float twin's
+    ReLU passes ε·r on, so the next BN's running statistics are rescaled to match.
+    """
+    layers = list(model.layers)
+    i = next(j for j, m in enumerate(layers) if isinstance(m, BConv) and m.real_output and not isinstance(m, ResBConv))
+    promoted, block = layers[i], layers[i + 1]
+    with torch.no_grad():
+        promoted.bn.weight.mul_(PROMOTE_EPS)
+        promoted.bn.bias.mul_(PROMOTE_EPS)
+        if not model.cfg.binary:
+            block.bn.running_mean.mul_(PROMOTE_EPS)
+            block.bn.running_var.mul_(PROMOTE_EPS**2)
+    log(f"init: layer {i} promoted to the real stream (shortcut scale {PROMOTE_EPS}) around layer {i + 1}")
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -370,7 +412,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         log(f"distilling from {tc.teacher} (gain {tc.distill})")
     if tc.init_from and resume is None:
         ck = torch.load(checkpoint("train.init_from", tc.init_from), map_location="cpu", weights_only=True)
-        init_from_float(model, ck["model"], log, from_binary=bool(ck.get("config", {}).get("model", {}).get("binary")))
+        src_cfg = ck.get("config", {}).get("model", {})
+        init_from_float(model, ck["model"], log, from_binary=bool(src_cfg.get("binary")), src_cfg=src_cfg)
         inherited = ck["anchors"]
         log(f"weights from {tc.init_from}")
     if resume is not None:
