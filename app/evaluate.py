@@ -344,12 +344,22 @@ def _match(boxes, classes, d, score_threshold: float, iou: float) -> tuple:
     return used, fp
 
 
+def match_counts(gts: list, dets: list, thresholds, iou: float = 0.5) -> np.ndarray:
+    """Per image and threshold: (true positives, false positives, labels), shape (images, thresholds, 3).
+
+    Kept per image so that callers can resample images (a bootstrap) without matching again.
+    """
+    out = np.zeros((len(gts), len(thresholds), 3), np.int64)
+    for i, ((boxes, classes), d) in enumerate(zip(gts, dets, strict=True)):
+        for j, t in enumerate(thresholds):
+            used, f = _match(boxes, classes, d, float(t), iou)
+            out[i, j] = used.sum(), f, len(used)
+    return out
+
+
 def precision_recall(gts: list, dets: list, score_threshold: float, iou: float = 0.5) -> tuple:
     """Precision and recall of the detections above ``score_threshold``, matched one-to-one at ``iou``."""
-    tp = fp = n_gt = 0
-    for (boxes, classes), d in zip(gts, dets, strict=True):
-        used, f = _match(boxes, classes, d, score_threshold, iou)
-        tp, fp, n_gt = tp + int(used.sum()), fp + f, n_gt + len(used)
+    tp, fp, n_gt = (int(v) for v in match_counts(gts, dets, [score_threshold], iou).sum(0)[0])
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / n_gt if n_gt else 0.0
     return precision, recall

@@ -34,6 +34,43 @@ def test_f1_best_threshold_picks_the_highest_f1_and_the_lowest_value_on_ties():
     assert te.f1_best_threshold(gts, dets, [0.2, 0.3, 0.4])[0] == 0.2  # 0.2..0.4 give the same F1
 
 
+def _images(rows_per_image):
+    """One labelled box per image; each image's detections as (is_the_label, score) pairs."""
+    a, far = [0, 0, 10, 20], [100, 0, 110, 20]
+    gts = [_gt([a]) for _ in rows_per_image]
+    dets = [_det([(a if hit else far, s) for hit, s in rows]) for rows in rows_per_image]
+    return gts, dets
+
+
+def test_recall_leaning_threshold_goes_lower_when_the_images_cannot_tell_the_f1s_apart():
+    # 167 labels scored 0.6, 50 scored 0.4, and 67 false boxes at 0.35: F1 0.870 at 0.5 and
+    # 0.866 at 0.3, a lead of 0.0035 that resampling the images cannot confirm.
+    rows = [[(True, 0.6)]] * 150 + [[(True, 0.4), (False, 0.35)]] * 50 + [[(True, 0.6), (False, 0.35)]] * 17
+    gts, dets = _images(rows)
+    assert te.f1_best_threshold(gts, dets, [0.3, 0.5, 0.7])[0] == 0.5
+    pick = te.recall_leaning_threshold(gts, dets, [0.7, 0.3, 0.5])
+    assert pick["threshold"] == 0.3 and pick["f1_best_threshold"] == 0.5
+    assert pick["recall"] == 1.0 and pick["f1"] == pytest.approx(434 / 501)
+    assert pick["f1_best"] == pytest.approx(334 / 384)
+
+
+def test_recall_leaning_threshold_keeps_the_best_when_its_lead_is_real():
+    # Every image gains a false box below 0.6: F1 1.0 at 0.6 against 0.667 at 0.4, in every resample.
+    gts, dets = _images([[(True, 0.8), (False, 0.5)]] * 200)
+    pick = te.recall_leaning_threshold(gts, dets, [0.4, 0.6, 0.9])
+    assert (pick["threshold"], pick["f1"], pick["precision"]) == (0.6, 1.0, 1.0)
+
+
+def test_recall_leaning_threshold_stops_at_the_first_threshold_the_best_clearly_beats():
+    # F1 0.667 at 0.5, 0.5 at 0.4 and 0.571 at 0.3: 0.3 is nearer the best than 0.4, but the walk
+    # down stops at 0.4, which the best clearly beats.
+    rows = [[(True, 0.8), (False, 0.45)]] * 100 + [[(True, 0.35), (False, 0.32), (False, 0.31)]] * 100
+    gts, dets = _images(rows)
+    f1 = [te.f1_best_threshold(gts, dets, [t])[1] for t in (0.3, 0.4, 0.5)]
+    assert f1[1] < f1[2] - 0.1 and f1[0] >= f1[1]
+    assert te.recall_leaning_threshold(gts, dets, [0.3, 0.4, 0.5, 0.9])["threshold"] == 0.5
+
+
 @pytest.fixture
 def shared_with_drops(tmp_path, monkeypatch, rand_model):
     """A datasets root whose labels are the random model's own boxes scoring >= 0.3, and a split dropping 3 images."""
