@@ -196,6 +196,58 @@ def test_bireal_blocks_added_to_a_trained_binary_net_start_as_the_identity():
         assert torch.equal(new(x), old(x))
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_promoting_the_last_bits_bconv_keeps_its_signs_and_adds_only_a_small_shortcut(binary):
+    """A source one bits bconv longer and one block shorter: that bconv's output joins the real stream.
+
+    The next layer must see the same input (binary: the same signs; twin: the ReLU of a scaled
+    output, its BatchNorm rescaled), so the only change at the head is the new shortcut.
+    """
+    from train.train import PROMOTE_EPS, init_from_float
+
+    torch.manual_seed(2)
+    src_cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 8, 16, 16), binary=binary)
+    old = tm.Detector(src_cfg)
+    with torch.no_grad():
+        old.train()
+        old(torch.rand(4, 1, 32, 32) * 255)
+    old.eval()
+    new = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 8, 16), res_blocks=1,
+                                     binary=binary))
+    logs = []
+    src = {**src_cfg.__dict__, "widths": list(src_cfg.widths)}
+    init_from_float(new, old.state_dict(), log=logs.append, from_binary=binary, src_cfg=src)
+    new.eval()
+    assert any("layer 6 promoted" in m for m in logs)
+    assert [type(m).__name__ for m in new.layers][5:] == ["Pool", "BConv", "ResBConv", "Head"]
+    x = torch.rand(3, 1, 32, 32) * 255
+    with torch.no_grad():
+        head_old, t_old = old(x, trace=True)
+        head_new, t_new = new(x, trace=True)
+        r = t_new[6]
+        y, scale = old.layers[6].preact(t_old[5])
+        z = old.layers[6].bn_eval(y, scale) if binary else old.layers[6].bn(y)  # the old layer before its sign
+        assert torch.allclose(r, PROMOTE_EPS * z, rtol=1e-5, atol=1e-6)
+        if binary:
+            assert torch.equal(tm.sign_pm1(r), t_old[6])  # the block reads exactly the old bits
+        else:
+            assert torch.allclose(torch.relu(r), PROMOTE_EPS * t_old[6], atol=1e-6)
+        shortcut = F.conv2d(r, new.layers[-1].conv.weight)
+        assert torch.allclose(head_new - head_old, shortcut, atol=1e-3 if not binary else 1e-5)
+        assert shortcut.abs().max() > 1e-3  # and the shortcut is really there
+
+
+def test_a_source_that_pools_after_its_last_bits_bconv_is_not_promoted():
+    from train.train import init_from_float
+
+    src_cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 16, 16))
+    logs = []
+    new = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 16), res_blocks=1))
+    init_from_float(new, tm.Detector(src_cfg).state_dict(), log=logs.append, from_binary=True,
+                    src_cfg={**src_cfg.__dict__, "widths": list(src_cfg.widths)})
+    assert not any("promoted" in m for m in logs)
+
+
 def test_distillation_is_zero_only_where_the_student_matches():
     from train.train import distill_loss
 

@@ -198,6 +198,7 @@ def _is_promotion(src: dict, own) -> bool:
     sw, ow = tuple(src.get("widths", ())), tuple(own.widths)
     return (
         len(sw) == len(ow) + 1
+        and len(sw) >= 5  # the default net pools after two bconvs: a shorter source pools after its last
         and sw[:-1] == ow
         and sw[-1] == sw[-2]
         and own.res_blocks == src.get("res_blocks", 0) + 1
