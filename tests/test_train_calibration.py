@@ -1,4 +1,4 @@
-"""The default score threshold: F1-best on the split's dropped images, which training and validation both skip."""
+"""The default score threshold: picked on the split's dropped images, which training and validation both skip."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_calibration_samples_are_the_dropped_images_only(shared_with_drops):
     assert sum(len(s.boxes) for s in samples) > 0
 
 
-def test_calibrate_writes_the_f1_best_threshold_on_the_dropped_images(shared_with_drops, rand_model, tmp_path):
+def test_calibrate_writes_the_picked_threshold_on_the_dropped_images(shared_with_drops, rand_model, tmp_path):
     path = tmp_path / "m.xnc"
     write_model(path, rand_model)
     grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
@@ -120,6 +120,7 @@ def test_calibrate_writes_the_f1_best_threshold_on_the_dropped_images(shared_wit
     assert m.score_threshold == 0.3
     cal = m.metadata["score_threshold_calibration"]
     assert cal["images"] == 3 and "dropped" in cal["on"]
+    assert cal["f1_best_threshold"] == 0.3 and "bootstrap" in cal["rule"]  # a clear best: no lower one ties it
 
 
 def test_a_listed_dropped_image_that_is_missing_is_named(shared_with_drops):
