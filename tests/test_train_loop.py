@@ -122,6 +122,38 @@ def test_bireal_blocks_train_in_both_stages_and_export_as_rbconv(tmp_path):
     assert out.ndim == 2 and out.shape[1] == 6
 
 
+def test_attention_transfer_pulls_the_real_stream_towards_a_same_topology_teacher(tmp_path, capsys):
+    teacher = tmp_path / "float" / "best.pt"
+    cfg = _config(tmp_path, model="res_blocks = 2", init_from=str(teacher), teacher=str(teacher), distill=1.0,
+                  distill_attention=2.0)
+    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "float")]) == 0
+    assert tt.main(["--config", str(cfg), "--no-export", "--out", str(tmp_path / "bin")]) == 0
+    assert "attention transfer on layers [6, 7, 8]" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bin" / "history.json").read_text())["train"]
+    assert len(rows) == 3 and all(0 < r["at"] <= 4 for r in rows)
+    # A teacher of another topology has no layer-for-layer stream to match.
+    other = _config(tmp_path / "o", model="res_blocks = 1", teacher=str(teacher), distill=1.0, distill_attention=1.0)
+    assert tt.main(["--config", str(other), "--no-export", "--out", str(tmp_path / "o" / "bin")]) == 78
+    assert "same topology" in capsys.readouterr().err
+
+
+def test_attention_maps_ignore_scale_and_see_where_the_activity_is():
+    import torch
+
+    r = torch.randn(2, 4, 3, 3)
+    assert tt.attention_loss([r], [5 * r]).item() == pytest.approx(0.0, abs=1e-6)
+    moved = torch.roll(r, 1, dims=3)
+    assert tt.attention_loss([r], [moved]).item() > 0.01
+    spot, flat = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+    spot[0, :, 0, 0] = 1  # all activity in one place against activity everywhere: |e1 - (1,1,1,1)/2|^2 = 1
+    assert tt.attention_loss([spot], [flat]).item() == pytest.approx(1.0)
+
+
+def test_attention_transfer_without_a_teacher_is_a_config_error():
+    with pytest.raises(tt.ConfigError, match="needs a teacher"):
+        tt.TrainConfig(distill_attention=1.0)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_bf16_precision_trains_in_bfloat16_then_settles_in_float32(tmp_path, monkeypatch, precision):
     import torch

@@ -67,6 +67,11 @@ class TrainConfig:
     init_from: str = ""  # checkpoint (e.g. the float twin's best.pt) whose weights start this run
     teacher: str = ""  # checkpoint whose head the binary net is distilled from (with distill > 0)
     distill: float = 0.0  # gain of the distillation loss (0 = off)
+    # Gain of attention transfer on the real stream (0 = off): each real-stream layer's spatial map of mean squared
+    # activation, normalised, is pulled towards the teacher's (Zagoruyko & Komodakis 2017; Real-to-Binary,
+    # Martinez et al. 2020). The head term alone passes the twin's answers, this passes where it looks.
+    # Needs a teacher of the same topology.
+    distill_attention: float = 0.0
     # "bf16": the training forwards (student and teacher) under bfloat16 autocast, where the CPU or GPU has it,
     # except after FP32_TAIL of the schedule (the last tenth): the final weights and BatchNorm statistics, which export folds
     # into the shipped thresholds, are then settled in the float32 arithmetic that export and validation use.
@@ -82,6 +87,10 @@ class TrainConfig:
     def __post_init__(self):
         if not (self.distill >= 0.0 and math.isfinite(self.distill)):
             raise ConfigError(f"train.distill must be a finite gain >= 0 (0 = off) (got {self.distill})")
+        if not (self.distill_attention >= 0.0 and math.isfinite(self.distill_attention)):
+            raise ConfigError(f"train.distill_attention must be a finite gain >= 0 (got {self.distill_attention})")
+        if self.distill_attention > 0 and not self.distill > 0:
+            raise ConfigError("train.distill_attention > 0 needs a teacher: set train.distill > 0 and train.teacher")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
             raise ConfigError(f"train.ema must be 0 (off) or a decay in (0, 1) (got {self.ema})")
         if self.precision not in ("fp32", "bf16"):
@@ -239,6 +248,23 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, num_anchors: int)
     rest = torch.cat([s[..., :4], s[..., 5:]], -1).sigmoid() - torch.cat([t[..., :4], t[..., 5:]], -1).sigmoid()
     box = (t_obj * rest.pow(2).sum(-1)).sum() / t_obj.sum().clamp_min(1.0)
     return obj + box
+
+
+def real_stream_layers(model) -> list:
+    """Indices of the layers whose output is the real stream: the real-output bconv and every Bi-Real block."""
+    return [i for i, m in enumerate(model.layers) if isinstance(m, BConv) and m.real_output]
+
+
+def attention_map(r: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W): mean squared activation over channels, scaled to unit length per image."""
+    a = r.float().pow(2).mean(1).flatten(1)
+    return a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def attention_loss(student: list, teacher: list) -> torch.Tensor:
+    """Mean over layers and images of the squared distance between the two nets' attention maps (0..4)."""
+    per = [(attention_map(s) - attention_map(t)).pow(2).sum(1).mean() for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(per).mean()
 
 
 def letterbox_wh(cache, width, height) -> np.ndarray:
@@ -411,6 +437,13 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         teacher, tck = load_checkpoint(checkpoint("train.teacher", tc.teacher))
         teacher, inherited = teacher.to(device), tck["anchors"]
         log(f"distilling from {tc.teacher} (gain {tc.distill})")
+    at_layers = real_stream_layers(model) if tc.distill_attention > 0 else []
+    if at_layers:
+        if real_stream_layers(teacher) != at_layers or [m.out_ch for m in teacher.layers if isinstance(m, BConv)] != [
+            m.out_ch for m in model.layers if isinstance(m, BConv)
+        ]:
+            raise ConfigError(f"train.distill_attention needs a teacher of the same topology; {tc.teacher} differs")
+        log(f"attention transfer on layers {at_layers} (gain {tc.distill_attention})")
     if tc.init_from and resume is None:
         ck = torch.load(checkpoint("train.init_from", tc.init_from), map_location="cpu", weights_only=True)
         src_cfg = ck.get("config", {}).get("model", {})
@@ -462,17 +495,28 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         teacher_fwd = torch.compile(teacher) if teacher is not None else None
         log("compile: training forwards through torch.compile (compiling at the first step)")
 
+    def run(net, x):
+        """(head, the real stream's layer outputs) of one forward; the layers only when attention is matched."""
+        if not at_layers:
+            return net(x), []
+        head, outs = net(x, trace=True)
+        return head, [outs[i] for i in at_layers]
+
     def step_loss(x, tg, amp):
         with amp:
-            head = fwd(x)
+            head, stream = run(fwd, x)
         head = head.float()
         loss, parts = crit(head, tg)
         if teacher is not None:
             with torch.no_grad(), amp:
-                t_head = teacher_fwd(x).float()
-            kd = distill_loss(head, t_head, mc.num_anchors)
+                t_head, t_stream = run(teacher_fwd, x)
+            kd = distill_loss(head, t_head.float(), mc.num_anchors)
             loss = loss + tc.distill * kd * tc.batch_size
             parts["kd"] = float(kd.detach())
+            if at_layers:
+                at = attention_loss(stream, t_stream)
+                loss = loss + tc.distill_attention * at * tc.batch_size
+                parts["at"] = float(at.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss, parts
@@ -599,6 +643,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher", help="distil the head from this checkpoint (sets train.distill to 1 if it is 0)")
     ap.add_argument("--distill", type=float, help="gain of the distillation loss override (0 = off)")
     ap.add_argument(
+        "--distill-attention", type=float, help="gain of attention transfer on the real stream (same-topology teacher)"
+    )
+    ap.add_argument(
         "--augment",
         action="append",
         default=[],
@@ -657,6 +704,7 @@ def _overridden(cfg: dict, args) -> dict:
             init_from="",
             teacher="",
             distill=0.0,
+            distill_attention=0.0,
             minutes=tc.float_minutes or tc.minutes,
             lr=tc.float_lr or tc.lr,
         )
@@ -681,6 +729,8 @@ def _overridden(cfg: dict, args) -> dict:
         cfg["train"] = replace(cfg["train"], teacher=args.teacher, distill=cfg["train"].distill or 1.0)
     if args.distill is not None:
         cfg["train"] = replace(cfg["train"], distill=args.distill)
+    if args.distill_attention is not None:
+        cfg["train"] = replace(cfg["train"], distill_attention=args.distill_attention)
     if args.augment:
         cfg["augment"] = augment_overridden(cfg["augment"], args.augment)
     if args.smoke:
