@@ -238,15 +238,14 @@ def calibration_samples(split_file=None) -> list:
 
 def f1_best_threshold(gts: list, dets: list, grid) -> tuple:
     """(threshold, f1, precision, recall) of the grid value with the highest F1 (the lowest on ties)."""
-    from app.evaluate import precision_recall
+    from app.evaluate import match_counts
 
-    best = (float(grid[0]), -1.0, 0.0, 0.0)
-    for t in grid:
-        p, r = precision_recall(gts, dets, float(t))
-        f1 = 2 * p * r / (p + r) if p + r else 0.0
-        if f1 > best[1]:
-            best = (round(float(t), 3), f1, p, r)
-    return best
+    grid = np.sort(np.asarray(grid, np.float64))
+    counts = match_counts(gts, dets, grid).sum(0)
+    f1 = f1_from_counts(counts)
+    j = int(np.argmax(f1))
+    tp, fp, n = counts[j]
+    return round(float(grid[j]), 3), float(f1[j]), float(tp / (tp + fp)) if tp + fp else 0.0, float(tp / n) if n else 0.0
 
 
 def f1_from_counts(counts: np.ndarray) -> np.ndarray:
