@@ -335,3 +335,10 @@ def test_a_failing_compile_falls_back_to_eager_training(tmp_path, monkeypatch):
         "compile: failed (RuntimeError: no C++ compiler); training eagerly"
     ]
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["train"]) == 3
+
+
+def test_real_act_naming_a_layer_without_a_sign_stops_before_training(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert tt.main(["--config", str(cfg), "--no-export", "--real-act", "1", "--out", str(tmp_path / "p")]) == 78
+    assert "layer 1 takes no sign" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

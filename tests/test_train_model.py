@@ -266,3 +266,42 @@ def test_distillation_is_zero_only_where_the_student_matches():
     loss.backward()
     g = split_head(s.grad, 3)
     assert g[:, 0, ..., 0].abs().sum() > 0 and g[:, 1:, ..., 0].abs().sum() == 0
+
+
+def test_real_act_probe_keeps_only_the_named_layers_real():
+    cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), res_blocks=1, real_act=(0, 5))
+    net = tm.Detector(cfg).eval()
+    assert [type(m).__name__ for m in net.layers] == ["Stem", "Pool", "BConv", "Pool", "BConv", "ResBConv", "Head"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net.layers[5].bn.weight.fill_(1.0)  # a live block, so its sign feeds the head
+        _, outs = net(torch.rand(2, 1, 32, 32) * 255, trace=True)
+    assert len(outs[0].unique()) > 10 and outs[0].abs().max() <= 1.0
+    assert set(outs[2].unique().tolist()) <= {-1.0, 1.0}  # not named: still signs
+    plain = tm.Detector(tm.ModelConfig(**{**cfg.__dict__, "real_act": ()})).eval()
+    plain.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        _, pouts = plain(torch.rand(2, 1, 32, 32) * 255, trace=True)
+    assert set(pouts[0].unique().tolist()) <= {-1.0, 1.0}
+    # the block's input: hardtanh of the real stream, not its sign
+    r = outs[4]
+    blk = net.layers[5]
+    y, _ = blk.preact(torch.nn.functional.hardtanh(r))
+    assert torch.allclose(outs[5], r + blk.real_eval(y), atol=1e-5)
+
+
+@pytest.mark.parametrize("idx", [1, 4, 6])
+def test_real_act_refuses_a_layer_without_a_sign(idx):
+    # 1 pool, 4 the real-output bconv, 6 the head (widths 8,16,16 with one block)
+    with pytest.raises(ValueError, match=f"layer {idx} takes no sign"):
+        tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), res_blocks=1, real_act=(idx,)))
+
+
+def test_real_act_is_not_exportable_and_not_for_the_twin():
+    from train.export import to_model
+
+    net = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), real_act=(0,)))
+    with pytest.raises(ValueError, match="keep real activations"):
+        to_model(net, np.ones((3, 2)), ("person",))
+    with pytest.raises(ValueError, match="probe of the binary net"):
+        tm.ModelConfig(binary=False, real_act=(0,))

@@ -93,6 +93,8 @@ def fold_bconv(m: BConv):
 def to_model(net: Detector, anchors, class_names, metadata=None) -> Model:
     if not net.cfg.binary:
         raise ValueError("only the binary network can be exported (the float twin has no integer form)")
+    if net.cfg.real_act:
+        raise ValueError(f"layers {list(net.cfg.real_act)} keep real activations (a probe): no integer form")
     net.eval()
     layers = []
     for m in net.layers:

@@ -44,6 +44,9 @@ class ModelConfig:
     binary: bool = True
     float_act: str = "relu"  # float twin activation: "relu" or "hardtanh"
     res_blocks: int = 0  # Bi-Real blocks (rbconv) on the real stream after the real-output bconv
+    # Diagnostic only: indices of layers whose sign is replaced by hardtanh of the same value
+    # (binary weights kept), to measure which layer's binary activations cost most. Not exportable.
+    real_act: tuple = ()
 
     def __post_init__(self):
         if not 0 <= self.res_blocks <= 8:
@@ -52,6 +55,8 @@ class ModelConfig:
             raise ValueError("widths needs at least stem, one bits bconv and the real-output bconv")
         if self.float_act not in ("relu", "hardtanh"):
             raise ValueError(f"float_act must be 'relu' or 'hardtanh', got {self.float_act!r}")
+        if self.real_act and not self.binary:
+            raise ValueError("real_act is a probe of the binary net; the float twin is real everywhere")
 
 
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +116,10 @@ class _Thresholded(nn.Module):
     def __init__(self, out_ch: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(out_ch, eps=BN_EPS)
+        self.real_act = False  # ModelConfig.real_act: hardtanh instead of sign (probe only)
+
+    def sign_or_probe(self, z):
+        return F.hardtanh(z) if self.real_act else binary_act(z)
 
     def bn_affine(self):
         """Per-channel a, b of eval-mode BN as ``z·a + b`` (float32)."""
@@ -166,7 +175,7 @@ class Stem(_Thresholded):
     def forward(self, x):
         y, s = self.preact(x)
         z = self.normalise(y, s) if self.binary else self.bn(y)
-        return binary_act(z) if self.binary else self.act(z)
+        return self.sign_or_probe(z) if self.binary else self.act(z)
 
 
 class BConv(_Thresholded):
@@ -205,7 +214,7 @@ class BConv(_Thresholded):
             return z if self.real_output else self.act(z)
         if self.real_output:
             return self.bn(y * s.view(1, -1, 1, 1)) if self.training else self.real_eval(y)
-        return binary_act(self.normalise(y, s))
+        return self.sign_or_probe(self.normalise(y, s))
 
 
 class ResBConv(BConv):
@@ -218,7 +227,7 @@ class ResBConv(BConv):
         nn.init.zeros_(self.bn.weight)
 
     def forward(self, r):
-        return r + super().forward(binary_act(r) if self.binary else self.act(r))
+        return r + super().forward(self.sign_or_probe(r) if self.binary else self.act(r))
 
 
 class Pool(nn.Module):
@@ -266,6 +275,12 @@ class Detector(nn.Module):
         layers += [ResBConv(w[-1], cfg.binary, act) for _ in range(cfg.res_blocks)]
         layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes), cfg.num_anchors))
         self.layers = nn.ModuleList(layers)
+        for i in cfg.real_act:
+            m = self.layers[i] if 0 <= i < len(layers) else None
+            signed = isinstance(m, (Stem, ResBConv)) or (isinstance(m, BConv) and not m.real_output)
+            if not signed:
+                raise ValueError(f"real_act: layer {i} takes no sign (signs: stem, bits bconvs, Bi-Real inputs)")
+            m.real_act = True
 
     @property
     def stride(self) -> int:

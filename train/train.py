@@ -108,8 +108,9 @@ def load_config(path) -> dict:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}")
     m = dict(raw.get("model", {}))
-    if "widths" in m:
-        m["widths"] = tuple(m["widths"])
+    for key in ("widths", "real_act"):
+        if key in m:
+            m[key] = tuple(m[key])
     return {
         "data": DataConfig.from_dict(raw.get("data", {})),
         "model": strict(ModelConfig, m, "model"),
@@ -329,6 +330,7 @@ def load_checkpoint(path):
     ck = torch.load(path, map_location="cpu", weights_only=True)
     mc = dict(ck["config"]["model"])
     mc["widths"] = tuple(mc["widths"])
+    mc["real_act"] = tuple(mc.get("real_act", ()))
     model = Detector(ModelConfig(**mc), num_classes=len(ck["class_names"]))
     model.load_state_dict(ck["model"])
     model.eval()
@@ -630,6 +632,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--packed", help="train from python -m train.pack's folder instead of the datasets")
     ap.add_argument("--widths", help="model widths override, e.g. 64,64,128,256,256")
     ap.add_argument("--res-blocks", type=int, help="Bi-Real blocks before the head override")
+    ap.add_argument(
+        "--real-act",
+        help="probe: layer indices whose sign becomes hardtanh (binary weights kept; not exportable), e.g. 0,2",
+    )
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--precision", choices=("fp32", "bf16"), help="training forwards in float32 or bfloat16 autocast")
     ap.add_argument(
@@ -693,6 +699,9 @@ def _overridden(cfg: dict, args) -> dict:
             cfg["model"] = replace(cfg["model"], widths=tuple(int(v) for v in args.widths.split(",")))
         if args.res_blocks is not None:
             cfg["model"] = replace(cfg["model"], res_blocks=args.res_blocks)
+        if args.real_act:
+            cfg["model"] = replace(cfg["model"], real_act=tuple(int(v) for v in args.real_act.split(",")))
+            Detector(cfg["model"])  # names a layer that takes no sign here, before any data loads
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
     if args.float_twin:
