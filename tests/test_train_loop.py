@@ -342,3 +342,16 @@ def test_real_act_naming_a_layer_without_a_sign_stops_before_training(tmp_path, 
     assert tt.main(["--config", str(cfg), "--no-export", "--real-act", "1", "--out", str(tmp_path / "p")]) == 78
     assert "layer 1 takes no sign" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_real_act_probe_trains_records_its_layers_and_is_not_exported(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    target = tmp_path / "probe.xnc"
+    argv = ["--config", str(cfg), "--real-act", "0,2", "--out", str(tmp_path / "p"), "--export-to", str(target)]
+    assert tt.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "probe: layers [0, 2] keep real activations" in out and "not exported" in out
+    net, ck = tt.load_checkpoint(tmp_path / "p" / "best.pt")
+    assert ck["config"]["model"]["real_act"] == [0, 2]
+    assert [i for i, m in enumerate(net.layers) if getattr(m, "real_act", False)] == [0, 2]
+    assert not target.exists()

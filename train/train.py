@@ -423,6 +423,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
 
     nc = len(dc.classes)
     model = Detector(mc, nc).to(device)
+    if mc.real_act:
+        log(f"probe: layers {list(mc.real_act)} keep real activations (hardtanh); this net cannot be exported")
     teacher = None
     # The anchors the starting or teaching head was trained with: its channels mean nothing without them.
     inherited = None
@@ -770,6 +772,10 @@ def _augment_overrides(items: list) -> dict:
 
 def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
     if args.no_export or args.smoke:
+        return 0
+    if cfg["model"].real_act:
+        # A probe has no integer form; its checkpoints and curves are the result.
+        print(f"probe (--real-act): not exported; checkpoints and curves are in {out}")
         return 0
     if cfg["model"].binary:
         from app.detector import Detector as RuntimeDetector
