@@ -49,6 +49,9 @@ class ModelConfig:
     real_act: tuple = ()
 
     def __post_init__(self):
+        # TOML and checkpoints carry lists; a frozen config keeps tuples (hashable, compared by value).
+        for key in ("widths", "real_act"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
         if not 0 <= self.res_blocks <= 8:
             raise ValueError(f"res_blocks must be 0..8, got {self.res_blocks}")
         if len(self.widths) < 3:

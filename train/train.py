@@ -107,13 +107,9 @@ def load_config(path) -> dict:
     unknown = sorted(set(raw) - {"data", "model", "train", "augment"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}")
-    m = dict(raw.get("model", {}))
-    for key in ("widths", "real_act"):
-        if key in m:
-            m[key] = tuple(m[key])
     return {
         "data": DataConfig.from_dict(raw.get("data", {})),
-        "model": strict(ModelConfig, m, "model"),
+        "model": strict(ModelConfig, raw.get("model", {}), "model"),
         "train": strict(TrainConfig, raw.get("train", {}), "train"),
         "augment": strict(AugmentConfig, raw.get("augment", {}), "augment"),
     }
@@ -328,10 +324,7 @@ def save_checkpoint(path, model, cfg, anchors, class_names, extra):
 def load_checkpoint(path):
     """(model in eval mode, checkpoint dict). weights_only=True: nothing is unpickled."""
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    mc = dict(ck["config"]["model"])
-    mc["widths"] = tuple(mc["widths"])
-    mc["real_act"] = tuple(mc.get("real_act", ()))
-    model = Detector(ModelConfig(**mc), num_classes=len(ck["class_names"]))
+    model = Detector(ModelConfig(**ck["config"]["model"]), num_classes=len(ck["class_names"]))
     model.load_state_dict(ck["model"])
     model.eval()
     return model, ck
