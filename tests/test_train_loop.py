@@ -355,3 +355,17 @@ def test_a_real_act_probe_trains_records_its_layers_and_is_not_exported(tmp_path
     assert ck["config"]["model"]["real_act"] == [0, 2]
     assert [i for i, m in enumerate(net.layers) if getattr(m, "real_act", False)] == [0, 2]
     assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "model, flags, message",
+    [
+        ("", ["--float-twin", "--real-act", "0"], "probe of the binary net"),
+        ("real_act = [1]", [], "layer 1 takes no sign"),
+    ],
+)
+def test_a_real_act_the_net_cannot_take_is_a_config_error_from_the_flag_or_the_file(tmp_path, capsys, model, flags, message):
+    cfg = _config(tmp_path, model=model)
+    assert tt.main(["--config", str(cfg), "--no-export", *flags, "--out", str(tmp_path / "p")]) == 78
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

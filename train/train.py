@@ -696,11 +696,13 @@ def _overridden(cfg: dict, args) -> dict:
             cfg["model"] = replace(cfg["model"], res_blocks=args.res_blocks)
         if args.real_act:
             cfg["model"] = replace(cfg["model"], real_act=tuple(int(v) for v in args.real_act.split(",")))
-            Detector(cfg["model"])  # names a layer that takes no sign here, before any data loads
+        if args.float_twin:
+            cfg["model"] = replace(cfg["model"], binary=False)
+        if cfg["model"].real_act:
+            Detector(cfg["model"])  # a layer that takes no sign, from the flag or the file, before any data loads
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
     if args.float_twin:
-        cfg["model"] = replace(cfg["model"], binary=False)
         # The twin is the yardstick and the binary net's starting point: it starts from nothing.
         tc = cfg["train"]
         cfg["train"] = replace(
