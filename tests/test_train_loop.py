@@ -362,10 +362,30 @@ def test_a_real_act_probe_trains_records_its_layers_and_is_not_exported(tmp_path
     [
         ("", ["--float-twin", "--real-act", "0"], "probe of the binary net"),
         ("real_act = [1]", [], "layer 1 takes no sign"),
+        ("", ["--ternary", "1"], "ternary: layer 1 takes no sign"),
+        ("ternary = [5]", [], "ternary: layer 5 takes no sign"),  # the real-output bconv
+        ("ternary = [0]", ["--float-twin"], "ternary activations belong to the binary net"),
+        ("ternary = [2]", ["--real-act", "2"], "in both ternary and real_act"),
     ],
 )
-def test_a_real_act_the_net_cannot_take_is_a_config_error_from_the_flag_or_the_file(tmp_path, capsys, model, flags, message):
+def test_a_real_act_or_ternary_the_net_cannot_take_is_a_config_error_from_the_flag_or_the_file(
+    tmp_path, capsys, model, flags, message
+):
     cfg = _config(tmp_path, model=model)
     assert tt.main(["--config", str(cfg), "--no-export", *flags, "--out", str(tmp_path / "p")]) == 78
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_ternary_net_trains_records_its_layers_and_export_refuses_it(tmp_path, capsys):
+    from train.export import export_checkpoint
+
+    cfg = _config(tmp_path)
+    assert tt.main(["--config", str(cfg), "--no-export", "--ternary", "0,2", "--out", str(tmp_path / "t")]) == 0
+    assert "ternary: layers [0, 2] have ternary activations (two sign planes each on the Pi)" in capsys.readouterr().out
+    net, ck = tt.load_checkpoint(tmp_path / "t" / "best.pt")
+    assert ck["config"]["model"]["ternary"] == [0, 2]
+    assert [i for i, m in enumerate(net.layers) if getattr(m, "ternary", False)] == [0, 2]
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] have ternary activations: export of ternary layers"):
+        export_checkpoint(tmp_path / "t" / "best.pt", tmp_path / "t.xnc")
+    assert not (tmp_path / "t.xnc").exists()

@@ -305,3 +305,70 @@ def test_real_act_is_not_exportable_and_not_for_the_twin():
         to_model(net, np.ones((3, 2)), ("person",))
     with pytest.raises(ValueError, match="probe of the binary net"):
         tm.ModelConfig(binary=False, real_act=(0,))
+
+
+def test_ternary_act_is_the_mean_of_two_signs_with_its_band_and_clipped_ste():
+    d = tm.TERNARY_D
+    below = torch.nextafter(torch.tensor(-d), torch.tensor(-2.0)).item()  # just outside the band
+    under = torch.nextafter(torch.tensor(d), torch.tensor(0.0)).item()  # just inside it
+    z = torch.tensor([-2.0, -1.0, below, -d, -0.25, 0.0, -0.0, 0.25, under, d, 1.0, 2.0], requires_grad=True)
+    v = tm.ternary_act(z)
+    assert v.tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 0, 1, 1, 1]  # z == -d -> 0, z == d -> +1
+    assert torch.equal(v, (tm.sign_pm1(z + d) + tm.sign_pm1(z - d)) / 2)
+    v.sum().backward()
+    assert z.grad.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+
+
+def _ternary_net(**kw):
+    cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), res_blocks=1, **kw)
+    return tm.Detector(cfg).eval()
+
+
+def test_ternary_layers_output_minus_one_zero_plus_one_and_others_stay_signs():
+    torch.manual_seed(0)
+    net = _ternary_net(ternary=(0, 5))
+    assert [i for i, m in enumerate(net.layers) if getattr(m, "ternary", False)] == [0, 5]
+    x = torch.rand(2, 1, 32, 32) * 255
+    stem, blk = net.layers[0], net.layers[5]
+    with torch.no_grad():
+        # BN statistics of the stem's own output, so z ~ N(0, 1) and a good share falls in the band
+        y, s = stem.preact(x)
+        ys = y * s.view(1, -1, 1, 1)
+        stem.bn.running_mean.copy_(ys.mean(dim=(0, 2, 3)))
+        stem.bn.running_var.copy_(ys.var(dim=(0, 2, 3)))
+        net.layers[4].bn.weight.fill_(0.1)  # a real stream of small values, some inside the band
+        blk.bn.weight.fill_(1.0)  # a live block, so its input's activation reaches its output
+        _, outs = net(x, trace=True)
+        z = stem.normalise(*stem.preact(x))
+    assert set(outs[0].unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.equal(outs[0], tm.ternary_act(z))
+    assert set(outs[2].unique().tolist()) <= {-1.0, 1.0}  # not named: still signs
+    # the block reads the ternary of its stream, not its sign
+    r = outs[4]
+    assert (r.abs() < tm.TERNARY_D).any() and (r.abs() >= tm.TERNARY_D).any()
+    with torch.no_grad():
+        ternary = r + blk.real_eval(blk.preact(tm.ternary_act(r))[0])
+        signed = r + blk.real_eval(blk.preact(tm.sign_pm1(r))[0])
+    assert torch.allclose(outs[5], ternary, atol=1e-5)
+    assert not torch.allclose(outs[5], signed, atol=1e-3)
+
+
+@pytest.mark.parametrize("idx", [1, 4, 6, 7, -1])
+def test_ternary_refuses_a_layer_without_a_sign(idx):
+    # 1 pool, 4 the real-output bconv, 6 the head, 7 and -1 out of range (widths 8,16,16 with one block)
+    with pytest.raises(ValueError, match=f"ternary: layer {idx} takes no sign"):
+        _ternary_net(ternary=(idx,))
+
+
+def test_ternary_is_not_for_the_twin_nor_for_a_real_act_layer():
+    with pytest.raises(ValueError, match="float twin"):
+        tm.ModelConfig(binary=False, ternary=(0,))
+    with pytest.raises(ValueError, match=r"layers \[2\] are in both ternary and real_act"):
+        tm.ModelConfig(real_act=(0, 2), ternary=(2,))
+    net = _ternary_net(real_act=(0,), ternary=[2])  # disjoint is fine; a list becomes a tuple
+    assert net.cfg.ternary == (2,)
+    assert [(getattr(m, "real_act", None), getattr(m, "ternary", None)) for m in net.layers[:3]] == [
+        (True, False),
+        (None, None),
+        (False, True),
+    ]

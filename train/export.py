@@ -95,6 +95,10 @@ def to_model(net: Detector, anchors, class_names, metadata=None) -> Model:
         raise ValueError("only the binary network can be exported (the float twin has no integer form)")
     if net.cfg.real_act:
         raise ValueError(f"layers {list(net.cfg.real_act)} keep real activations (a probe): no integer form")
+    if net.cfg.ternary:
+        raise ValueError(
+            f"layers {list(net.cfg.ternary)} have ternary activations: export of ternary layers is not implemented yet"
+        )
     net.eval()
     layers = []
     for m in net.layers:

@@ -14,6 +14,8 @@ Binary mode computes exactly what the Pi computes (see app/bits.py):
 - the last bconv outputs r = y·(α·a) + b (real), the head is a float 1x1 conv.
 - optional Bi-Real blocks (``res_blocks``) on that real stream: r + (y·(α·a) + b) with y the
   binary conv of sign(r), the same float32 operations in the same order as the runtime's rbconv.
+- optional ternary layers (``ternary``): the sign becomes -1/0/+1 with a zero band |z| < TERNARY_D,
+  written as the mean of two signs (two bit planes at runtime); padding (+1) and max-pool unchanged.
 
 Float-twin mode keeps the topology with real weights/activations (zero padding,
 ReLU or hardtanh), as the yardstick for what binarisation costs.
@@ -32,6 +34,9 @@ BN_EPS = 1e-5
 # The runtime pads binary convolutions with +1 (bit 0). A module constant so the parity
 # test can prove that a wrong padding is caught.
 PAD_VALUE = 1.0
+# The zero band half-width of a ternary activation, in units of the BatchNorm output: BN's own
+# affine sets the band's position and width per channel, so one constant loses nothing.
+TERNARY_D = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,12 @@ class ModelConfig:
     # Diagnostic only: indices of layers whose sign is replaced by hardtanh of the same value
     # (binary weights kept), to measure which layer's binary activations cost most. Not exportable.
     real_act: tuple = ()
+    # Indices of layers whose sign becomes a ternary activation (-1, 0, +1; see ternary_act).
+    ternary: tuple = ()
 
     def __post_init__(self):
         # TOML and checkpoints carry lists; a frozen config keeps tuples (hashable, compared by value).
-        for key in ("widths", "real_act"):
+        for key in ("widths", "real_act", "ternary"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         if not 0 <= self.res_blocks <= 8:
             raise ValueError(f"res_blocks must be 0..8, got {self.res_blocks}")
@@ -60,6 +67,13 @@ class ModelConfig:
             raise ValueError(f"float_act must be 'relu' or 'hardtanh', got {self.float_act!r}")
         if self.real_act and not self.binary:
             raise ValueError("real_act is a probe of the binary net; the float twin is real everywhere")
+        if self.ternary and not self.binary:
+            raise ValueError("ternary activations belong to the binary net; the float twin is real everywhere")
+        both = sorted(set(self.ternary) & set(self.real_act))
+        if both:
+            raise ValueError(
+                f"layers {both} are in both ternary and real_act; a layer's activation is one or the other"
+            )
 
 
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +88,25 @@ class _SignSTE(torch.autograd.Function):
     def forward(ctx, x):
         ctx.save_for_backward(x)
         return sign_pm1(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward: +1 where z >= TERNARY_D, -1 where z < -TERNARY_D, 0 in between. Backward: clipped STE.
+
+    Written as (sign(z + d) + sign(z - d)) / 2 with sign(0) = +1: the runtime stores the two signs
+    as two bit planes (a thermometer code: -1 = both -1, 0 = lower +1 and upper -1, +1 = both +1)
+    and compares the same value twice, against thresholds for z >= -d and z >= d.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (sign_pm1(x + TERNARY_D) + sign_pm1(x - TERNARY_D)) / 2
 
     @staticmethod
     def backward(ctx, g):
@@ -109,6 +142,10 @@ def binary_act(x):
     return _ApproxSign.apply(x)
 
 
+def ternary_act(x):
+    return _TernarySTE.apply(x)
+
+
 def binary_weight(w):
     return _SignSTE.apply(w)
 
@@ -120,9 +157,12 @@ class _Thresholded(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(out_ch, eps=BN_EPS)
         self.real_act = False  # ModelConfig.real_act: hardtanh instead of sign (probe only)
+        self.ternary = False  # ModelConfig.ternary: -1/0/+1 instead of sign
 
     def sign_or_probe(self, z):
-        return F.hardtanh(z) if self.real_act else binary_act(z)
+        if self.real_act:
+            return F.hardtanh(z)
+        return ternary_act(z) if self.ternary else binary_act(z)
 
     def bn_affine(self):
         """Per-channel a, b of eval-mode BN as ``z·a + b`` (float32)."""
@@ -278,12 +318,13 @@ class Detector(nn.Module):
         layers += [ResBConv(w[-1], cfg.binary, act) for _ in range(cfg.res_blocks)]
         layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes), cfg.num_anchors))
         self.layers = nn.ModuleList(layers)
-        for i in cfg.real_act:
-            m = self.layers[i] if 0 <= i < len(layers) else None
-            signed = isinstance(m, (Stem, ResBConv)) or (isinstance(m, BConv) and not m.real_output)
-            if not signed:
-                raise ValueError(f"real_act: layer {i} takes no sign (signs: stem, bits bconvs, Bi-Real inputs)")
-            m.real_act = True
+        for key in ("real_act", "ternary"):
+            for i in getattr(cfg, key):
+                m = self.layers[i] if 0 <= i < len(layers) else None
+                signed = isinstance(m, (Stem, ResBConv)) or (isinstance(m, BConv) and not m.real_output)
+                if not signed:
+                    raise ValueError(f"{key}: layer {i} takes no sign (signs: stem, bits bconvs, Bi-Real inputs)")
+                setattr(m, key, True)
 
     @property
     def stride(self) -> int:

@@ -418,6 +418,8 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     model = Detector(mc, nc).to(device)
     if mc.real_act:
         log(f"probe: layers {list(mc.real_act)} keep real activations (hardtanh); this net cannot be exported")
+    if mc.ternary:
+        log(f"ternary: layers {list(mc.ternary)} have ternary activations (two sign planes each on the Pi)")
     teacher = None
     # The anchors the starting or teaching head was trained with: its channels mean nothing without them.
     inherited = None
@@ -631,6 +633,10 @@ def _parser() -> argparse.ArgumentParser:
         "--real-act",
         help="probe: layer indices whose sign becomes hardtanh (binary weights kept; not exportable), e.g. 0,2",
     )
+    ap.add_argument(
+        "--ternary",
+        help="layer indices whose activations are ternary (-1, 0, +1: two sign planes at runtime), e.g. 0,2,4",
+    )
     ap.add_argument("--lr", type=float, help="peak learning rate override")
     ap.add_argument("--precision", choices=("fp32", "bf16"), help="training forwards in float32 or bfloat16 autocast")
     ap.add_argument(
@@ -696,9 +702,11 @@ def _overridden(cfg: dict, args) -> dict:
             cfg["model"] = replace(cfg["model"], res_blocks=args.res_blocks)
         if args.real_act:
             cfg["model"] = replace(cfg["model"], real_act=tuple(int(v) for v in args.real_act.split(",")))
+        if args.ternary:
+            cfg["model"] = replace(cfg["model"], ternary=tuple(int(v) for v in args.ternary.split(",")))
         if args.float_twin:
             cfg["model"] = replace(cfg["model"], binary=False)
-        if cfg["model"].real_act:
+        if cfg["model"].real_act or cfg["model"].ternary:
             Detector(cfg["model"])  # a layer that takes no sign, from the flag or the file, before any data loads
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
