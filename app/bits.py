@@ -45,6 +45,19 @@ Max-pool on bits
     and the trainer both pool after the sign, so they agree exactly whatever
     the BatchNorm's slope.
 
+Ternary activations (a layer's ``output: "ternary"``, an rbconv's ``input: "ternary"``)
+    A ternary value v is -1, 0 or +1: the mean of two signs, v = (lo + hi) / 2 with
+    lo = sign(z + d) and hi = sign(z - d) for the layer's value z and band d. A
+    ternary tensor of C channels is stored as 2C binary channels packed as above:
+    channels 0..C-1 hold lo ("v >= 0"), channels C..2C-1 hold hi ("v == +1"). So
+    -1 is bits (1, 1), 0 is (0, 1), +1 is (0, 0); (1, 0) never occurs. Each of the
+    2C channels has its own threshold rule (threshold and flip of shape (2, C): row
+    0 for lo, row 1 for hi). Padding is +1 on every one of the 2C bits (v = +1),
+    and 2x2 max-pool is still the AND of the words: both planes are monotone in v.
+    A binary conv over a ternary input of C channels computes
+    ``y = sum w * v = (dot(lo, w) + dot(hi, w)) / 2``, an integer in [-K, K] of
+    either parity (K = kh * kw * C); its thresholds (or its scale) apply to that y.
+
 The helpers below are the plain numpy statement of this convention; kernels
 and the trainer use them to pack, unpack and count.
 """
@@ -127,3 +140,17 @@ def threshold_bits(y: np.ndarray, threshold: np.ndarray, flip: np.ndarray) -> np
     f = np.asarray(flip).astype(bool)
     plus = np.where(f, y <= t, y >= t)
     return ~plus
+
+
+def ternary_pack(values: np.ndarray) -> np.ndarray:
+    """Pack the last axis of a -1/0/+1 array (C channels) as 2C binary channels: lo = v >= 0, hi = v > 0."""
+    v = np.asarray(values)
+    if not np.all((v == -1) | (v == 0) | (v == 1)):
+        raise ValueError("ternary values must be -1, 0 or +1")
+    return pack(np.concatenate([v < 0, v <= 0], axis=-1))
+
+
+def ternary_unpack(words: np.ndarray, channels: int) -> np.ndarray:
+    """Inverse of :func:`ternary_pack`: 2C packed binary channels to a -1/0/+1 int8 array of C channels."""
+    pm = unpack(words, 2 * channels).astype(np.int16)
+    return ((pm[..., :channels] + pm[..., channels:]) // 2).astype(np.int8)

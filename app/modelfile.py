@@ -78,19 +78,23 @@ class Model:
 
 
 # ----------------------------------------------------------------- layer specs
-# op -> (int params with their allowed values or None for "positive int", extra params)
 def _tensor_specs(op: str, p: dict) -> dict:
     """Expected dtype and shape of every tensor of a layer whose params are valid."""
     if op == "stem":
         k, o, i = p["kernel"], p["out_ch"], p["in_ch"]
-        return {"weight": ("int8", (o, k, k, i)), "threshold": ("int32", (o,)), "flip": ("uint8", (o,))}
+        rule = (2, o) if p.get("output", "bits") == "ternary" else (o,)
+        return {"weight": ("int8", (o, k, k, i)), "threshold": ("int32", rule), "flip": ("uint8", rule)}
     if op == "maxpool2":
         return {}
     if op in ("bconv", "rbconv"):
+        # in_ch is the logical channel count even over a ternary input: the weight has one ±1 per channel.
         k, o, i = p["kernel"], p["out_ch"], p["in_ch"]
         spec = {"weight": ("uint64", (o, k, k, n_words(i)))}
-        if p.get("output") == "bits":
-            spec.update(threshold=("int32", (o,)), flip=("uint8", (o,)))
+        output = p.get("output", "real")  # an rbconv has no output param: it always adds to its real stream
+        if output in ("bits", "ternary"):
+            # A ternary output has one threshold rule per bit plane: row 0 lo, row 1 hi (app/bits.py).
+            rule = (2, o) if output == "ternary" else (o,)
+            spec.update(threshold=("int32", rule), flip=("uint8", rule))
         else:
             spec.update(scale=("float32", (o,)), bias=("float32", (o,)))
         return spec
@@ -99,14 +103,34 @@ def _tensor_specs(op: str, p: dict) -> dict:
     raise AssertionError(op)
 
 
+# Required params: op -> name -> allowed values (a tuple), or None for "an int in 1..MAX_CHANNELS".
 _PARAMS = {
     "stem": {"kernel": (1, 3, 5, 7), "stride": (1, 2), "in_ch": None, "out_ch": None},
     "maxpool2": {},
-    "bconv": {"kernel": (1, 3), "stride": (1, 2), "in_ch": None, "out_ch": None, "output": ("bits", "real")},
+    "bconv": {"kernel": (1, 3), "stride": (1, 2), "in_ch": None, "out_ch": None, "output": ("bits", "real", "ternary")},
     # Bi-Real block on a real stream r: r + scale·y + bias, y the binary conv of sign(r); stride 1, in = out.
     "rbconv": {"kernel": (1, 3), "stride": (1,), "in_ch": None, "out_ch": None},
     "head": {"in_ch": None, "out_ch": None},
 }
+
+# Optional params: op -> name -> (allowed values, default when absent), or (_BAND, None) for a float
+# in (0, inf). An absent optional param is left absent in Layer.params (files written before it existed
+# read back unchanged); code reads one with ``param(layer, name)`` or ``params.get(name, default)``. An older reader refuses a
+# file that has one ("unknown params"), which is what keeps the format at version 1.
+_BAND = "finite float > 0"
+_OPTIONAL = {
+    # What the stem's threshold rule produces: binary bits, or a ternary activation (2 bit planes).
+    "stem": {"output": (("bits", "ternary"), "bits")},
+    # The sign of the real stream, or its ternary with the zero band |r| < band (then band is required).
+    "rbconv": {"input": (("bits", "ternary"), "bits"), "band": (_BAND, None)},
+}
+
+
+def param(layer: Layer, name: str):
+    """A layer's param, with the default of an optional one that the file leaves out."""
+    if name in layer.params:
+        return layer.params[name]
+    return _OPTIONAL.get(layer.op, {}).get(name, (None, None))[1]
 
 
 def conv_out(size: int, kernel: int, stride: int) -> int:
@@ -133,8 +157,8 @@ class _Checker:
         where = f"layer {idx} ({op})"
         if not isinstance(params, dict):
             self.fail(f"{where}: params must be an object, got {type(params).__name__}")
-        allowed = _PARAMS[op]
-        unknown = sorted(set(params) - set(allowed))
+        allowed, optional = _PARAMS[op], _OPTIONAL.get(op, {})
+        unknown = sorted(set(params) - set(allowed) - set(optional))
         if unknown:
             self.fail(f"{where}: unknown params {unknown}")
         out = {}
@@ -143,9 +167,7 @@ class _Checker:
                 self.fail(f"{where}: missing param {name!r}")
             v = params[name]
             if name == "output":
-                if v not in choices:
-                    self.fail(f"{where}: param output={v!r} must be one of {list(choices)}")
-                out[name] = v
+                out[name] = self.word(where, name, v, choices)
                 continue
             if not _is_int(v):
                 self.fail(f"{where}: param {name}={v!r} must be an integer")
@@ -155,7 +177,36 @@ class _Checker:
             if choices is not None and v not in choices:
                 self.fail(f"{where}: param {name}={v} must be one of {list(choices)}")
             out[name] = v
+        for name, (choices, _default) in optional.items():  # absent ones stay absent (see _OPTIONAL)
+            if name in params:
+                v = params[name]
+                out[name] = self.band(where, v) if choices == _BAND else self.word(where, name, v, choices)
+        if op == "rbconv":
+            ternary = out.get("input", "bits") == "ternary"
+            if ternary and "band" not in out:
+                self.fail(f"{where}: missing param 'band' (input='ternary' needs the half-width of its zero band)")
+            if not ternary and "band" in out:
+                self.fail(f"{where}: param band is only allowed with input='ternary' (input is 'bits')")
         return out
+
+    def word(self, where: str, name: str, v, choices) -> str:
+        if not isinstance(v, str) or v not in choices:
+            self.fail(f"{where}: param {name}={v!r} must be one of {list(choices)}")
+        return v
+
+    def band(self, where: str, v) -> float:
+        # The runtime computes r ± float32(band): the band must be a positive, finite float32.
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        if ok:
+            with np.errstate(over="ignore"):
+                try:
+                    b = np.float32(v)
+                except OverflowError:
+                    b = np.float32(np.inf)
+            ok = bool(np.isfinite(b) and b > 0)
+        if not ok:
+            self.fail(f"{where}: param band={v!r} must be a finite number > 0 (as a float32)")
+        return float(v)
 
     def tensors(self, idx: int, op: str, params: dict, tensors) -> dict:
         where = f"layer {idx} ({op})"
@@ -241,20 +292,25 @@ class _Checker:
                     self.fail(f"{where}: a stem must be the first layer")
             elif kind == "image":
                 self.fail(f"{where}: the first layer must be a stem")
-            if layer.op in ("maxpool2", "bconv") and kind != "bits":
-                self.fail(f"{where}: input is {kind} but the layer needs packed bits")
+            if layer.op in ("maxpool2", "bconv") and kind not in ("bits", "ternary"):
+                self.fail(f"{where}: input is {kind} but the layer needs packed bits (binary or ternary)")
             if layer.op == "rbconv" and kind != "real":
                 self.fail(f"{where}: input is {kind} but the layer needs a real stream (a real-output bconv before it)")
+            if layer.op == "head" and kind == "ternary":
+                self.fail(
+                    f"{where}: input is ternary but the head reads a real stream or binary bits "
+                    "(end the binary part with a real-output bconv, or a bits output)"
+                )
             if "in_ch" in p and p["in_ch"] != c:
                 self.fail(f"{where}: in_ch={p['in_ch']} but the previous layer gives {c} channels")
             if layer.op == "rbconv" and p["out_ch"] != p["in_ch"]:
                 self.fail(f"{where}: out_ch={p['out_ch']} must equal in_ch={p['in_ch']} (the shortcut is an identity)")
             if layer.op in ("stem", "bconv", "rbconv"):
                 h, w = conv_out(h, p["kernel"], p["stride"]), conv_out(w, p["kernel"], p["stride"])
-                c = p["out_ch"]
-                kind = "bits" if layer.op == "stem" or p.get("output") == "bits" else "real"
+                c = p["out_ch"]  # the logical channel count: a ternary activation of c channels is 2c bits
+                kind = "real" if layer.op == "rbconv" else p.get("output", "bits")
             elif layer.op == "maxpool2":
-                h, w = h // 2, w // 2
+                h, w = h // 2, w // 2  # keeps the kind: AND of the words is the max of binary or ternary values
             else:
                 kind = "head"
                 expect = m.num_anchors * (5 + len(m.class_names))
@@ -302,7 +358,8 @@ def write_model(path, model: Model) -> None:
     _jsonable(model.metadata, "metadata", path)
     layers_json, blobs, offset = [], [], 0
     for layer in model.layers:
-        entry = {"op": layer.op, "params": {k: layer.params[k] for k in _PARAMS[layer.op]}, "tensors": {}}
+        names = [*_PARAMS[layer.op], *(k for k in _OPTIONAL.get(layer.op, {}) if k in layer.params)]
+        entry = {"op": layer.op, "params": {k: layer.params[k] for k in names}, "tensors": {}}
         for name, (dt, _shape) in _tensor_specs(layer.op, layer.params).items():
             arr = np.ascontiguousarray(layer.tensors[name], dtype=_DTYPES[dt])
             raw = arr.tobytes()
@@ -310,7 +367,10 @@ def write_model(path, model: Model) -> None:
             pad = (-len(raw)) % ALIGN
             blobs.append(raw + b"\x00" * pad)
             offset += len(raw) + pad
-        entry["params"] = {k: (int(v) if _is_int(v) else v) for k, v in entry["params"].items()}
+        entry["params"] = {
+            k: int(v) if _is_int(v) else float(v) if isinstance(v, (float, np.floating)) else v
+            for k, v in entry["params"].items()
+        }
         layers_json.append(entry)
     header = {
         "format": "xnorcam-model",

@@ -232,3 +232,144 @@ def test_rbconv_needs_a_real_stream_of_its_own_width_at_stride_1(rand_model, tmp
     for k, (bad, needle) in enumerate(cases):
         with pytest.raises(ModelFormatError, match=re.escape(needle)):
             write_model(tmp_path / f"b{k}.xnc", bad)
+
+
+# ---------------------------------------------------------------- ternary activations (app/bits.py)
+def _ternary_model():
+    """A small random model with every kind of ternary layer: stem, bits bconv and rbconv input."""
+    from app.randmodel import random_model
+
+    return random_model(seed=2, width=48, height=40, widths=(8, 16, 70, 24, 24), blocks=2, ternary=(0, 4, 9))
+
+
+def test_ternary_layers_round_trip(tmp_path):
+    m = _ternary_model()
+    ops = [(la.op, la.params.get("output"), la.params.get("input")) for la in m.layers]
+    assert ops[0] == ("stem", "ternary", None) and ops[4] == ("bconv", "ternary", None)
+    assert ops[8] == ("rbconv", None, None) and ops[9] == ("rbconv", None, "ternary")
+    assert m.layers[0].tensors["threshold"].shape == (2, 8) and m.layers[4].tensors["flip"].shape == (2, 70)
+    write_model(tmp_path / "t.xnc", m)
+    back = read_model(tmp_path / "t.xnc")
+    _same(m, back)
+    assert back.layers[9].params == {"kernel": 3, "stride": 1, "in_ch": 24, "out_ch": 24, "input": "ternary", "band": 0.5}
+    assert isinstance(back.layers[9].params["band"], float)
+    assert "input" not in back.layers[8].params and "band" not in back.layers[8].params
+    assert modelfile.param(back.layers[0], "output") == "ternary"
+    assert modelfile.param(back.layers[8], "input") == "bits" and modelfile.param(back.layers[9], "input") == "ternary"
+
+
+def test_a_float32_band_is_written_as_a_number(tmp_path):
+    m = _ternary_model()
+    layers = list(m.layers)
+    layers[9] = Layer("rbconv", {**layers[9].params, "band": np.float32(0.1)}, layers[9].tensors)
+    write_model(tmp_path / "b.xnc", dataclasses.replace(m, layers=tuple(layers)))
+    band = read_model(tmp_path / "b.xnc").layers[9].params["band"]
+    assert type(band) is float and np.float32(band) == np.float32(0.1)
+
+
+def test_files_without_the_optional_params_read_as_before(rand_model, rand_model_file):
+    _version, header, _data = _split(rand_model_file.read_bytes())
+    assert [sorted(la["params"]) for la in header["layers"]][:3] == [
+        ["in_ch", "kernel", "out_ch", "stride"], [], ["in_ch", "kernel", "out_ch", "output", "stride"]]
+    back = read_model(rand_model_file)
+    assert back.layers[0].params == {"kernel": 3, "stride": 2, "in_ch": 1, "out_ch": 32}
+    assert modelfile.param(back.layers[0], "output") == "bits"
+    assert [la.params for la in back.layers] == [la.params for la in rand_model.layers]
+
+
+def _with_layer(model, at, **changes):
+    layers = list(model.layers)
+    la = layers[at]
+    layers[at] = Layer(la.op, changes.pop("params", la.params), {**la.tensors, **changes})
+    return dataclasses.replace(model, layers=tuple(layers))
+
+
+def _refused(model, tmp_path, *fragments):
+    path = tmp_path / "bad.xnc"
+    with pytest.raises(ModelFormatError) as e:
+        write_model(path, model)
+    assert not path.exists()
+    for f in (str(path), *fragments):
+        assert f in str(e.value), str(e.value)
+
+
+def test_ternary_outputs_need_a_rule_per_plane(tmp_path):
+    m = _ternary_model()
+    _refused(_with_layer(m, 0, threshold=m.layers[0].tensors["threshold"][0].copy()), tmp_path,
+             "layer 0 (stem): tensor threshold has shape (8,), expected (2, 8)")
+    _refused(_with_layer(m, 4, flip=m.layers[4].tensors["flip"][1].copy()), tmp_path,
+             "layer 4 (bconv): tensor flip has shape (70,), expected (2, 70)")
+    flip = m.layers[4].tensors["flip"].copy()
+    flip[1, 3] = 2
+    _refused(_with_layer(m, 4, flip=flip), tmp_path, "layer 4 (bconv): tensor flip holds values other than 0 and 1")
+    # a binary output with the ternary (2, C) rule is just as wrong
+    bits_model = _with_layer(m, 0, params={k: v for k, v in m.layers[0].params.items() if k != "output"})
+    _refused(bits_model, tmp_path, "layer 0 (stem): tensor threshold has shape (2, 8), expected (8,)")
+
+
+@pytest.mark.parametrize("op_at, params, needle", [
+    (0, {"output": "real"}, "layer 0 (stem): param output='real' must be one of ['bits', 'ternary']"),
+    (4, {"output": "trits"}, "layer 4 (bconv): param output='trits' must be one of ['bits', 'real', 'ternary']"),
+    (9, {"input": "real"}, "layer 9 (rbconv): param input='real' must be one of ['bits', 'ternary']"),
+    (9, {"input": 1}, "layer 9 (rbconv): param input=1 must be one of ['bits', 'ternary']"),
+    (9, {"band": None}, "layer 9 (rbconv): missing param 'band'"),
+    (9, {"input": None}, "layer 9 (rbconv): param band is only allowed with input='ternary'"),
+    (9, {"input": "bits"}, "layer 9 (rbconv): param band is only allowed with input='ternary'"),
+    (9, {"band": 0.0}, "layer 9 (rbconv): param band=0.0 must be a finite number > 0"),
+    (9, {"band": -0.5}, "layer 9 (rbconv): param band=-0.5 must be a finite number > 0"),
+    (9, {"band": float("inf")}, "layer 9 (rbconv): param band=inf must be a finite number > 0"),
+    (9, {"band": float("nan")}, "layer 9 (rbconv): param band=nan must be a finite number > 0"),
+    (9, {"band": 1e39}, "param band=1e+39 must be a finite number > 0 (as a float32)"),
+    (9, {"band": 1e-50}, "param band=1e-50 must be a finite number > 0 (as a float32)"),
+    (9, {"band": True}, "layer 9 (rbconv): param band=True must be a finite number > 0"),
+    (9, {"band": "0.5"}, "layer 9 (rbconv): param band='0.5' must be a finite number > 0"),
+    (8, {"band": 0.5}, "layer 8 (rbconv): param band is only allowed with input='ternary'"),
+    (4, {"input": "ternary"}, "layer 4 (bconv): unknown params ['input']"),
+    (1, {"output": "ternary"}, "layer 1 (maxpool2): unknown params ['output']"),
+])
+def test_bad_ternary_params_are_refused_naming_the_layer(tmp_path, op_at, params, needle):
+    m = _ternary_model()
+    p = {**m.layers[op_at].params, **params}
+    p = {k: v for k, v in p.items() if v is not None}
+    _refused(_with_layer(m, op_at, params=p), tmp_path, needle)
+
+
+def test_a_non_finite_band_in_a_file_is_refused(tmp_path):
+    # json reads NaN and Infinity; the writer never writes them, a hand-made file can
+    src = tmp_path / "t.xnc"
+    write_model(src, _ternary_model())
+    for band in (float("nan"), float("inf")):
+        path = _mutate(src, tmp_path, lambda h, d, b=band: h["layers"][9]["params"].update(band=b))
+        _expect(path, "layer 9 (rbconv): param band=", "must be a finite number > 0")
+
+
+def test_a_default_may_also_be_written_out(rand_model_file, tmp_path):
+    # adding the default explicitly is allowed and means the same
+    path = _mutate(rand_model_file, tmp_path, lambda h, d: h["layers"][0]["params"].update(output="bits"))
+    assert read_model(path).layers[0].params["output"] == "bits"
+
+
+def test_the_head_does_not_read_a_ternary_activation(tmp_path):
+    m = _ternary_model()
+    stem = m.layers[0]
+    hw = np.zeros((m.layers[-1].params["out_ch"], 8), np.float32)
+    head = Layer("head", {"in_ch": 8, "out_ch": hw.shape[0]}, {"weight": hw, "bias": m.layers[-1].tensors["bias"]})
+    _refused(dataclasses.replace(m, layers=(stem, head)), tmp_path,
+             "layer 1 (head): input is ternary but the head reads a real stream or binary bits")
+    _refused(dataclasses.replace(m, layers=(stem, m.layers[1], head)), tmp_path, "layer 2 (head): input is ternary")
+    # a binary stem straight into the head is fine (the head reads ±1)
+    bits_stem = Layer("stem", {k: v for k, v in stem.params.items() if k != "output"},
+                      {**stem.tensors, "threshold": stem.tensors["threshold"][0], "flip": stem.tensors["flip"][0]})
+    write_model(tmp_path / "ok.xnc", dataclasses.replace(m, layers=(bits_stem, head)))
+
+
+def test_maxpool_and_bconv_read_ternary_but_rbconv_does_not(tmp_path):
+    m = _ternary_model()
+    assert [la.op for la in m.layers[:3]] == ["stem", "maxpool2", "bconv"]  # pool and bconv on a ternary stem
+    rb = m.layers[8]
+    layers = list(m.layers)
+    layers.insert(5, Layer("rbconv", {**rb.params, "in_ch": 70, "out_ch": 70},
+                           {"weight": np.zeros((70, 3, 3, 2), np.uint64), "scale": np.ones(70, np.float32),
+                            "bias": np.zeros(70, np.float32)}))
+    _refused(dataclasses.replace(m, layers=tuple(layers)), tmp_path,
+             "layer 5 (rbconv): input is ternary but the layer needs a real stream")
