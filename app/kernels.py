@@ -53,9 +53,10 @@ def popc(typingctx, x):
     return sig, codegen
 
 
-def _make_xorcols(pats: int, blocks: int, vec: int):
-    @intrinsic
-    def xorcols(typingctx, patch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride):
+def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
+    """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes)."""
+
+    def xorcols(typingctx, patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride):
         """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ wt[wt_off + j*o_stride + o])
         for p < pats, o < blocks*vec, j < nbytes.
 
@@ -64,23 +65,25 @@ def _make_xorcols(pats: int, blocks: int, vec: int):
         lanes (at most 8 per byte, so 31 bytes fit) and go to the int32 sums once per
         31 bytes: no horizontal sums at all.
         """
-        for arr in (patch, wt):
+        for arr in (patch, mpatch, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
         if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(patch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride)
+        sig = types.none(patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
             i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
             vty, dty = ir.VectorType(i8, vec), ir.VectorType(i32, vec)
             sa = signature.args
             p_arr = context.make_array(sa[0])(context, builder, args[0])
-            w_arr = context.make_array(sa[3])(context, builder, args[3])
-            y_arr = context.make_array(sa[6])(context, builder, args[6])
-            pst, nb, woff, ost, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 2, 4, 5, 7, 8))
+            m_arr = context.make_array(sa[1])(context, builder, args[1])
+            w_arr = context.make_array(sa[4])(context, builder, args[4])
+            y_arr = context.make_array(sa[7])(context, builder, args[7])
+            pst, nb, woff, ost, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (2, 3, 5, 6, 8, 9))
             w_base = builder.gep(w_arr.data, [woff])
             p_bases = [builder.gep(p_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
+            m_bases = [builder.gep(m_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
             y_ptrs = {(q, b): builder.bitcast(
                 builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * vec)))]),
                 dty.as_pointer()) for q in range(pats) for b in range(blocks)}
@@ -106,17 +109,21 @@ def _make_xorcols(pats: int, blocks: int, vec: int):
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
             j = builder.load(j_p)
-            splats = []
-            for q in range(pats):
-                byte = builder.load(builder.gep(p_bases[q], [j]))
-                splats.append(builder.shuffle_vector(
+
+            def splat(base):
+                byte = builder.load(builder.gep(base, [j]))
+                return builder.shuffle_vector(
                     builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
-                    ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec)))
+                    ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec))
+
+            splats = [splat(p_bases[q]) for q in range(pats)]
+            msplats = [splat(m_bases[q]) for q in range(pats)] if masked else []
             row = builder.gep(w_base, [builder.mul(j, ost)])
             for b in range(blocks):
                 wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
                 for q in range(pats):
-                    c = builder.call(ctpop, [builder.xor(splats[q], wv)])
+                    x = builder.xor(splats[q], wv)
+                    c = builder.call(ctpop, [builder.and_(x, msplats[q]) if masked else x])
                     builder.store(builder.add(builder.load(acc8[q, b]), c), acc8[q, b])
             builder.store(builder.add(j, i64(1)), j_p)
             builder.branch(ic)
@@ -130,7 +137,7 @@ def _make_xorcols(pats: int, blocks: int, vec: int):
 
         return sig, codegen
 
-    return xorcols
+    return intrinsic(xorcols)
 
 
 PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
@@ -138,6 +145,11 @@ xorcols8 = _make_xorcols(PATS, 8, VEC_BYTES)
 xorcols4 = _make_xorcols(PATS, 4, VEC_BYTES)
 xorcols2 = _make_xorcols(PATS, 2, VEC_BYTES)
 xorcols1 = _make_xorcols(PATS, 1, VEC_BYTES)
+# over a ternary input: popcount((sign ^ w) & nonzero)
+andcols8 = _make_xorcols(PATS, 8, VEC_BYTES, masked=True)
+andcols4 = _make_xorcols(PATS, 4, VEC_BYTES, masked=True)
+andcols2 = _make_xorcols(PATS, 2, VEC_BYTES, masked=True)
+andcols1 = _make_xorcols(PATS, 1, VEC_BYTES, masked=True)
 
 
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
@@ -234,12 +246,14 @@ def _int_thresholds(thr, flip):
 
 
 @njit(cache=True)
-def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
+def stem_rows(pl, wt, thr, flip, k, stride, planes, out, r0, r1):
     """Integer stem conv + threshold -> packed bits into the interior of out.
 
     pl: stem_pad planes; wt: int32 (k*k*C, out_ch) in (ky, kx, c) tap order. Vectorised
     along the output row: for each output channel, all taps of a whole row are summed
     in registers and the bits are or-ed into 32-bit halves of the output words.
+    planes 2 (a ternary output, app/bits.py): thr and flip hold 2 * out_ch rules, and
+    each accumulator is compared twice, into bit o and bit out_ch + o.
     """
     ntaps, n_out = wt.shape
     c = ntaps // (k * k)
@@ -274,15 +288,26 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
         for o in range(n_out):
             hi = o >> 5
             f, qq, sh = fm[o], q[o], np.uint32(o & 31)
+            o2 = (planes - 1) * n_out + o  # the hi plane's bit (o itself when planes == 1)
+            hi2, f2, q2, sh2 = o2 >> 5, fm[o2], q[o2], np.uint32(o2 & 31)
             if ntaps == 9:
                 w0, w1, w2, w3, w4 = wt[0, o], wt[1, o], wt[2, o], wt[3, o], wt[4, o]
                 w5, w6, w7, w8 = wt[5, o], wt[6, o], wt[7, o], wt[8, o]
-                for ox in range(wo):
-                    a = np.int32(
-                        w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
-                        + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
-                    )
-                    halves[hi, ox] |= np.uint32((a ^ f) > qq) << sh
+                if planes == 1:
+                    for ox in range(wo):
+                        a = np.int32(
+                            w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
+                            + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
+                        )
+                        halves[hi, ox] |= np.uint32((a ^ f) > qq) << sh
+                else:
+                    for ox in range(wo):
+                        a = np.int32(
+                            w0 * r0_[ox] + w1 * r1_[ox] + w2 * r2_[ox] + w3 * r3_[ox] + w4 * r4_[ox]
+                            + w5 * r5_[ox] + w6 * r6_[ox] + w7 * r7_[ox] + w8 * r8_[ox]
+                        )
+                        halves[hi, ox] |= np.uint32((a ^ f) > qq) << sh
+                        halves[hi2, ox] |= np.uint32((a ^ f2) > q2) << sh2
             else:
                 acc[:] = 0
                 for t in range(ntaps):
@@ -292,6 +317,9 @@ def stem_rows(pl, wt, thr, flip, k, stride, out, r0, r1):
                         acc[ox] = np.int32(acc[ox] + wv * row[ox])
                 for ox in range(wo):
                     halves[hi, ox] |= np.uint32((acc[ox] ^ f) > qq) << sh
+                if planes == 2:
+                    for ox in range(wo):
+                        halves[hi2, ox] |= np.uint32((acc[ox] ^ f2) > q2) << sh2
         for ox in range(wo):
             for wi in range(words):
                 out[oy + BORDER, ox + BORDER, wi] = np.uint64(halves[2 * wi, ox]) | (
@@ -360,16 +388,33 @@ def _sums(patch, pstride, nb, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
     while o_stride - ob >= 8 * VEC_BYTES:
-        xorcols8(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        xorcols8(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
         ob += 8 * VEC_BYTES
     if o_stride - ob >= 4 * VEC_BYTES:
-        xorcols4(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        xorcols4(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
         ob += 4 * VEC_BYTES
     if o_stride - ob >= 2 * VEC_BYTES:
-        xorcols2(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        xorcols2(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
         ob += 2 * VEC_BYTES
     if o_stride - ob >= VEC_BYTES:
-        xorcols1(patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        xorcols1(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+
+
+@njit(cache=True, inline="always")
+def _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys):
+    """ys[q * o_stride + o] = popcount((sign bytes q ^ weights of o) & nonzero bytes q)."""
+    ob = 0
+    while o_stride - ob >= 8 * VEC_BYTES:
+        andcols8(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        ob += 8 * VEC_BYTES
+    if o_stride - ob >= 4 * VEC_BYTES:
+        andcols4(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        ob += 4 * VEC_BYTES
+    if o_stride - ob >= 2 * VEC_BYTES:
+        andcols2(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+        ob += 2 * VEC_BYTES
+    if o_stride - ob >= VEC_BYTES:
+        andcols1(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True)
@@ -393,12 +438,14 @@ def _popcount_thresholds(thr, flip, kk):
 
 
 @njit(cache=True)
-def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, r0, r1):
+def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1):
     """Binary conv (+1 padding from the border) with fused thresholds -> packed bits in out's interior.
 
     inp: padded (Hi+2, Wi+2, wi) uint64; wt: compact_weights(); kk = K = k*k*in_ch.
+    planes 2 (a ternary output): thr and flip hold 2 * out_ch rules; output channel o's count
+    sets bit o (lo plane) and bit out_ch + o (hi plane).
     """
-    n_out = thr.shape[0]
+    n_out = thr.shape[0] // planes
     nb, o_stride = wt.shape
     wflat = wt.reshape(nb * o_stride)
     src64 = inp.reshape(inp.size)
@@ -422,6 +469,9 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, r0, r1):
                 base = p * o_stride
                 for o in range(n_out):
                     b8[o] = np.uint8((ys[base + o] ^ fm[o]) > q[o])
+                if planes == 2:
+                    for o in range(n_out):
+                        b8[n_out + o] = np.uint8((ys[base + o] ^ fm[n_out + o]) > q[n_out + o])
                 _pack_bytes(g8, out, oy + BORDER, ox + p + BORDER)
 
 
@@ -449,6 +499,100 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
                     out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * o_stride + o]) + bias[o]
 
 
+# ------------------------------------------------------------------ convs over a ternary input
+# A ternary input of C channels (C % 32 == 0) is 2C packed bits: per pixel the lo plane's C/32
+# units, then the hi plane's (app/bits.py). The gather turns them into sign units (lo: bit 1 iff
+# v = -1) and nonzero units (lo | ~hi), so y = sum w·v = M - 2·popcount((sign ^ w) & nonzero),
+# M the patch's nonzero count: one masked pass over the patch bytes, not one pass per plane.
+@njit(cache=True, inline="always")
+def _gather_ternary(src32, wp, upp, nup, k, sy, sx, patch32, mpatch32, n):
+    """Sign and nonzero units of the k x k pixels at padded (sy, sx) to unit n; returns M."""
+    nz = 0
+    for ky in range(k):
+        for kx in range(k):
+            base = ((sy + ky) * wp + sx + kx) * upp
+            for b in range(nup):
+                lo = src32[base + b]
+                m = lo | ~src32[base + nup + b]
+                patch32[n] = lo
+                mpatch32[n] = m
+                nz += popc(m)
+                n += 1
+    return np.int32(nz)
+
+
+@njit(cache=True, inline="always")
+def _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs):
+    for q in range(PATS):
+        x = min(ox + q, wo - 1)
+        nzs[q] = _gather_ternary(src32, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, mpatch32,
+                                 q * pstride // 4)
+
+
+@njit(cache=True)
+def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
+    """Binary weights over a ternary input (+1 padding) with fused thresholds on y -> packed bits (planes 1 or 2).
+
+    wt: compact_weights(weight, C) of the logical C channels; thr, flip: rules on y = sum w·v.
+    """
+    n_out = thr.shape[0] // planes
+    nb, o_stride = wt.shape
+    wflat = wt.reshape(nb * o_stride)
+    src32 = inp.reshape(inp.size).view(np.uint32)
+    wp, upp = inp.shape[1], inp.shape[2] * 2
+    off = BORDER - k // 2
+    wo = out.shape[1] - 2 * BORDER
+    words = out.shape[2]
+    pstride = -(-nb // 8) * 8
+    patch = np.zeros(PATS * pstride, np.uint8)
+    mpatch = np.zeros(PATS * pstride, np.uint8)
+    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
+    ys = np.zeros(PATS * o_stride, np.int32)
+    nzs = np.zeros(PATS, np.int32)
+    fm, q = _int_thresholds(thr, flip)
+    b8 = np.zeros(words * 64, np.uint8)
+    g8 = b8.view(np.uint64)
+    for oy in range(r0, r1):
+        for ox in range(0, wo, PATS):
+            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
+            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            for p in range(min(PATS, wo - ox)):
+                base = p * o_stride
+                nz = nzs[p]
+                for o in range(n_out):
+                    b8[o] = np.uint8(((nz - 2 * ys[base + o]) ^ fm[o]) > q[o])
+                if planes == 2:
+                    for o in range(n_out):
+                        b8[n_out + o] = np.uint8(((nz - 2 * ys[base + o]) ^ fm[n_out + o]) > q[n_out + o])
+                _pack_bytes(g8, out, oy + BORDER, ox + p + BORDER)
+
+
+@njit(cache=True)
+def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
+    """Binary weights over a ternary input with a real output r = scale * y + bias, y = sum w·v."""
+    n_out = scale.shape[0]
+    nb, o_stride = wt.shape
+    wflat = wt.reshape(nb * o_stride)
+    src32 = inp.reshape(inp.size).view(np.uint32)
+    wp, upp = inp.shape[1], inp.shape[2] * 2
+    off = BORDER - k // 2
+    wo = out.shape[1]
+    pstride = -(-nb // 8) * 8
+    patch = np.zeros(PATS * pstride, np.uint8)
+    mpatch = np.zeros(PATS * pstride, np.uint8)
+    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
+    ys = np.zeros(PATS * o_stride, np.int32)
+    nzs = np.zeros(PATS, np.int32)
+    for oy in range(r0, r1):
+        for ox in range(0, wo, PATS):
+            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
+            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            for p in range(min(PATS, wo - ox)):
+                nz = nzs[p]
+                for o in range(n_out):
+                    out[oy, ox + p, o] = scale[o] * np.float32(nz - 2 * ys[p * o_stride + o]) + bias[o]
+
+
 # ------------------------------------------------------------------ Bi-Real blocks (rbconv)
 # An rbconv layer is three calls: sign_pack_rows (the stream's signs into a bits buffer),
 # bconv_real_rows (into a scratch stream), add_rows (stream + scratch, a new stream).
@@ -463,6 +607,24 @@ def sign_pack_rows(r, out, r0, r1):
         for ox in range(r.shape[1]):
             for ch in range(c):
                 b8[ch] = np.uint8(r[oy, ox, ch] < np.float32(0.0))
+            _pack_bytes(g8, out, oy + BORDER, ox + BORDER)
+
+
+@njit(cache=True)
+def ternary_pack_rows(r, band, out, r0, r1):
+    """Real (H, W, C) float32 -> the ternary of r with band d as 2C packed bits (app/bits.py):
+    lo bit 1 iff r + d < 0, hi bit 1 iff r - d < 0, in float32 as torch computes sign(r ± d)."""
+    words = out.shape[2]
+    c = r.shape[2]
+    d = np.float32(band)
+    b8 = np.zeros(words * 64, np.uint8)
+    g8 = b8.view(np.uint64)
+    for oy in range(r0, r1):
+        for ox in range(r.shape[1]):
+            for ch in range(c):
+                v = r[oy, ox, ch]
+                b8[ch] = np.uint8(np.float32(v + d) < np.float32(0.0))
+                b8[c + ch] = np.uint8(np.float32(v - d) < np.float32(0.0))
             _pack_bytes(g8, out, oy + BORDER, ox + BORDER)
 
 
@@ -513,8 +675,8 @@ def unpack_pm1(inp, channels, out):
 OP_POOL, OP_BITS, OP_REAL, OP_RES = 0, 1, 2, 3
 # columns of the layer plan built by app.network.Network
 (C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
- C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD) = range(19)
-N_COLS = 19
+ C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD, C_PLANES) = range(20)
+N_COLS = 20
 
 
 @njit(cache=True)
@@ -524,9 +686,9 @@ def _view(act, off, h, w, words):
 
 
 @njit(cache=True)
-def run_stem(x, u, wt, thr, flip, k, stride, out):
+def run_stem(x, u, wt, thr, flip, k, stride, planes, out):
     stem_pad(x, k, stride, u)
-    stem_rows(u, wt, thr, flip, k, stride, out, 0, out.shape[0] - 2 * BORDER)
+    stem_rows(u, wt, thr, flip, k, stride, planes, out, 0, out.shape[0] - 2 * BORDER)
 
 
 @njit(cache=True)
@@ -539,10 +701,10 @@ def run_head(act, off, h, w, words, channels, from_bits, real, hw, hb, out):
 
 # ------------------------------------------------------------------ threads
 @njit(cache=True, parallel=True)
-def stem_par(pl, wt, thr, flip, k, stride, out, chunks):
+def stem_par(pl, wt, thr, flip, k, stride, planes, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
-        stem_rows(pl, wt, thr, flip, k, stride, out, i * n // chunks, (i + 1) * n // chunks)
+        stem_rows(pl, wt, thr, flip, k, stride, planes, out, i * n // chunks, (i + 1) * n // chunks)
 
 
 @njit(cache=True, parallel=True)
@@ -553,10 +715,25 @@ def pool_par(inp, out, chunks):
 
 
 @njit(cache=True, parallel=True)
-def bconv_bits_par(inp, wt, nup, kk, k, stride, thr, flip, out, chunks):
+def bconv_bits_par(inp, wt, nup, kk, k, stride, thr, flip, planes, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
-        bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, out, i * n // chunks, (i + 1) * n // chunks)
+        bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, i * n // chunks,
+                        (i + 1) * n // chunks)
+
+
+@njit(cache=True, parallel=True)
+def tconv_bits_par(inp, wt, nup, k, stride, thr, flip, planes, out, chunks):
+    n = out.shape[0] - 2 * BORDER
+    for i in prange(chunks):
+        tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, i * n // chunks, (i + 1) * n // chunks)
+
+
+@njit(cache=True, parallel=True)
+def tconv_real_par(inp, wt, nup, k, stride, scale, bias, out, chunks):
+    n = out.shape[0]
+    for i in prange(chunks):
+        tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)
 
 
 @njit(cache=True, parallel=True)

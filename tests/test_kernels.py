@@ -32,7 +32,7 @@ def test_stem(h, w, c, n_out, k, s, seed):
     out = np.zeros(kernels.padded_shape(want.shape[0], want.shape[1], want.shape[2]), np.uint64)
     wtt = np.ascontiguousarray(wt.astype(np.int32).reshape(n_out, -1).T)
     for r0, r1 in _row_splits(rng, want.shape[0]):
-        kernels.stem_rows(u, wtt, thr, flip, k, s, out, r0, r1)
+        kernels.stem_rows(u, wtt, thr, flip, k, s, 1, out, r0, r1)
     np.testing.assert_array_equal(kernels.interior(out), want)
     assert not out[0].any() and not out[-1].any() and not out[:, 0].any() and not out[:, -1].any()
 
@@ -55,7 +55,7 @@ def test_bconv_bits(h, w, c, n_out, k, s, seed):
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
     for r0, r1 in _row_splits(rng, want.shape[0]):
         kernels.bconv_bits_rows(_padded(x), kernels.compact_weights(wt, c), kernels.patch_layout(k, c)[0],
-                                k * k * c, k, s, thr, flip, out, r0, r1)
+                                k * k * c, k, s, thr, flip, 1, out, r0, r1)
     np.testing.assert_array_equal(kernels.interior(out), want)
     if n_out % 64:
         assert not np.any(out[..., -1] >> np.uint64(n_out % 64)), "bits past the last channel must stay 0"
@@ -117,6 +117,17 @@ def test_popcount_intrinsic_edges():
         assert pc(np.uint64(v)) == bin(v).count("1")
 
 
+@pytest.mark.parametrize("check", ["check_stem_ternary", "check_bconv_ternary", "check_ternary_pack",
+                                   "check_tconv_bits", "check_tconv_real"])
+def test_ternary_kernels_equal_the_rules_stated_plainly(check):
+    """Two planes from one accumulator: the stem, the bits bconv and the stream's pack (40 seeded cases each)."""
+    from tests.arm import kernel_checks
+
+    rng = np.random.default_rng(99)
+    bad = [desc for ok, desc in (getattr(kernel_checks, check)(rng) for _ in range(40)) if not ok]
+    assert not bad, bad
+
+
 def test_parallel_wrappers_match_serial():
     rng, x, wt = _bconv_case(11, 7, 70, 65, 3, 1, 5)
     thr = rng.integers(-20, 20, 65).astype(np.int32)
@@ -124,7 +135,7 @@ def test_parallel_wrappers_match_serial():
     want = reference.bconv_bits(x, 70, wt, 1, thr, flip)
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
     kernels.bconv_bits_par(_padded(x), kernels.compact_weights(wt, 70), kernels.patch_layout(3, 70)[0],
-                           9 * 70, 3, 1, thr, flip, out, 4)
+                           9 * 70, 3, 1, thr, flip, 1, out, 4)
     np.testing.assert_array_equal(kernels.interior(out), want)
 
 

@@ -42,6 +42,22 @@ def test_random_architectures_match_reference(seed, w, h, c, widths, n_classes):
     _compare(model, _frame(model, seed + 1))
 
 
+@pytest.mark.parametrize("ternary,blocks", [((0,), 0), ((0, 2, 4), 0), ((2, 4, 6), 1), ((0, 2, 4, 6, 8, 9), 2), ((8,), 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("widths", [(16, 40, 70, 65, 33), (32, 64, 96, 128, 64)], ids=["doubled", "masked"])
+def test_ternary_layers_match_reference(ternary, blocks, threads, widths):
+    """Two planes per ternary activation, read by one masked pass (whole 32-bit planes) or by the binary
+    conv of both planes with the weights twice (other widths): the same packed words as the twin."""
+    model = random_model(11, 58, 46, 1, ("a",), widths, blocks=blocks, ternary=ternary)
+    masked = Network(model).masked
+    assert bool(masked) == (widths[0] % 32 == 0)
+    trace = _compare(model, _frame(model, 12), threads)
+    for i in ternary:
+        if model.layers[i].op != "rbconv":  # all three values occur: the check is not vacuous
+            v = bits.ternary_unpack(trace[i], model.layers[i].params["out_ch"])
+            assert {-1, 0, 1} <= set(np.unique(v).tolist()), f"layer {i}"
+
+
 def _custom_model(rng, c_in=3):
     """Stem 5x5 s1, 1x1 stride-2 bconv, 3x3 stride-2 bconv, pool, head fed by bits (not by a real conv)."""
     def bconv(cin, cout, k, s):

@@ -62,8 +62,100 @@ def check_stem(rng):
     kernels.stem_pad(x, k, s, pl)
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
     wtt = np.ascontiguousarray(wt.astype(np.int32).reshape(n_out, -1).T)
-    kernels.stem_rows(pl, wtt, thr, flip, k, s, out, 0, want.shape[0])
+    kernels.stem_rows(pl, wtt, thr, flip, k, s, 1, out, 0, want.shape[0])
     return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def _two_plane_rules(rng, y):
+    """Rules of a ternary output (app/bits.py): lo and hi thresholds per channel, flattened to 2C."""
+    t1, f = edge_thresholds(rng, y)
+    t2, _ = edge_thresholds(rng, y)
+    lo = np.where(f == 0, np.minimum(t1, t2), np.maximum(t1, t2))  # lo (v >= 0) holds more often than hi
+    hi = np.where(f == 0, np.maximum(t1, t2), np.minimum(t1, t2))
+    return np.concatenate([lo, hi]).astype(np.int32), np.concatenate([f, f])
+
+
+def ternary_want(y, thr, flip):
+    """The two-plane output the threshold rules imply, stated plainly: bits of lo then hi, packed."""
+    n = y.shape[-1]
+    lo = bits.threshold_bits(y, thr[:n], flip[:n])
+    hi = bits.threshold_bits(y, thr[n:], flip[n:])
+    return bits.pack(np.concatenate([lo, hi], axis=-1))
+
+
+def check_stem_ternary(rng):
+    h, w = (int(v) for v in rng.integers(1, 14, 2))
+    c, n_out = int(rng.choice([1, 3])), int(rng.integers(1, 100))
+    k, s = int(rng.choice([1, 3, 5])), int(rng.choice([1, 2]))
+    x = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (n_out, k, k, c)).astype(np.int8)
+    y = reference.stem_acc(x, wt, s)
+    thr, flip = _two_plane_rules(rng, y)
+    want = ternary_want(y, thr, flip)
+    pl = np.zeros(kernels.stem_planes_shape(h, w, c, k, s), np.int32)
+    kernels.stem_pad(x, k, s, pl)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    wtt = np.ascontiguousarray(wt.astype(np.int32).reshape(n_out, -1).T)
+    kernels.stem_rows(pl, wtt, thr, flip, k, s, 2, out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def check_bconv_ternary(rng):
+    h, w, c, n_out, k, s, x, wt = _bconv_case(rng)
+    y = reference.bconv_y(x, c, wt, s)
+    thr, flip = _two_plane_rules(rng, y)
+    want = ternary_want(y, thr, flip)
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    nup = kernels.patch_layout(k, c)[0]
+    kernels.bconv_bits_rows(padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, s, thr, flip,
+                            2, out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
+
+
+def check_ternary_pack(rng):
+    h, w, c = int(rng.integers(1, 6)), int(rng.integers(1, 6)), int(rng.choice(CHANNELS))
+    d = float(rng.choice([0.5, 0.25, 1.0]))
+    r = rng.normal(0, 1, (h, w, c)).astype(np.float32)
+    edge = rng.random(r.shape)
+    r = np.where(edge < 0.1, np.float32(d), np.where(edge > 0.9, np.float32(-d), r)).astype(np.float32)
+    lo = (r + np.float32(d)) < 0
+    hi = (r - np.float32(d)) < 0
+    want = bits.pack(np.concatenate([lo, hi], axis=-1))
+    out = np.zeros(kernels.padded_shape(h, w, want.shape[-1]), np.uint64)
+    kernels.ternary_pack_rows(r, d, out, 0, h)
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} band={d}"
+
+
+def _tconv_case(rng):
+    h, w = (int(v) for v in rng.integers(1, 10, 2))
+    c, n_out = int(rng.choice([32, 64, 96, 128, 256])), int(rng.integers(1, 140))
+    k, s = int(rng.choice([1, 3])), int(rng.choice([1, 2]))
+    x = bits.ternary_pack(rng.integers(-1, 2, (h, w, c)))
+    wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
+    return h, w, c, n_out, k, s, x, wt
+
+
+def check_tconv_bits(rng):
+    h, w, c, n_out, k, s, x, wt = _tconv_case(rng)
+    y = reference.bconv_y(x, c, wt, s, "ternary")
+    planes = int(rng.choice([1, 2]))
+    thr, flip = _two_plane_rules(rng, y) if planes == 2 else edge_thresholds(rng, y)
+    want = ternary_want(y, thr, flip) if planes == 2 else bits.pack(bits.threshold_bits(y, thr, flip))
+    out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+    kernels.tconv_bits_rows(padded(x), kernels.compact_weights(wt, c), c // 32, k, s, thr, flip, planes,
+                            out, 0, want.shape[0])
+    return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s} planes={planes}"
+
+
+def check_tconv_real(rng):
+    h, w, c, n_out, k, s, x, wt = _tconv_case(rng)
+    scale = rng.normal(0, 0.1, n_out).astype(np.float32)
+    bias = rng.normal(0, 1, n_out).astype(np.float32)
+    want = reference.bconv_real(x, c, wt, s, scale, bias, "ternary")
+    out = np.zeros(want.shape, np.float32)
+    kernels.tconv_real_rows(padded(x), kernels.compact_weights(wt, c), c // 32, k, s, scale, bias, out,
+                            0, want.shape[0])
+    return np.array_equal(out, want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
 
 
 def _bconv_case(rng):
@@ -82,7 +174,7 @@ def check_bconv_bits(rng):
     out = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
     nup = kernels.patch_layout(k, c)[0]
     kernels.bconv_bits_rows(padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, s, thr, flip,
-                            out, 0, want.shape[0])
+                            1, out, 0, want.shape[0])
     return np.array_equal(kernels.interior(out), want), f"h={h} w={w} c={c} out={n_out} k={k} s={s}"
 
 
@@ -190,7 +282,9 @@ def main(argv=None) -> int:
     print(f"kernel_checks on {platform.machine()}, numpy {np.__version__}, vector bytes {kernels.VEC_BYTES}")
     failures, total = [], 0
     checks = [("stem", check_stem), ("bconv_bits", check_bconv_bits), ("bconv_real", check_bconv_real),
-              ("rbconv", check_rbconv), ("maxpool2", check_pool), ("head+unpack", check_head)]
+              ("rbconv", check_rbconv), ("maxpool2", check_pool), ("head+unpack", check_head),
+              ("stem_tern", check_stem_ternary), ("bconv_tern", check_bconv_ternary),
+              ("ternary_pack", check_ternary_pack), ("tconv_bits", check_tconv_bits), ("tconv_real", check_tconv_real)]
     for name, fn in checks:
         t0, bad = time.time(), 0
         for _ in range(args.cases):
@@ -203,7 +297,10 @@ def main(argv=None) -> int:
     models = [("default 192x192x1", random_model(seed=3), 5),
               ("odd 45x37x3", random_model(seed=4, width=45, height=37, channels=3, classes=("a", "b"),
                                           widths=(5, 70, 33, 129, 64)), 6),
-              ("default + 2 rbconv", with_rbconv(random_model(seed=5)), 7)]
+              ("default + 2 rbconv", with_rbconv(random_model(seed=5)), 7),
+              ("ternary 0,2,4 + 2 ternary rbconv", random_model(seed=8, blocks=2, ternary=(0, 2, 4, 8, 9)), 8),
+              ("ternary, odd widths", random_model(seed=9, width=45, height=37, widths=(16, 40, 70, 65, 33), blocks=1,
+                                                   ternary=(0, 2, 4, 6, 8)), 9)]
     for name, model, seed in models:
         for label, fn in (("network", check_network), ("detector", check_detector)):
             ok, desc = fn(rng, model, seed)
