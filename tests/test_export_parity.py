@@ -28,10 +28,10 @@ W, H = 72, 56  # odd sizes: 36x28 after the stem, pools floor 9x7 -> 4x3
 ANCHORS = np.array([[8.0, 16.0], [20.0, 30.0], [40.0, 44.0]], np.float32)
 
 
-def make_net(seed=0, res_blocks=0):
+def make_net(seed=0, res_blocks=0, ternary=(), widths=(16, 24, 70, 40, 33)):
     torch.manual_seed(seed)
     cfg = tm.ModelConfig(
-        input_width=W, input_height=H, widths=(16, 24, 70, 40, 33), binary=True, res_blocks=res_blocks
+        input_width=W, input_height=H, widths=widths, binary=True, res_blocks=res_blocks, ternary=ternary,
     )
     net = tm.Detector(cfg, num_classes=2)
     frames = torch.stack([torch.from_numpy(synthetic_frame(s, W, H, 1)).float()[None] for s in range(4)])
@@ -63,6 +63,22 @@ def torch_trace(net, img):
     return head[0].permute(1, 2, 0).numpy(), {i: o[0].permute(1, 2, 0).numpy() for i, o in outs.items()}
 
 
+def ternary_layers(net) -> set:
+    """Indices whose packed output is ternary: ternary stems and bconvs, and the pools after them."""
+    out, now = set(), False
+    for i, m in enumerate(net.layers):
+        if isinstance(m, (tm.Stem, tm.BConv)):
+            now = m.ternary and not getattr(m, "real_output", False)
+        if now and not isinstance(m, tm.ResBConv):
+            out.add(i)
+    return out
+
+
+def packed(net, i, o):
+    """torch's layer-i output in the runtime's packed form (app/bits.py)."""
+    return bits.ternary_pack(o.astype(np.int8)) if i in ternary_layers(net) else bits.pack(o)
+
+
 def mismatches(net, model, img):
     """Layer indices whose runtime output differs from torch (plus 'head' / 'dets')."""
     head_t, outs = torch_trace(net, img)
@@ -71,7 +87,7 @@ def mismatches(net, model, img):
     for i, words in tr_n.items():
         o = outs[i]
         if words.dtype == np.uint64:
-            if not np.array_equal(bits.pack(o), words):
+            if not np.array_equal(packed(net, i, o), words):
                 bad.append(i)
         elif np.abs(o - words).max() > 1e-4:
             bad.append(i)
@@ -245,6 +261,106 @@ def test_a_zero_sign_stream_gives_plus_one(res_net_and_model):
     K.sign_pack_rows(stream, out, 0, 3)
     assert np.array_equal(K.interior(out), bits.pack(stream))
     assert K.interior(out)[1, 2, 1] == np.uint64(1) << np.uint64(5) and int(K.interior(out).sum()) == 1 << 5
+
+
+# ---------------------------------------------------------------- ternary layers
+
+WIDE = (32, 64, 96, 64, 32)  # whole 32-bit planes: the masked kernels read the ternary inputs
+TERNARY_CASES = {
+    "stem": (0, (0,), None),
+    "early": (0, (0, 2, 4), None),
+    "all-bits": (0, (0, 2, 4, 6), None),
+    "blocks": (2, (8, 9), None),
+    "everywhere": (2, (0, 2, 4, 6, 8, 9), None),
+    "everywhere-masked": (2, (0, 2, 4, 6, 8, 9), WIDE),
+    "early-masked": (1, (0, 2, 4), WIDE),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TERNARY_CASES))
+def ternary_net_and_model(request):
+    blocks, layers, widths = TERNARY_CASES[request.param]
+    net = make_net(seed=7, res_blocks=blocks, ternary=layers, **({"widths": widths} if widths else {}))
+    model = to_model(net, ANCHORS, ("a", "b"))
+    assert bool(Network(model).masked) == (widths is not None)
+    return net, model
+
+
+@pytest.mark.parametrize("seed", [31, 32])
+def test_ternary_layers_torch_equals_runtime_bit_for_bit(ternary_net_and_model, seed):
+    """-1/0/+1 activations as two bit planes: the same values in every layer, the same head and detections."""
+    net, model = ternary_net_and_model
+    img = synthetic_frame(seed, W, H, 1)
+    head_t, outs = torch_trace(net, img)
+    for i in ternary_layers(net) | {i for i in net.cfg.ternary if isinstance(net.layers[i], tm.ResBConv)}:
+        v = outs[i] if i in ternary_layers(net) else None
+        if v is not None:  # all three values occur, or the check would be weak
+            assert {-1.0, 0.0, 1.0} <= set(np.unique(v).tolist()), f"layer {i}: values {np.unique(v)}"
+    assert mismatches(net, model, img) == []
+    head_r, tr_r = reference.forward(model, img[:, :, None], trace=True)
+    for t in (1, 2):
+        head_n, tr_n = Network(model, threads=t).forward(img[:, :, None], trace=True)
+        assert np.abs(head_t - head_n).max() < 1e-4 and np.abs(head_r - head_n).max() < 1e-4
+        assert all(np.array_equal(tr_n[i], tr_r[i]) for i in tr_n), "Network and its numpy twin differ"
+    assert len(decode(head_t, ANCHORS, (W, H), score_threshold=0.05)) > 0
+
+
+def test_ternary_blocks_see_zeros_in_their_stream():
+    """The blocks' band matters: some of the stream lies within ±d, so their input has zeros."""
+    net = make_net(seed=7, res_blocks=2, ternary=(8, 9))
+    _, outs = torch_trace(net, synthetic_frame(31, W, H, 1))
+    r = outs[7]
+    assert ((r > -tm.TERNARY_D) & (r < tm.TERNARY_D)).mean() > 0.05
+
+
+def test_swapped_ternary_planes_are_caught(monkeypatch):
+    from train import export
+
+    net = make_net(seed=7, ternary=(0, 2, 4))
+    fold = export._fold_sign
+
+    def swapped(m, *args):
+        thr, flip = fold(m, *args)
+        return (thr[::-1].copy(), flip[::-1].copy()) if m.ternary else (thr, flip)
+
+    monkeypatch.setattr(export, "_fold_sign", swapped)
+    bad = mismatches(net, to_model(net, ANCHORS, ("a", "b")), synthetic_frame(31, W, H, 1))
+    assert 0 in bad
+
+
+def test_a_fold_that_forgets_odd_preactivations_after_a_ternary_input_is_caught(monkeypatch):
+    """After a ternary input y = sum w·v takes every integer, not only K - 2·popcount's parity."""
+    from train import export
+
+    net = make_net(seed=7, ternary=(0,))
+    fold = export.fold_bconv
+    monkeypatch.setattr(export, "fold_bconv", lambda m, ternary_input=False: fold(m))
+    bad = mismatches(net, to_model(net, ANCHORS, ("a", "b")), synthetic_frame(31, W, H, 1))
+    assert 2 in bad
+
+
+def test_a_wrong_band_in_the_blocks_is_caught(monkeypatch):
+    net = make_net(seed=7, res_blocks=2, ternary=(8, 9))
+    model = to_model(net, ANCHORS, ("a", "b"))
+    layers = [Layer(ly.op, {**ly.params, "band": 0.25} if ly.op == "rbconv" else ly.params, ly.tensors)
+              for ly in model.layers]
+    broken = Model(model.input_width, model.input_height, model.channels, model.class_names, model.anchors,
+                   tuple(layers), model.metadata)
+    bad = mismatches(net, broken, synthetic_frame(31, W, H, 1))
+    assert 8 in bad
+
+
+def test_ternary_pack_of_a_stream_follows_torch_at_the_band_edges():
+    from app import kernels as K
+
+    d = np.float32(tm.TERNARY_D)
+    stream = np.array([[[d, -d, np.nextafter(d, np.float32(0)), np.nextafter(-d, np.float32(-1)), 0.0, -0.0,
+                         3.0, -3.0]]], np.float32)
+    out = np.zeros(K.padded_shape(1, 1, 1), np.uint64)
+    K.ternary_pack_rows(stream, float(d), out, 0, 1)
+    want = tm.ternary_act(torch.from_numpy(stream)).numpy()
+    assert want.ravel().tolist() == [1, 0, 0, -1, 0, 0, 1, -1]
+    assert np.array_equal(K.interior(out), bits.ternary_pack(want.astype(np.int8)))
 
 
 # ---------------------------------------------------------------- the shipped model

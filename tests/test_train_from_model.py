@@ -23,18 +23,22 @@ def frames(n=6, seed=0):
     return torch.stack([torch.from_numpy(synthetic_frame(seed + s, W, H, 1)).float()[None] for s in range(n)])
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["plain", "bireal"])
+SOURCES = {"plain": (0, ()), "bireal": (2, ()), "ternary": (2, (0, 2, 4, 8))}
+
+
+@pytest.fixture(scope="module", params=sorted(SOURCES))
 def source(request):
     """A trained-looking binary net (random BN, both slopes) and its model file."""
-    net = make_net(seed=3, res_blocks=request.param)
+    blocks, ternary = SOURCES[request.param]
+    net = make_net(seed=3, res_blocks=blocks, ternary=ternary)
     return net, to_model(net, ANCHORS, ("a", "b"))
 
 
 def test_config_of_reads_the_topology_back(source):
     net, model = source
     cfg = fm.config_of(model)
-    assert (cfg.widths, cfg.res_blocks, cfg.input_width, cfg.input_height) == (
-        net.cfg.widths, net.cfg.res_blocks, W, H)
+    assert (cfg.widths, cfg.res_blocks, cfg.input_width, cfg.input_height, cfg.ternary) == (
+        net.cfg.widths, net.cfg.res_blocks, W, H, net.cfg.ternary)
 
 
 @pytest.mark.parametrize("with_stats", [False, True])
@@ -52,13 +56,24 @@ def test_constant_channels_survive_the_round_trip(source):
     layers = list(model.layers)
     t = dict(layers[2].tensors)
     thr, flip = t["threshold"].copy(), t["flip"].copy()
-    thr[:4], flip[:4] = [bits.INT32_MIN, bits.INT32_MAX, bits.INT32_MIN, bits.INT32_MAX], [0, 0, 1, 1]
+    lo, hi = bits.INT32_MIN, bits.INT32_MAX
+    if thr.ndim == 1:
+        thr[:4], flip[:4] = [lo, hi, lo, hi], [0, 0, 1, 1]
+        want = [1, -1, -1, 1]
+    else:  # (lo plane, hi plane): +1, -1, 0, 0, and channel 4 has a constant lo plane only
+        thr[:, :4] = [[lo, hi, lo, hi], [lo, hi, hi, lo]]
+        flip[:, :4] = [[0, 0, 0, 1], [0, 0, 0, 1]]
+        thr[0, 4], flip[:, 4] = lo, 0
+        want = [1, -1, 0, 0]
     layers[2] = Layer(layers[2].op, layers[2].params, {**t, "threshold": thr, "flip": flip})
     const = replace(model, layers=tuple(layers))
     net = fm.from_model(const)
     fm.check_round_trip(net, const)
     out = net(frames(2), trace=True)[1][2]
-    assert (out[:, 0] == 1).all() and (out[:, 1] == -1).all() and (out[:, 2] == -1).all() and (out[:, 3] == 1).all()
+    for c, v in enumerate(want):
+        assert (out[:, c] == v).all(), c
+    if thr.ndim == 2:
+        assert (out[:, 4] >= 0).all() and (out[:, 4] == 1).any() and (out[:, 4] == 0).any()
 
 
 def test_the_round_trip_check_catches_a_changed_threshold(source):
@@ -104,6 +119,15 @@ def test_a_stem_the_exporter_did_not_write_is_refused(source):
     bad = replace(model, layers=(Layer("stem", stem.params, {**stem.tensors, "weight": w}),) + model.layers[1:])
     with pytest.raises(ValueError, match="stem channel 1"):
         fm.from_model(bad)
+
+
+def test_a_band_the_trainer_does_not_use_is_refused():
+    net = make_net(seed=3, res_blocks=2, ternary=(8,))
+    model = to_model(net, ANCHORS, ("a", "b"))
+    layers = tuple(Layer(ly.op, {**ly.params, "band": 0.25} if "band" in ly.params else ly.params, ly.tensors)
+                   for ly in model.layers)
+    with pytest.raises(ValueError, match="layer 8: ternary band 0.25"):
+        fm.config_of(replace(model, layers=layers))
 
 
 def test_a_topology_the_trainer_does_not_build_is_refused_naming_the_layer(source):

@@ -21,7 +21,7 @@ import torch
 
 from app import bits
 from app.modelfile import Layer, Model, write_model
-from train.model import BConv, Detector, Head, Pool, ResBConv, Stem
+from train.model import TERNARY_D, BConv, Detector, Head, Pool, ResBConv, Stem
 
 
 def _fold(z: torch.Tensor, ys: torch.Tensor, valid: torch.Tensor, slope: torch.Tensor, const_plus: torch.Tensor):
@@ -57,25 +57,43 @@ def _fold(z: torch.Tensor, ys: torch.Tensor, valid: torch.Tensor, slope: torch.T
     return np.clip(thr, bits.INT32_MIN, bits.INT32_MAX).astype(np.int32), flip
 
 
+def _fold_sign(m, z, ys, valid, a, b):
+    """(threshold, flip) of sign(z) per channel, or of a ternary layer's two signs, sign(z ± d),
+    as (2, C) arrays (row 0 lo, row 1 hi; app/bits.py). torch adds d to the float32 z, so the
+    fold does too."""
+    if not m.ternary:
+        return _fold(z, ys, valid, a, b >= 0)
+    lo = _fold(z + TERNARY_D, ys, valid, a, b + TERNARY_D >= 0)
+    hi = _fold(z - TERNARY_D, ys, valid, a, b - TERNARY_D >= 0)
+    return np.stack([lo[0], hi[0]]), np.stack([lo[1], hi[1]])
+
+
+@torch.no_grad()
+def stem_range(m: Stem):
+    """(lo, hi) per channel: the reachable accumulators, every tap's u in -128..127 or 0 in the zero padding."""
+    qi = m.quantised()[0].to(torch.int64)
+    lo = torch.minimum(qi * -128, qi * 127).clamp(max=0).sum(dim=(1, 2, 3))
+    hi = torch.maximum(qi * -128, qi * 127).clamp(min=0).sum(dim=(1, 2, 3))
+    return lo, hi
+
+
 @torch.no_grad()
 def fold_stem(m: Stem):
     q, s = m.quantised()
     a, b = m.bn_affine()
-    qi = q.to(torch.int64)
-    # Reachable accumulators: every tap's u in -128..127, or 0 in the zero padding.
-    lo = torch.minimum(qi * -128, qi * 127).clamp(max=0).sum(dim=(1, 2, 3))
-    hi = torch.maximum(qi * -128, qi * 127).clamp(min=0).sum(dim=(1, 2, 3))
+    lo, hi = stem_range(m)
     n = int((hi - lo).max()) + 1
     ys = lo[None, :] + torch.arange(n, dtype=torch.int64)[:, None]
     valid = ys <= hi[None, :]
     z = m.bn_eval(ys.to(torch.float32), s)
-    thr, flip = _fold(z, ys, valid, a, b >= 0)
+    thr, flip = _fold_sign(m, z, ys, valid, a, b)
     weight = q.to(torch.int8).permute(0, 2, 3, 1).contiguous().numpy()
     return weight, thr, flip
 
 
 @torch.no_grad()
-def fold_bconv(m: BConv):
+def fold_bconv(m: BConv, ternary_input: bool = False):
+    """A ternary input makes y = Σ w·v any integer in [-K, K]; a binary one only K - 2·popcount."""
     k = m.kernel * m.kernel * m.in_ch
     weight = bits.pack(m.weight.permute(0, 2, 3, 1).contiguous().numpy())  # w >= 0 -> +1 -> bit 0
     a, b = m.bn_affine()
@@ -83,10 +101,10 @@ def fold_bconv(m: BConv):
     if m.real_output:
         scale = (alpha * a).numpy().astype(np.float32)
         return weight, {"scale": scale, "bias": b.numpy().astype(np.float32)}
-    p = torch.arange(k + 1, dtype=torch.int64)
-    ys = (k - 2 * p)[:, None].expand(k + 1, m.out_ch).contiguous()
+    cand = torch.arange(-k, k + 1, dtype=torch.int64) if ternary_input else k - 2 * torch.arange(k + 1)
+    ys = cand[:, None].expand(len(cand), m.out_ch).contiguous()
     z = m.bn_eval(ys.to(torch.float32), alpha)
-    thr, flip = _fold(z, ys, torch.ones_like(ys, dtype=torch.bool), a, b >= 0)
+    thr, flip = _fold_sign(m, z, ys, torch.ones_like(ys, dtype=torch.bool), a, b)
     return weight, {"threshold": thr, "flip": flip}
 
 
@@ -95,38 +113,36 @@ def to_model(net: Detector, anchors, class_names, metadata=None) -> Model:
         raise ValueError("only the binary network can be exported (the float twin has no integer form)")
     if net.cfg.real_act:
         raise ValueError(f"layers {list(net.cfg.real_act)} keep real activations (a probe): no integer form")
-    if net.cfg.ternary:
-        raise ValueError(
-            f"layers {list(net.cfg.ternary)} have ternary activations: export of ternary layers is not implemented yet"
-        )
     net.eval()
     layers = []
+    ternary_in = False  # whether the packed activation the next bconv reads is ternary
     for m in net.layers:
         if isinstance(m, Stem):
             w, thr, flip = fold_stem(m)
-            layers.append(
-                Layer(
-                    "stem",
-                    {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch},
-                    {"weight": w, "threshold": thr, "flip": flip},
-                )
-            )
+            params = {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch}
+            if m.ternary:  # a binary stem keeps the params of files from before ternary layers
+                params["output"] = "ternary"
+            layers.append(Layer("stem", params, {"weight": w, "threshold": thr, "flip": flip}))
+            ternary_in = m.ternary
         elif isinstance(m, Pool):
             layers.append(Layer("maxpool2", {}, {}))
         elif isinstance(m, ResBConv):
             w, t = fold_bconv(m)
             params = {"kernel": m.kernel, "stride": m.stride, "in_ch": m.in_ch, "out_ch": m.out_ch}
+            if m.ternary:
+                params.update(input="ternary", band=TERNARY_D)
             layers.append(Layer("rbconv", params, {"weight": w, **t}))
         elif isinstance(m, BConv):
-            w, t = fold_bconv(m)
+            w, t = fold_bconv(m, ternary_in)
             params = {
                 "kernel": m.kernel,
                 "stride": m.stride,
                 "in_ch": m.in_ch,
                 "out_ch": m.out_ch,
-                "output": "real" if m.real_output else "bits",
+                "output": "real" if m.real_output else ("ternary" if m.ternary else "bits"),
             }
             layers.append(Layer("bconv", params, {"weight": w, **t}))
+            ternary_in = m.ternary and not m.real_output
         elif isinstance(m, Head):
             w = m.conv.weight.detach()
             layers.append(

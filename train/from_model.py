@@ -34,7 +34,7 @@ import torch
 
 from app import bits
 from app.modelfile import Model, ModelFormatError, read_model
-from train.model import BConv, Detector, Head, ModelConfig, Pool, ResBConv, Stem
+from train.model import TERNARY_D, BConv, Detector, Head, ModelConfig, Pool, ResBConv, Stem
 
 # Size of every latent binary weight. The file keeps only signs. Small enough that a weight
 # the gradient keeps pushing flips within ~100 Adam steps at lr 1e-3, as a trained net's
@@ -64,12 +64,23 @@ def _file_sig(layer) -> tuple:
     if layer.op == "head":
         return ("head", p["in_ch"], p["out_ch"])
     sig = (layer.op, p["kernel"], p["stride"], p["in_ch"], p["out_ch"])
-    return sig + (p["output"],) if layer.op == "bconv" else sig
+    # The topology, not the activations: a ternary output is a packed one like bits (config.ternary says which).
+    return sig + ("real" if p["output"] == "real" else "bits",) if layer.op == "bconv" else sig
+
+
+def _is_ternary(layer) -> bool:
+    """Whether the layer's own sign is ternary: a stem's or bconv's output, an rbconv's input."""
+    key = "input" if layer.op == "rbconv" else "output"
+    return layer.params.get(key) == "ternary"
 
 
 def config_of(model: Model) -> ModelConfig:
     """The trainer's config for a model file's network; ValueError if the trainer builds another one."""
     convs = [ly for ly in model.layers if ly.op in ("stem", "bconv")]
+    for i, ly in enumerate(model.layers):
+        band = ly.params.get("band")
+        if band is not None and np.float32(band) != np.float32(TERNARY_D):
+            raise ValueError(f"layer {i}: ternary band {band}, but the trainer's is {TERNARY_D}")
     cfg = ModelConfig(
         input_width=model.input_width,
         input_height=model.input_height,
@@ -88,7 +99,7 @@ def config_of(model: Model) -> ModelConfig:
             f"{built[at] if at < len(built) else 'nothing'} for widths {list(cfg.widths)}; "
             "only networks the trainer builds can be trained further"
         )
-    return cfg
+    return replace(cfg, ternary=tuple(i for i, ly in enumerate(model.layers) if _is_ternary(ly)))
 
 
 def _threshold_affine(thr, flip, alpha, mean, var, eps):
@@ -108,6 +119,64 @@ def _threshold_affine(thr, flip, alpha, mean, var, eps):
     return gamma, beta
 
 
+def _ternary_affine(thr, flip, alpha, mean, var, eps, y_min, y_max):
+    """(gamma, beta) of a ternary layer: BN(alpha·y) crosses -d and +d where the lo and hi planes switch.
+
+    Each plane's rule (2, C) is read over the reachable y in [y_min, y_max]: always +1, never +1, or
+    switching half-way past its threshold. A plane that never switches is given a crossing just outside
+    the range, so one line through both crossings serves every channel; a channel whose planes never
+    switch is a flat BN at -2d, 0 or +2d.
+    """
+    d = TERNARY_D
+    n = thr.shape[1]
+    gamma, beta = np.zeros(n), np.zeros(n)
+    sd = np.sqrt(var + eps)
+    for c in range(n):
+        lo_y, hi_y = float(y_min[c]), float(y_max[c])
+        states = []
+        for p in range(2):
+            t, up = float(thr[p, c]), flip[p, c] == 0
+            if up:
+                states.append("all" if t <= lo_y else "none" if t > hi_y else (t - 0.5, 1))
+            else:
+                states.append("all" if t >= hi_y else "none" if t < lo_y else (t + 0.5, -1))
+        moving = [st for st in states if isinstance(st, tuple)]
+        if not moving:
+            level = {("all", "all"): 2 * d, ("all", "none"): 0.0, ("none", "none"): -2 * d}.get(tuple(states))
+            if level is None:
+                raise ValueError(f"channel {c}: the hi plane is +1 where the lo plane is -1")
+            beta[c] = level
+            continue
+        direction = moving[0][1]
+        if any(st[1] != direction for st in moving):
+            raise ValueError(f"channel {c}: the two planes switch in opposite directions")
+        outside = {("all", 1): lo_y - 0.5, ("none", 1): hi_y + 0.5, ("all", -1): hi_y + 0.5, ("none", -1): lo_y - 0.5}
+        c_lo, c_hi = (st[0] if isinstance(st, tuple) else outside[st, direction] for st in states)
+        if (c_hi - c_lo) * direction < 0:
+            raise ValueError(f"channel {c}: the hi plane is +1 where the lo plane is -1")
+        if c_hi == c_lo:  # no zero band: both planes switch between the same two integers
+            c_lo, c_hi = c_lo - 0.25 * direction, c_hi + 0.25 * direction
+        slope = 2 * d / (c_hi - c_lo)  # z per unit of y
+        gamma[c] = slope * sd[c] / alpha
+        beta[c] = slope * (mean[c] / alpha - c_lo) - d
+    return gamma, beta
+
+
+def _candidates(m, in_ternary: bool):
+    """(ys, valid): every integer pre-activation a stem or bconv can produce, per channel, (N, C)."""
+    if isinstance(m, Stem):
+        from train.export import stem_range
+
+        lo, hi = stem_range(m)
+        n = int((hi - lo).max()) + 1
+        ys = lo[None, :] + torch.arange(n, dtype=torch.int64)[:, None]
+        return ys.numpy(), (ys <= hi[None, :]).numpy()
+    k = m.kernel * m.kernel * m.in_ch
+    cand = np.arange(-k, k + 1) if in_ternary else k - 2 * np.arange(k + 1)
+    ys = np.repeat(cand[:, None], m.out_ch, axis=1)
+    return ys, np.ones_like(ys, dtype=bool)
+
+
 def _set_bn(bn, gamma, beta, mean, var):
     with torch.no_grad():
         for name, v in (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var)):
@@ -125,6 +194,7 @@ def from_model(model: Model, latent: float = LATENT, stats: dict | None = None) 
         raise ValueError(f"latent must be > 0, got {latent}")
     cfg = config_of(model)
     net = Detector(cfg, model.num_classes)
+    in_ternary = False  # whether the packed activation a bconv reads is ternary
     for i, (m, ly) in enumerate(zip(net.layers, model.layers, strict=True)):
         t = ly.tensors
         if isinstance(m, Pool):
@@ -154,9 +224,17 @@ def from_model(model: Model, latent: float = LATENT, stats: dict | None = None) 
             sd = np.sqrt(var + eps)
             scale, bias = t["scale"].astype(np.float64), t["bias"].astype(np.float64)
             _set_bn(m.bn, scale * sd / alpha, bias + scale * mean / alpha, mean, var)
+        elif m.ternary:
+            ys, valid = _candidates(m, in_ternary)
+            y_min = np.where(valid, ys, np.iinfo(np.int64).max).min(0)
+            y_max = np.where(valid, ys, np.iinfo(np.int64).min).max(0)
+            gamma, beta = _ternary_affine(t["threshold"], t["flip"], alpha, mean, var, eps, y_min, y_max)
+            _set_bn(m.bn, gamma, beta, mean, var)
         else:
             gamma, beta = _threshold_affine(t["threshold"], t["flip"], alpha, mean, var, eps)
             _set_bn(m.bn, gamma, beta, mean, var)
+        if isinstance(m, Stem) or (isinstance(m, BConv) and not m.real_output):
+            in_ternary = m.ternary
     return net.eval()
 
 
@@ -194,15 +272,20 @@ def bn_input_stats(net: Detector, batches) -> dict:
     return out
 
 
-def _canonical(tensors: dict) -> dict:
-    """A constant channel written as flip 0: the exporter's form (flip 1 at INT32_MIN is never +1)."""
-    if "flip" not in tensors:
-        return tensors
-    thr, flip = tensors["threshold"].copy(), tensors["flip"].copy()
-    for sentinel, other in ((bits.INT32_MIN, bits.INT32_MAX), (bits.INT32_MAX, bits.INT32_MIN)):
-        at = (flip == 1) & (thr == sentinel)
-        thr[at], flip[at] = other, 0
-    return {**tensors, "threshold": thr, "flip": flip}
+def _same_rules(a: dict, b: dict, ys, valid) -> bool:
+    """Whether two layers' threshold rules give the same bits on every reachable y (one or two planes).
+
+    Compared as functions, not as numbers: a constant channel, or a threshold past the reachable
+    range, has more than one way of being written.
+    """
+    ta, fa = np.atleast_2d(a["threshold"]), np.atleast_2d(a["flip"])
+    tb, fb = np.atleast_2d(b["threshold"]), np.atleast_2d(b["flip"])
+    if ta.shape != tb.shape:
+        return False
+    return all(
+        np.array_equal(bits.threshold_bits(ys, ta[p], fa[p]) & valid, bits.threshold_bits(ys, tb[p], fb[p]) & valid)
+        for p in range(ta.shape[0])
+    )
 
 
 def check_round_trip(net: Detector, model: Model, rtol: float = 1e-5) -> float:
@@ -214,11 +297,19 @@ def check_round_trip(net: Detector, model: Model, rtol: float = 1e-5) -> float:
 
     again = to_model(net, model.anchors, model.class_names)
     worst = 0.0
-    for i, (a, b) in enumerate(zip(model.layers, again.layers, strict=True)):
-        ta, tb = _canonical(a.tensors), _canonical(b.tensors)
+    in_ternary = False
+    for i, (a, b, m) in enumerate(zip(model.layers, again.layers, net.layers, strict=True)):
+        if a.params != b.params:
+            raise AssertionError(f"layer {i} {a.op}: params {b.params} after the round trip, {a.params} in the file")
+        ta, tb = a.tensors, b.tensors
         for name, want in ta.items():
-            if name not in ("scale", "bias") and not np.array_equal(tb[name], want):
+            if name not in ("scale", "bias", "threshold", "flip") and not np.array_equal(tb[name], want):
                 raise AssertionError(f"layer {i} {a.op} {name}: differs from the model file after the round trip")
+        if "threshold" in ta:
+            ys, valid = _candidates(m, in_ternary)
+            if not _same_rules(ta, tb, ys, valid):
+                raise AssertionError(f"layer {i} {a.op} threshold: differs from the model file after the round trip")
+            in_ternary = _is_ternary(a)
         if "scale" in a.tensors:
             # r = scale·y + bias with |y| <= K: the error of r against the size of its terms
             # (a bias is often a small difference of large ones, so its own relative error means little).
