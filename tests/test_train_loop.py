@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from train import train as tt  # noqa: E402
 
@@ -377,7 +377,12 @@ def test_a_real_act_or_ternary_the_net_cannot_take_is_a_config_error_from_the_fl
     assert not (tmp_path / "p").exists()
 
 
-def test_a_ternary_net_trains_records_its_layers_and_export_refuses_it(tmp_path, capsys):
+def test_a_ternary_net_trains_exports_and_the_runtime_computes_it(tmp_path, capsys):
+    """--ternary end to end: the checkpoint records the layers, export writes ternary layers, and the
+    runtime's head on a frame is torch's."""
+    from app.modelfile import read_model
+    from app.network import Network
+    from app.randmodel import synthetic_frame
     from train.export import export_checkpoint
 
     cfg = _config(tmp_path)
@@ -386,6 +391,11 @@ def test_a_ternary_net_trains_records_its_layers_and_export_refuses_it(tmp_path,
     net, ck = tt.load_checkpoint(tmp_path / "t" / "best.pt")
     assert ck["config"]["model"]["ternary"] == [0, 2]
     assert [i for i, m in enumerate(net.layers) if getattr(m, "ternary", False)] == [0, 2]
-    with pytest.raises(ValueError, match=r"layers \[0, 2\] have ternary activations: export of ternary layers"):
-        export_checkpoint(tmp_path / "t" / "best.pt", tmp_path / "t.xnc")
-    assert not (tmp_path / "t.xnc").exists()
+    export_checkpoint(tmp_path / "t" / "best.pt", tmp_path / "t.xnc")
+    model = read_model(tmp_path / "t.xnc")
+    assert model.layers[0].params["output"] == "ternary" and model.layers[2].params["output"] == "ternary"
+    assert model.layers[0].tensors["threshold"].shape == (2, 8)
+    img = synthetic_frame(3, 64, 64, 1)
+    with torch.no_grad():
+        head_t = net(torch.from_numpy(img).float()[None, None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(Network(model).forward(img[:, :, None]) - head_t).max() < 1e-4
