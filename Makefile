@@ -73,12 +73,12 @@ train: setup-dev ## train the person detector: its float twin, then the binary n
 	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
 
-# The shipped models/person.xnc came from nine stages across sessions (models/README.md, "Training").
+# The shipped models/person.xnc came from ten stages across sessions (models/README.md, "Training").
 # train-shipped replays them with the same flags; about 16 hours on the 2-core CPU it was made on.
 # Stage 9 started from stage 8's model file (train.from_model), as it did when the checkpoints were gone.
 LINEAGE ?= runs/lineage
 TRAIN := $(PY) -m train.train --config train/configs/person.toml
-train-shipped: setup-dev ## replay the nine training stages of the shipped model (and stage 8's teacher) (hours on a CPU; exports models/person.xnc)
+train-shipped: setup-dev ## replay the ten training stages of the shipped model (and stage 8's teacher) (hours on a CPU; exports models/person.xnc)
 	$(TRAIN) --float-twin --minutes 40 --no-export --out $(LINEAGE)/1-float
 	$(TRAIN) --init-from $(LINEAGE)/1-float/best.pt --teacher $(LINEAGE)/1-float/best.pt --minutes 85 --no-export --out $(LINEAGE)/2-binary
 	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/2-binary/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --minutes 44 --no-export --out $(LINEAGE)/3-res2
@@ -91,7 +91,8 @@ train-shipped: setup-dev ## replay the nine training stages of the shipped model
 	$(TRAIN) --res-blocks 3 --eval-only --checkpoint last --out $(LINEAGE)/8-distill --export-to $(LINEAGE)/8-distill/person.xnc
 	$(PY) -m train.from_model $(LINEAGE)/8-distill/person.xnc $(LINEAGE)/8-imported/last.pt
 	$(TRAIN) --res-blocks 3 --ternary 2,4 --init-from $(LINEAGE)/8-imported/last.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --compile --threads 1 --val-every 20 --minutes 95 --no-export --out $(LINEAGE)/9-ternary
-	$(TRAIN) --res-blocks 3 --ternary 2,4 --eval-only --checkpoint best --out $(LINEAGE)/9-ternary
+	$(TRAIN) --res-blocks 3 --ternary 2,4 --init-from $(LINEAGE)/9-ternary/last.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 3e-4 --precision bf16 --ema 0.999 --compile --threads 2 --val-every 10 --minutes 20 --no-export --out $(LINEAGE)/10-ternary
+	$(TRAIN) --res-blocks 3 --ternary 2,4 --eval-only --checkpoint best --out $(LINEAGE)/10-ternary
 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py

@@ -39,8 +39,8 @@ def _steps():
 def test_every_stage_parses_and_starts_from_an_earlier_stage():
     steps = _steps()
     stages = [argv for module, argv in steps if module == "train.train"]
-    # nine training stages and stage 8's teacher; stage 8 exported for from_model, the last exported
-    assert len(stages) == 12 and sum(m == "train.from_model" for m, _ in steps) == 1
+    # ten training stages and stage 8's teacher; stage 8 exported for from_model, the last exported
+    assert len(stages) == 13 and sum(m == "train.from_model" for m, _ in steps) == 1
     made: list[str] = []
     exported: list[str] = []
     for module, argv in steps:
