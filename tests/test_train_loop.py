@@ -364,7 +364,6 @@ def test_a_real_act_probe_trains_records_its_layers_and_is_not_exported(tmp_path
         ("real_act = [1]", [], "layer 1 takes no sign"),
         ("", ["--ternary", "1"], "ternary: layer 1 takes no sign"),
         ("ternary = [5]", [], "ternary: layer 5 takes no sign"),  # the real-output bconv
-        ("ternary = [0]", ["--float-twin"], "ternary activations belong to the binary net"),
         ("ternary = [2]", ["--real-act", "2"], "in both ternary and real_act"),
     ],
 )
@@ -399,3 +398,12 @@ def test_a_ternary_net_trains_exports_and_the_runtime_computes_it(tmp_path, caps
     with torch.no_grad():
         head_t = net(torch.from_numpy(img).float()[None, None])[0].permute(1, 2, 0).numpy()
     assert np.abs(Network(model).forward(img[:, :, None]) - head_t).max() < 1e-4
+
+
+def test_the_float_twin_of_a_ternary_net_is_the_same_float_net(tmp_path):
+    """One MODEL_ARGS serves both stages of train/gpu.sh: the twin drops --ternary, the binary stage keeps it."""
+    path = _config(tmp_path)
+    twin = tt._overridden(tt.load_config(path), tt._parser().parse_args(["--float-twin", "--ternary", "0,2"]))
+    assert twin["model"].ternary == () and not twin["model"].binary
+    binary = tt._overridden(tt.load_config(path), tt._parser().parse_args(["--ternary", "0,2"]))
+    assert binary["model"].ternary == (0, 2) and binary["model"].binary

@@ -705,7 +705,9 @@ def _overridden(cfg: dict, args) -> dict:
         if args.ternary:
             cfg["model"] = replace(cfg["model"], ternary=tuple(int(v) for v in args.ternary.split(",")))
         if args.float_twin:
-            cfg["model"] = replace(cfg["model"], binary=False)
+            # The twin of a net with ternary layers is the same float net: ternary is an activation of
+            # the binary net only, so one MODEL_ARGS can serve both stages (train/gpu.sh).
+            cfg["model"] = replace(cfg["model"], binary=False, ternary=())
         if cfg["model"].real_act or cfg["model"].ternary:
             Detector(cfg["model"])  # a layer that takes no sign, from the flag or the file, before any data loads
     except ValueError as e:
