@@ -64,6 +64,7 @@ class SourceConfig:
     images: str = ""  # COCO: image folder(s) matching annotations, comma separated
     masks: bool = False  # YOLO: masks/NAME.png instance masks for copy-paste
     limit: int = 0  # keep at most this many images (0 = all), for smoke runs
+    group: str = ""  # the data.mix group its training images are drawn in ("" = the source's own name)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -81,6 +82,9 @@ class DataConfig:
     cache_long_side: int = 224
     cache_file: str = ""  # e.g. runs/cache-person.npz; "" = no disk cache
     split_file: str = ""  # "val PATH" / "drop PATH" lines (train.split), for split = "scenes" sources
+    # {group: share of every training batch}; {} = every image equally likely (each source's share is its size).
+    # Groups are the sources' `group` names; with a mix, every training source's group must have a share.
+    mix: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.on_error not in ("skip", "stop"):
@@ -89,6 +93,21 @@ class DataConfig:
             raise ConfigError("data.classes must name at least one class")
         if any(s.split == "scenes" for s in self.sources) and not self.split_file:
             raise ConfigError("a source has split = 'scenes' but data.split_file is not set")
+        if self.mix:
+            if not isinstance(self.mix, dict) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in self.mix.values()
+            ):
+                raise ConfigError(f"data.mix must map group names to shares >= 0, got {self.mix!r}")
+            if not math.isclose(sum(self.mix.values()), 1.0, abs_tol=1e-6):
+                raise ConfigError(f"data.mix: the shares must sum to 1, got {sum(self.mix.values()):g}")
+            groups = {group_of(s) for s in self.sources if s.split in ("train", "scenes")}
+            missing, extra = sorted(groups - set(self.mix)), sorted(set(self.mix) - groups)
+            if missing or extra:
+                raise ConfigError(
+                    f"data.mix must give a share to each training group {sorted(groups)}: "
+                    f"missing {missing}, unknown {extra}"
+                )
 
     @staticmethod
     def from_dict(d: dict) -> DataConfig:
@@ -96,6 +115,27 @@ class DataConfig:
         srcs = tuple(strict(SourceConfig, s, f"data.sources[{i}]") for i, s in enumerate(d.pop("sources", [])))
         d["classes"] = tuple(d.get("classes", ()))
         return strict(DataConfig, {**d, "sources": srcs}, "data")
+
+
+def group_of(src: SourceConfig) -> str:
+    return src.group or src.name
+
+
+def batch_plan(cfg: DataConfig, cache):
+    """What train.batches draws batches from: the image count, or a Mix that keeps ``data.mix``'s shares."""
+    if not cfg.mix:
+        return len(cache)
+    from train.batches import Mix
+
+    names = list(cfg.mix)
+    group = {s.name: names.index(group_of(s)) for s in cfg.sources if group_of(s) in cfg.mix}
+    unknown = sorted({s for s in cache.sources if s not in group})
+    if unknown:
+        raise ConfigError(f"data.mix: training images from source(s) {unknown} have no group with a share")
+    try:
+        return Mix([group[s] for s in cache.sources], [float(cfg.mix[n]) for n in names])
+    except ValueError as e:
+        raise ConfigError(f"data.mix: {e}") from None
 
 
 def repo_root() -> Path:

@@ -17,6 +17,13 @@ The output lists ``val PATH`` and ``drop PATH`` lines (paths relative to the
 datasets root). Training (``split = "scenes"`` sources) and ``python -m app eval``
 read it. Sources not named here are handled by their config (coco_mini stays a
 whole held-out source; pennfudan stays in training as the copy-paste mask source).
+
+Everyday scenes (``general/coco_person``, one COCO photo per file, named by its
+COCO id) hold no near-copies, so they are split in contiguous blocks of the
+sorted names: the last ``block_val`` of them are held out and the ``block_drop``
+before those are dropped (the calibration images). A person-free crop
+(``negatives/coco_crops/ID_crop.jpg``) follows the photo it was cut from, so a
+held-out photo never has its crop in training.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import numpy as np
 from train.data import IMAGE_SUFFIXES, repo_root, shared_root
 
 SOURCES = ("person/capston2", "person/fall", "person/clinic")
+# (photo folder, folder of crops named PHOTO_crop): split in contiguous blocks of sorted names.
+BLOCKS = (("general/coco_person", "negatives/coco_crops"),)
+CROP_SUFFIX = "_crop"
 LINK = 0.85
 BUFFER = 0.80
 MAX_SCENE = 0.05
@@ -98,11 +108,41 @@ def split_source(sim: np.ndarray, fraction: float, rng: np.random.Generator) -> 
     return val, near_val & ~val
 
 
+def split_blocks(names: list, block_val: float, block_drop: float) -> tuple:
+    """(val set, drop set) of sorted ``names``: the last ``block_val`` held out, the ``block_drop`` before dropped."""
+    names = sorted(names)
+    n_val, n_drop = round(block_val * len(names)), round(block_drop * len(names))
+    start = len(names) - n_val
+    return set(names[start:]), set(names[start - n_drop : start])
+
+
+def block_lines(root: Path, photos: str, crops: str, block_val: float, block_drop: float) -> tuple:
+    """(split lines, summary) for one photo folder and its crops."""
+    files = sorted(p for p in (root / photos / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    cut = sorted(p for p in (root / crops / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    val, drop = split_blocks([f.stem for f in files], block_val, block_drop)
+    lines = []
+    for group in (files, cut):
+        for f in group:
+            stem = f.stem.removesuffix(CROP_SUFFIX)
+            kind = "val" if stem in val else "drop" if stem in drop else None
+            if kind:
+                lines.append(f"{kind} {f.relative_to(root).as_posix()}")
+    counts = {k: sum(ln.startswith(k + " ") for ln in lines) for k in ("val", "drop")}
+    summary = (
+        f"{photos} + {crops}: {len(files)} + {len(cut)} images, the last {len(val)} photos held out and the "
+        f"{len(drop)} before dropped: {counts['val']} val, {counts['drop']} dropped (crops follow their photo)"
+    )
+    return lines, summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.split", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(repo_root() / "models" / "person-split.txt"))
     ap.add_argument("--fraction", type=float, default=0.12, help="share of each source's images to hold out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-val", type=float, default=0.18, help="share of everyday photos held out (last block)")
+    ap.add_argument("--block-drop", type=float, default=0.09, help="share dropped, the block before (calibration)")
     args = ap.parse_args(argv)
     root = shared_root() / "datasets"
     if not root.is_dir():
@@ -111,7 +151,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     lines = [
         "# Held-out validation split of the default person detector (models/person.xnc).",
-        f"# Made by: python -m train.split --fraction {args.fraction} --seed {args.seed}",
+        f"# Made by: python -m train.split --fraction {args.fraction} --seed {args.seed} "
+        f"--block-val {args.block_val} --block-drop {args.block_drop}",
         f"# Scenes: thumbnails linked at cosine > {LINK} (max over flips/turns); whole scenes held out,",
         f"# none larger than {MAX_SCENE:.0%} of a source; training images within {BUFFER} of a held-out one dropped.",
         "# Also held out whole: coco_mini (every image). Paths are relative to the datasets root.",
@@ -123,6 +164,11 @@ def main(argv=None) -> int:
         lines += [f"val {f.relative_to(root).as_posix()}" for f, v in zip(files, val, strict=True) if v]
         lines += [f"drop {f.relative_to(root).as_posix()}" for f, d in zip(files, drop, strict=True) if d]
         print(f"{src}: {len(files)} images, {val.sum()} val, {drop.sum()} dropped")
+    for photos, crops in BLOCKS:
+        block, summary = block_lines(root, photos, crops, args.block_val, args.block_drop)
+        lines.append(f"# {summary}")
+        lines += block
+        print(summary)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -28,6 +28,7 @@ from train.data import (
     ConfigError,
     DataConfig,
     LoadReport,
+    batch_plan,
     cached_split,
     load_packed,
     load_toml,
@@ -411,6 +412,12 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         f"data: train {len(train_cache)} images ({sum(map(len, train_cache.boxes))} boxes, "
         f"{len(train_cache.cutouts)} cut-outs), val {len(val_cache)} images; {time.time() - t_data:.1f}s"
     )
+    if dc.mix:
+        counts = {g: 0 for g in dc.mix}
+        group = {s.name: (s.group or s.name) for s in dc.sources}
+        for s in train_cache.sources:
+            counts[group[s]] += 1
+        log("data: every batch " + ", ".join(f"{share:.0%} {g} ({counts[g]} images)" for g, share in dc.mix.items()))
     if len(train_cache) < tc.batch_size:
         raise ConfigError(f"only {len(train_cache)} training images, fewer than batch_size {tc.batch_size}")
 
@@ -478,7 +485,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         total_steps = min(total_steps, tc.max_steps)
     budget = tc.minutes * 60.0
     maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
-    pre = start_batches(maker, len(train_cache), tc.batch_size, tc.seed, tc.workers, device, log)
+    pre = start_batches(maker, batch_plan(dc, train_cache), tc.batch_size, tc.seed, tc.workers, device, log)
     history = {"train": [], "val": []}
     best = -1.0
     if tc.precision == "bf16":
