@@ -78,11 +78,12 @@ class Model:
 
 
 # ----------------------------------------------------------------- layer specs
-def _tensor_specs(op: str, p: dict) -> dict:
+def _tensor_specs(layer: Layer) -> dict:
     """Expected dtype and shape of every tensor of a layer whose params are valid."""
+    op, p = layer.op, layer.params
     if op == "stem":
         k, o, i = p["kernel"], p["out_ch"], p["in_ch"]
-        rule = (2, o) if p.get("output", "bits") == "ternary" else (o,)
+        rule = (2, o) if output_kind(layer) == "ternary" else (o,)
         return {"weight": ("int8", (o, k, k, i)), "threshold": ("int32", rule), "flip": ("uint8", rule)}
     if op == "maxpool2":
         return {}
@@ -90,7 +91,7 @@ def _tensor_specs(op: str, p: dict) -> dict:
         # in_ch is the logical channel count even over a ternary input: the weight has one ±1 per channel.
         k, o, i = p["kernel"], p["out_ch"], p["in_ch"]
         spec = {"weight": ("uint64", (o, k, k, n_words(i)))}
-        output = p.get("output", "real")  # an rbconv has no output param: it always adds to its real stream
+        output = output_kind(layer)
         if output in ("bits", "ternary"):
             # A ternary output has one threshold rule per bit plane: row 0 lo, row 1 hi (app/bits.py).
             rule = (2, o) if output == "ternary" else (o,)
@@ -115,8 +116,9 @@ _PARAMS = {
 
 # Optional params: op -> name -> (allowed values, default when absent), or (_BAND, None) for a float
 # in (0, inf). An absent optional param is left absent in Layer.params (files written before it existed
-# read back unchanged); code reads one with ``param(layer, name)`` or ``params.get(name, default)``. An older reader refuses a
-# file that has one ("unknown params"), which is what keeps the format at version 1.
+# read back unchanged); code reads a Layer's params with ``param(layer, name)``, the one place that
+# knows the defaults. An older reader refuses a file that has one ("unknown params"), which is what
+# keeps the format at version 1.
 _BAND = "finite float > 0"
 _OPTIONAL = {
     # What the stem's threshold rule produces: binary bits, or a ternary activation (2 bit planes).
@@ -127,10 +129,25 @@ _OPTIONAL = {
 
 
 def param(layer: Layer, name: str):
-    """A layer's param, with the default of an optional one that the file leaves out."""
+    """A layer's param, with the default of an optional one that the file leaves out (None: no such param)."""
     if name in layer.params:
         return layer.params[name]
     return _OPTIONAL.get(layer.op, {}).get(name, (None, None))[1]
+
+
+def output_kind(layer: Layer):
+    """What a conv layer writes: "bits" or "ternary" (packed), or "real" (a stream; an rbconv always adds
+    to its real stream and has no output param). None for a pool (it keeps its input's kind) or the head."""
+    return "real" if layer.op == "rbconv" else param(layer, "output")
+
+
+def check_input(model: Model, x) -> np.ndarray:
+    """``x`` if it is the letterboxed uint8 (H, W, C) input ``model`` takes, else a ValueError saying so."""
+    want = (model.input_height, model.input_width, model.channels)
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.shape != want:
+        got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
+        raise ValueError(f"expected a letterboxed uint8 input of shape {want}, got {got[0]} {got[1]}")
+    return x
 
 
 def conv_out(size: int, kernel: int, stride: int) -> int:
@@ -181,13 +198,18 @@ class _Checker:
             if name in params:
                 v = params[name]
                 out[name] = self.band(where, v) if choices == _BAND else self.word(where, name, v, choices)
-        if op == "rbconv":
-            ternary = out.get("input", "bits") == "ternary"
-            if ternary and "band" not in out:
-                self.fail(f"{where}: missing param 'band' (input='ternary' needs the half-width of its zero band)")
-            if not ternary and "band" in out:
-                self.fail(f"{where}: param band is only allowed with input='ternary' (input is 'bits')")
         return out
+
+    def band_rule(self, idx: int, layer: Layer) -> None:
+        """An rbconv has a band exactly when its input is ternary."""
+        if layer.op != "rbconv":
+            return
+        where = f"layer {idx} ({layer.op})"
+        ternary = param(layer, "input") == "ternary"
+        if ternary and "band" not in layer.params:
+            self.fail(f"{where}: missing param 'band' (input='ternary' needs the half-width of its zero band)")
+        if not ternary and "band" in layer.params:
+            self.fail(f"{where}: param band is only allowed with input='ternary' (input is 'bits')")
 
     def word(self, where: str, name: str, v, choices) -> str:
         if not isinstance(v, str) or v not in choices:
@@ -208,11 +230,12 @@ class _Checker:
             self.fail(f"{where}: param band={v!r} must be a finite number > 0 (as a float32)")
         return float(v)
 
-    def tensors(self, idx: int, op: str, params: dict, tensors) -> dict:
+    def tensors(self, idx: int, layer: Layer) -> dict:
+        op, params, tensors = layer.op, layer.params, layer.tensors
         where = f"layer {idx} ({op})"
         if not isinstance(tensors, dict):
             self.fail(f"{where}: tensors must be a dict, got {type(tensors).__name__}")
-        spec = _tensor_specs(op, params)
+        spec = _tensor_specs(layer)
         missing = sorted(set(spec) - set(tensors))
         extra = sorted(set(tensors) - set(spec))
         if missing:
@@ -285,7 +308,9 @@ class _Checker:
             if not isinstance(layer, Layer):
                 self.fail(f"layer {i} is a {type(layer).__name__}, not a Layer")
             p = self.params(i, layer.op, layer.params)
-            self.tensors(i, layer.op, p, layer.tensors)
+            checked = Layer(layer.op, p, layer.tensors)
+            self.band_rule(i, checked)
+            self.tensors(i, checked)
             where = f"layer {i} ({layer.op})"
             if layer.op == "stem":
                 if kind != "image":
@@ -308,7 +333,7 @@ class _Checker:
             if layer.op in ("stem", "bconv", "rbconv"):
                 h, w = conv_out(h, p["kernel"], p["stride"]), conv_out(w, p["kernel"], p["stride"])
                 c = p["out_ch"]  # the logical channel count: a ternary activation of c channels is 2c bits
-                kind = "real" if layer.op == "rbconv" else p.get("output", "bits")
+                kind = output_kind(checked)
             elif layer.op == "maxpool2":
                 h, w = h // 2, w // 2  # keeps the kind: AND of the words is the max of binary or ternary values
             else:
@@ -335,7 +360,7 @@ def grid_size(model: Model) -> tuple[int, int]:
     h, w = model.input_height, model.input_width
     for layer in model.layers:
         if layer.op in ("stem", "bconv", "rbconv"):
-            k, s = layer.params["kernel"], layer.params["stride"]
+            k, s = param(layer, "kernel"), param(layer, "stride")
             h, w = conv_out(h, k, s), conv_out(w, k, s)
         elif layer.op == "maxpool2":
             h, w = h // 2, w // 2
@@ -360,7 +385,7 @@ def write_model(path, model: Model) -> None:
     for layer in model.layers:
         names = [*_PARAMS[layer.op], *(k for k in _OPTIONAL.get(layer.op, {}) if k in layer.params)]
         entry = {"op": layer.op, "params": {k: layer.params[k] for k in names}, "tensors": {}}
-        for name, (dt, _shape) in _tensor_specs(layer.op, layer.params).items():
+        for name, (dt, _shape) in _tensor_specs(layer).items():
             arr = np.ascontiguousarray(layer.tensors[name], dtype=_DTYPES[dt])
             raw = arr.tobytes()
             entry["tensors"][name] = {"dtype": dt, "shape": list(arr.shape), "offset": offset, "nbytes": len(raw)}

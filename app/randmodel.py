@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from app import bits, reference
-from app.modelfile import Layer, Model, write_model
+from app.modelfile import Layer, Model, param, write_model
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 256)
 # Anchors (w, h) for a 192x192 input, scaled with the input size: upright people.
@@ -144,7 +144,7 @@ def random_model(
              "scale": (rng.uniform(0.1, 0.5, c) / np.sqrt(9 * c)).astype(np.float32),
              "bias": rng.normal(0, 0.05, c).astype(np.float32)}
         layers.append(Layer("rbconv", params, t))
-        r = reference.rbconv(r, t["weight"], t["scale"], t["bias"], params.get("band"))
+        r = reference.rbconv(r, t["weight"], t["scale"], t["bias"], param(layers[-1], "band"))
     hw = rng.normal(0, 1.0 / np.sqrt(c), size=(n_out, c)).astype(np.float32)
     hb = rng.normal(0, 0.1, size=n_out).astype(np.float32)
     hb[4 :: 5 + len(classes)] -= 2.5  # objectness: a few boxes per frame, not hundreds

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from app import bits
-from app.modelfile import Model
+from app.modelfile import Model, check_input, output_kind, param
 
 
 def _patches(x: np.ndarray, kernel: int, stride: int, pad_value) -> np.ndarray:
@@ -129,14 +129,6 @@ def head(r: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return out.astype(np.float32).reshape(r.shape[0], r.shape[1], -1)
 
 
-def check_input(model: Model, x) -> np.ndarray:
-    want = (model.input_height, model.input_width, model.channels)
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.shape != want:
-        got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
-        raise ValueError(f"expected a letterboxed uint8 input of shape {want}, got {got[0]} {got[1]}")
-    return x
-
-
 def forward(model: Model, x: np.ndarray, trace: bool = False):
     """Run the whole network on a letterboxed uint8 (H,W,C) input; returns the head grid (and the trace).
 
@@ -146,21 +138,22 @@ def forward(model: Model, x: np.ndarray, trace: bool = False):
     x = check_input(model, x)
     out, traced, channels, kind = x, {}, model.channels, "image"
     for i, layer in enumerate(model.layers):
-        p, t = layer.params, layer.tensors
+        t = layer.tensors
         if layer.op == "stem":
-            output = p.get("output", "bits")
-            out = stem(out, t["weight"], t["threshold"], t["flip"], p["stride"], output)
-            channels, kind = p["out_ch"], output
+            output = output_kind(layer)
+            out = stem(out, t["weight"], t["threshold"], t["flip"], param(layer, "stride"), output)
+            channels, kind = param(layer, "out_ch"), output
         elif layer.op == "maxpool2":
             out = maxpool2(out, channels, kind)
         elif layer.op == "bconv":
-            if p["output"] in ("bits", "ternary"):
-                out = bconv_bits(out, p["in_ch"], t["weight"], p["stride"], t["threshold"], t["flip"], kind, p["output"])
+            output, in_ch, stride = output_kind(layer), param(layer, "in_ch"), param(layer, "stride")
+            if output in ("bits", "ternary"):
+                out = bconv_bits(out, in_ch, t["weight"], stride, t["threshold"], t["flip"], kind, output)
             else:
-                out = bconv_real(out, p["in_ch"], t["weight"], p["stride"], t["scale"], t["bias"], kind)
-            channels, kind = p["out_ch"], p["output"]
+                out = bconv_real(out, in_ch, t["weight"], stride, t["scale"], t["bias"], kind)
+            channels, kind = param(layer, "out_ch"), output
         elif layer.op == "rbconv":
-            band = p["band"] if p.get("input", "bits") == "ternary" else None
+            band = param(layer, "band") if param(layer, "input") == "ternary" else None
             out = rbconv(out, t["weight"], t["scale"], t["bias"], band)
         elif layer.op == "head":
             if kind == "ternary":

@@ -210,7 +210,7 @@ def _insert(model, at, layer):
 
 
 def test_rbconv_round_trips_and_keeps_the_grid(rand_model, tmp_path):
-    real_at = next(i for i, la in enumerate(rand_model.layers) if la.params.get("output") == "real")
+    real_at = next(i for i, la in enumerate(rand_model.layers) if modelfile.output_kind(la) == "real")
     ch = rand_model.layers[real_at].params["out_ch"]
     m = _insert(_insert(rand_model, real_at + 1, _rbconv(ch)), real_at + 2, _rbconv(ch, seed=1))
     write_model(tmp_path / "r.xnc", m)
@@ -221,7 +221,7 @@ def test_rbconv_round_trips_and_keeps_the_grid(rand_model, tmp_path):
 
 
 def test_rbconv_needs_a_real_stream_of_its_own_width_at_stride_1(rand_model, tmp_path):
-    real_at = next(i for i, la in enumerate(rand_model.layers) if la.params.get("output") == "real")
+    real_at = next(i for i, la in enumerate(rand_model.layers) if modelfile.output_kind(la) == "real")
     ch = rand_model.layers[real_at].params["out_ch"]
     bits_ch = rand_model.layers[real_at - 1].params["out_ch"]
     cases = [
@@ -373,3 +373,19 @@ def test_maxpool_and_bconv_read_ternary_but_rbconv_does_not(tmp_path):
                             "bias": np.zeros(70, np.float32)}))
     _refused(dataclasses.replace(m, layers=tuple(layers)), tmp_path,
              "layer 5 (rbconv): input is ternary but the layer needs a real stream")
+
+
+def test_output_kind_reads_the_defaults(rand_model):
+    m = _ternary_model()
+    assert [modelfile.output_kind(la) for la in m.layers] == [
+        "ternary", None, "bits", None, "ternary", None, "bits", "real", "real", "real", None]
+    assert "output" not in rand_model.layers[0].params and modelfile.output_kind(rand_model.layers[0]) == "bits"
+
+
+def test_check_input_names_what_the_model_takes(rand_model):
+    x = np.zeros((192, 192, 1), np.uint8)
+    assert modelfile.check_input(rand_model, x) is x
+    for bad in (np.zeros((192, 192), np.uint8), np.zeros((191, 192, 1), np.uint8), np.zeros((192, 192, 1), np.int16),
+                [[0]]):
+        with pytest.raises(ValueError, match=r"expected a letterboxed uint8 input of shape \(192, 192, 1\)"):
+            modelfile.check_input(rand_model, bad)

@@ -24,7 +24,7 @@ from app import bits, kernels, reference  # noqa: E402
 from app.bits import INT32_MAX, INT32_MIN  # noqa: E402
 from app.decode import decode  # noqa: E402
 from app.detector import Detector  # noqa: E402
-from app.modelfile import Layer  # noqa: E402
+from app.modelfile import Layer, output_kind  # noqa: E402
 from app.network import Network  # noqa: E402
 from app.preprocess import letterbox  # noqa: E402
 from app.randmodel import random_model, synthetic_frame  # noqa: E402
@@ -214,7 +214,7 @@ def check_rbconv(rng):
 def with_rbconv(model, blocks=2, seed=0):
     """``model`` with Bi-Real blocks on the stream of its real-output bconv."""
     rng = np.random.default_rng(seed)
-    at = next(i for i, la in enumerate(model.layers) if la.params.get("output") == "real")
+    at = next(i for i, la in enumerate(model.layers) if output_kind(la) == "real")
     c = model.layers[at].params["out_ch"]
     new = []
     for _ in range(blocks):
