@@ -672,19 +672,6 @@ def unpack_pm1(inp, channels, out):
 # stale kernel code from its cache. (The binary body is not fused into one runner:
 # LLVM compiled the kernels inlined into it 1.5x slower on x86; one call per layer
 # costs little.)
-OP_POOL, OP_BITS, OP_REAL, OP_RES = 0, 1, 2, 3
-# columns of the layer plan built by app.network.Network
-(C_OP, C_K, C_S, C_IN_OFF, C_IN_H, C_IN_W, C_IN_WORDS, C_OUT_OFF, C_OUT_H, C_OUT_W, C_OUT_WORDS,
- C_W_OFF, C_N_OUT, C_NB, C_KK, C_T_OFF, C_NUP, C_NVEC, C_NPAD, C_PLANES) = range(20)
-N_COLS = 20
-
-
-@njit(cache=True)
-def _view(act, off, h, w, words):
-    hp, wp = h + 2 * BORDER, w + 2 * BORDER
-    return act[off : off + hp * wp * words].reshape((hp, wp, words))
-
-
 @njit(cache=True)
 def run_stem(x, u, wt, thr, flip, k, stride, planes, out):
     stem_pad(x, k, stride, u)
@@ -692,11 +679,11 @@ def run_stem(x, u, wt, thr, flip, k, stride, planes, out):
 
 
 @njit(cache=True)
-def run_head(act, off, h, w, words, channels, from_bits, real, hw, hb, out):
+def run_head(packed, channels, from_bits, real, hw, hb, out):
+    """The head over the real stream, or (from_bits) over the ±1 of the packed activation, unpacked into real."""
     if from_bits:
-        unpack_pm1(_view(act, off, h, w, words), channels, real)
+        unpack_pm1(packed, channels, real)
     head_rows(real, hw, hb, out, 0, out.shape[0])
-
 
 
 # ------------------------------------------------------------------ threads

@@ -2,10 +2,11 @@
 
 All weights are rearranged once, at construction, into the layouts the kernels
 want, every activation buffer is allocated once (borders stay zero, the +1
-padding) and the argument tuple of every kernel call is built once. A frame
-then costs one numba call for the stem, one per body layer and one for the
-head, which keeps interpreter overhead small on the Pi. A Network is not
-re-entrant: use one per thread.
+padding) and the argument tuple of every kernel call is built once, straight
+from the model's layers. A frame then costs one numba call for the stem, one
+per pool or conv (three per Bi-Real block) and one for the head, which keeps
+interpreter overhead small on the Pi. A Network is not re-entrant: use one per
+thread.
 """
 
 from __future__ import annotations
@@ -16,45 +17,17 @@ import numpy as np
 from app import bits
 from app import kernels as K
 from app.bits import n_words
-from app.kernels import (
-    C_IN_H,
-    C_IN_OFF,
-    C_IN_W,
-    C_IN_WORDS,
-    C_K,
-    C_KK,
-    C_N_OUT,
-    C_NB,
-    C_NPAD,
-    C_NUP,
-    C_OP,
-    C_OUT_H,
-    C_OUT_OFF,
-    C_OUT_W,
-    C_OUT_WORDS,
-    C_PLANES,
-    C_S,
-    C_T_OFF,
-    C_W_OFF,
-    N_COLS,
-    OP_BITS,
-    OP_POOL,
-    OP_REAL,
-    OP_RES,
-)
-from app.modelfile import Model, conv_out
-from app.reference import check_input
+from app.modelfile import Layer, Model, check_input, conv_out, output_kind, param
 
 
-def _padded_size(h, w, words):
-    hp, wp, _ = K.padded_shape(h, w, words)
-    return hp * wp * words
+def _packed(h, w, words):
+    """A packed activation buffer (h, w) of ``words`` uint64 per pixel, with its zero border."""
+    return np.zeros(K.padded_shape(h, w, words), np.uint64)
 
 
 def _rules(tensors, planes):
-    """(threshold, flip) of a bits or ternary output as flat int32 / uint8 arrays of planes * out_ch rules."""
-    return (np.ascontiguousarray(tensors["threshold"], np.int32).reshape(-1),
-            np.ascontiguousarray(tensors["flip"], np.uint8).reshape(-1))
+    """(threshold, flip) of a bits or ternary output as flat int32 / uint8 copies of planes * out_ch rules."""
+    return (np.array(tensors["threshold"], np.int32).reshape(-1), np.array(tensors["flip"], np.uint8).reshape(-1))
 
 
 def _over_ternary(weight, in_ch):
@@ -73,6 +46,31 @@ def _doubled(thr):
     return np.clip(2 * thr.astype(np.int64), bits.INT32_MIN, bits.INT32_MAX).astype(np.int32)
 
 
+def _geometry(layer: Layer, masked: bool, doubled: bool) -> tuple:
+    """The weights and patch geometry a conv kernel takes for a conv layer.
+
+    doubled: the input is ternary, read as the 2·in_ch binary channels of both planes.
+    masked: it is ternary, read by one masked pass (then the kernel takes no K: it counts each
+    patch's nonzero values itself).
+    """
+    k, s = int(param(layer, "kernel")), int(param(layer, "stride"))
+    weight, in_bits = layer.tensors["weight"], int(param(layer, "in_ch"))
+    if doubled:
+        weight, in_bits = _over_ternary(weight, in_bits), 2 * in_bits
+    wt = K.compact_weights(weight, in_bits)
+    nup, _nb = K.patch_layout(k, in_bits)
+    return (wt, nup, k, s) if masked else (wt, nup, k * k * in_bits, k, s)
+
+
+# the conv kernel of a layer: (masked input, output) -> (one thread, several)
+_CONV = {
+    (False, "bits"): (K.bconv_bits_rows, K.bconv_bits_par),
+    (False, "real"): (K.bconv_real_rows, K.bconv_real_par),
+    (True, "bits"): (K.tconv_bits_rows, K.tconv_bits_par),
+    (True, "real"): (K.tconv_real_rows, K.tconv_real_par),
+}
+
+
 class Network:
     """The numba network of one model. ``forward(x)`` returns the head grid (gh, gw, A*(5+C))."""
 
@@ -83,121 +81,89 @@ class Network:
         self.threads = threads
         layers = model.layers
         stem = layers[0]
-        sp, st = stem.params, stem.tensors
-        h, w = model.input_height, model.input_width
-        self.stem_k, self.stem_s = sp["kernel"], sp["stride"]
-        self.stem_wt = np.ascontiguousarray(st["weight"].astype(np.int32).reshape(sp["out_ch"], -1).T)
+        h, w, c = model.input_height, model.input_width, param(stem, "out_ch")
+        self.stem_k, self.stem_s = param(stem, "kernel"), param(stem, "stride")
+        self.stem_wt = np.ascontiguousarray(stem.tensors["weight"].astype(np.int32).reshape(c, -1).T)
         # packed activations are binary (1 plane) or ternary (2 planes: 2·C binary channels)
-        planes = 2 if sp.get("output", "bits") == "ternary" else 1
+        planes = 2 if output_kind(stem) == "ternary" else 1
         self.stem_planes = planes
-        self.stem_thr, self.stem_flip = _rules(st, planes)
+        self.stem_thr, self.stem_flip = _rules(stem.tensors, planes)
         self.u = np.zeros(K.stem_planes_shape(h, w, model.channels, self.stem_k, self.stem_s), np.int32)
-        h, w, c = conv_out(h, self.stem_k, self.stem_s), conv_out(w, self.stem_k, self.stem_s), sp["out_ch"]
+        h, w = conv_out(h, self.stem_k, self.stem_s), conv_out(w, self.stem_k, self.stem_s)
+        self.stem_out = _packed(h, w, n_words(planes * c))
 
-        # activation arena: (offset, h, w, words) per binary output, borders zero forever
-        bufs = [(0, h, w, n_words(planes * c))]
-        arena = _padded_size(h, w, n_words(planes * c))
-        plan, bw, thr, flip, scale, bias = [], [], [], [], [], []
-        w_off = t_off = 0
-        self.real = None  # the newest real stream (float32 H, W, C)
-        self.real_out = {}  # plan row of a real-output bconv -> its stream
-        self.masked = set()  # plan rows that read a ternary input through the masked kernels
-        self.res = {}  # plan row of an rbconv -> (stream in, scratch, stream out)
-        self.layer_out = {0: ("bits", 0)}  # layer index -> ("bits", buf index) or ("real", its stream)
+        self._calls = []  # (kernel, args) of every call of the body, in order
+        self.masked = set()  # indices of the layers that read a ternary input through the masked kernels
+        self.layer_out = {0: ("bits", self.stem_out)}  # layer index -> ("bits", packed buffer) or ("real", stream)
+        packed, real = self.stem_out, None  # the newest packed activation and the newest real stream
         for i, layer in enumerate(layers[1:-1], start=1):
-            lp, lt = layer.params, layer.tensors
-            in_off, in_h, in_w, in_words = bufs[-1]
             if layer.op == "maxpool2":
                 h, w = h // 2, w // 2
-                row = [OP_POOL, 0, 0, in_off, in_h, in_w, in_words, arena, h, w, in_words] + [0] * 9
-                bufs.append((arena, h, w, in_words))
-                arena += _padded_size(h, w, in_words)
-                self.layer_out[i] = ("bits", len(bufs) - 1)
+                out = _packed(h, w, packed.shape[2])
+                self._calls.append((K.pool_par if self.threads > 1 else K.pool_rows, (packed, out, *self._rows(h))))
+                packed = out
+                self.layer_out[i] = ("bits", out)
+                continue
+            k, s, c = (int(param(layer, name)) for name in ("kernel", "stride", "out_ch"))
+            h, w = conv_out(h, k, s), conv_out(w, k, s)
+            if layer.op == "rbconv":  # the block's own activation of the stream is its input
+                in_planes = 2 if param(layer, "input") == "ternary" else 1
             else:
-                k, s, n_out = lp["kernel"], lp["stride"], lp["out_ch"]
-                h, w = conv_out(h, k, s), conv_out(w, k, s)
-                if layer.op == "rbconv":  # the block's own activation of the stream is its input
-                    planes = 2 if lp.get("input", "bits") == "ternary" else 1
                 in_planes = planes
-                weight, in_bits = lt["weight"], lp["in_ch"]
-                # Over a ternary input: one masked pass when the planes are whole 32-bit units,
-                # else the binary conv of both planes with the weights twice (y2 = 2·y).
-                masked = in_planes == 2 and in_bits % 32 == 0
-                if masked:
-                    self.masked.add(len(plan))
-                elif in_planes == 2:
-                    weight, in_bits = _over_ternary(weight, in_bits), 2 * in_bits
-                doubled = in_planes == 2 and not masked
-                wb = K.compact_weights(weight, in_bits)
-                nup, nb = K.patch_layout(k, in_bits)
-                nvec = 0
-                kk = k * k * in_bits
-                bw.append(wb.ravel())
-                out_planes = 2 if lp.get("output") == "ternary" else 1
-                tail = [nup, nvec, wb.shape[1], out_planes]
-                if lp.get("output") in ("bits", "ternary"):
-                    words = n_words(out_planes * n_out)
-                    row = [OP_BITS, k, s, in_off, in_h, in_w, in_words, arena, h, w, words, w_off, n_out, nb, kk, t_off] + tail
-                    t, f = _rules(lt, out_planes)
-                    thr.append(_doubled(t) if doubled else t)
-                    flip.append(f)
-                    scale.append(np.zeros(t.size, np.float32))
-                    bias.append(np.zeros(t.size, np.float32))
-                    bufs.append((arena, h, w, words))
-                    arena += _padded_size(h, w, words)
-                    self.layer_out[i] = ("bits", len(bufs) - 1)
-                    planes = out_planes
-                else:  # a real stream: a real-output bconv starts it, each rbconv adds to it
-                    thr.append(np.zeros(n_out, np.int32))
-                    flip.append(np.zeros(n_out, np.uint8))
-                    sc = lt["scale"].astype(np.float32)
-                    scale.append(sc / np.float32(2) if doubled else sc)
-                    bias.append(lt["bias"].astype(np.float32))
-                    stream = np.zeros((h, w, n_out), np.float32)
-                    if layer.op == "bconv":
-                        row = [OP_REAL, k, s, in_off, in_h, in_w, in_words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
-                        self.real_out[len(plan)] = stream
-                    else:  # rbconv: the stream's activation goes to a bits buffer of its own, the conv reads that
-                        words = n_words(in_planes * n_out)
-                        row = [OP_RES, k, s, arena, h, w, words, 0, h, w, 0, w_off, n_out, nb, kk, t_off] + tail
-                        bufs.append((arena, h, w, words))
-                        arena += _padded_size(h, w, words)
-                        band = float(lp.get("band", 0.0))
-                        self.res[len(plan)] = (self.real, np.zeros_like(stream), stream, in_planes, band)
-                    self.real = stream
-                    self.layer_out[i] = ("real", stream)
-                w_off += wb.size
-                t_off += thr[-1].size
-                c = n_out
-            plan.append(row)
-        self.plan = np.array(plan, dtype=np.int64).reshape(-1, N_COLS)
-        self.act = np.zeros(max(arena, 1), np.uint64)
-        self.bufs = bufs
-        self.bw = np.concatenate(bw) if bw else np.zeros(1, np.uint8)
-        self.thr = np.concatenate(thr) if thr else np.zeros(1, np.int32)
-        self.flip = np.concatenate(flip) if flip else np.zeros(1, np.uint8)
-        self.scale = np.concatenate(scale) if scale else np.zeros(1, np.float32)
-        self.bias = np.concatenate(bias) if bias else np.zeros(1, np.float32)
+            # Over a ternary input: one masked pass when the planes are whole 32-bit units, else the
+            # binary conv of both planes with the weights twice (y2 = 2·y).
+            masked = in_planes == 2 and param(layer, "in_ch") % 32 == 0
+            doubled = in_planes == 2 and not masked
+            if masked:
+                self.masked.add(i)
+            geo = _geometry(layer, masked, doubled)
+            kind = output_kind(layer)
+            if kind in ("bits", "ternary"):
+                planes = 2 if kind == "ternary" else 1
+                out = _packed(h, w, n_words(planes * c))
+                thr, flip = _rules(layer.tensors, planes)
+                fn = _CONV[masked, "bits"][self.threads > 1]
+                self._calls.append((fn, (packed, *geo, _doubled(thr) if doubled else thr, flip, planes, out,
+                                         *self._rows(h))))
+                packed = out
+                self.layer_out[i] = ("bits", out)
+                continue
+            # a real stream: a real-output bconv starts it, each rbconv adds to it
+            scale = layer.tensors["scale"].astype(np.float32)
+            affine = (scale / np.float32(2) if doubled else scale, layer.tensors["bias"].astype(np.float32))
+            stream = np.zeros((h, w, c), np.float32)
+            fn = _CONV[masked, "real"][self.threads > 1]
+            if layer.op == "bconv":
+                self._calls.append((fn, (packed, *geo, *affine, stream, *self._rows(h))))
+            else:  # rbconv: the stream's activation into a packed buffer of its own, the conv into scratch, the sum
+                signs, scratch = _packed(h, w, n_words(in_planes * c)), np.zeros_like(stream)
+                if in_planes == 2:
+                    self._calls.append((K.ternary_pack_rows, (real, float(param(layer, "band")), signs, 0, h)))
+                else:
+                    self._calls.append((K.sign_pack_rows, (real, signs, 0, h)))
+                self._calls.append((fn, (signs, *geo, *affine, scratch, *self._rows(h))))
+                self._calls.append((K.add_rows, (real, scratch, stream, 0, h)))
+            real = stream
+            self.layer_out[i] = ("real", stream)
+
         head = layers[-1]
+        self.head_in = packed
         self.head_from_bits = self.layer_out[len(layers) - 2][0] == "bits"
-        if self.head_from_bits:
-            self.real = np.zeros((h, w, c), np.float32)
+        self.real = np.zeros((h, w, c), np.float32) if self.head_from_bits else real
+        self.head_channels = c
         self.head_w = np.ascontiguousarray(head.tensors["weight"], np.float32)
         self.head_b = np.ascontiguousarray(head.tensors["bias"], np.float32)
-        self.head_out = np.zeros((h, w, head.params["out_ch"]), np.float32)
-        self.last_bits = bufs[-1] + (c,)
-        self._calls = self._layer_calls()
+        self.head_out = np.zeros((h, w, param(head, "out_ch")), np.float32)
 
-    # ---------------------------------------------------------------- views
-    def _buf(self, index):
-        off, h, w, words = self.bufs[index]
-        return self.act[off : off + _padded_size(h, w, words)].reshape(K.padded_shape(h, w, words))
+    def _rows(self, n):
+        """The row arguments of a kernel over n output rows: all of them, or the chunks of its _par twin."""
+        return (4 * self.threads,) if self.threads > 1 else (0, n)
 
     # ---------------------------------------------------------------- stages
     def stem(self, x):
         if self.threads > 1:
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        out = self._buf(0)
+        out = self.stem_out
         if self.threads == 1:
             K.run_stem(x, self.u, self.stem_wt, self.stem_thr, self.stem_flip, self.stem_k, self.stem_s,
                        self.stem_planes, out)
@@ -210,62 +176,10 @@ class Network:
         for fn, args in self._calls:
             fn(*args)
 
-    def _layer_calls(self):
-        """(kernel, args) per body layer, built once: a frame then costs one numba call per layer."""
-        calls = []
-        par = self.threads > 1
-        chunks = 4 * self.threads
-        for row, p in enumerate(self.plan):
-            inp = self._view_of(p[C_IN_OFF], p[C_IN_H], p[C_IN_W], p[C_IN_WORDS])
-            if p[C_OP] == OP_POOL:
-                out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-                calls.append((K.pool_par, (inp, out, chunks)) if par else (K.pool_rows, (inp, out, 0, int(p[C_OUT_H]))))
-                continue
-            n_out, o_stride, nb, t0 = int(p[C_N_OUT]), int(p[C_NPAD]), int(p[C_NB]), int(p[C_T_OFF])
-            w = self.bw[p[C_W_OFF] : p[C_W_OFF] + o_stride * nb].reshape(nb, o_stride)
-            geo = (w, int(p[C_NUP]), int(p[C_KK]), int(p[C_K]), int(p[C_S]))
-            masked = row in self.masked
-            if masked:  # no K: the kernel counts each patch's nonzero values itself
-                geo = (w, int(p[C_NUP]), int(p[C_K]), int(p[C_S]))
-            if p[C_OP] == OP_BITS:
-                out = self._view_of(p[C_OUT_OFF], p[C_OUT_H], p[C_OUT_W], p[C_OUT_WORDS])
-                n_rules = int(p[C_PLANES]) * n_out
-                tail = (self.thr[t0 : t0 + n_rules], self.flip[t0 : t0 + n_rules], int(p[C_PLANES]), out)
-                if masked:
-                    fn = K.tconv_bits_par if par else K.tconv_bits_rows
-                else:
-                    fn = K.bconv_bits_par if par else K.bconv_bits_rows
-            elif p[C_OP] == OP_REAL:
-                tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], self.real_out[row])
-                if masked:
-                    fn = K.tconv_real_par if par else K.tconv_real_rows
-                else:
-                    fn = K.bconv_real_par if par else K.bconv_real_rows
-            else:  # OP_RES: the stream's signs (or ternary) in, the conv into scratch, then stream + scratch
-                stream, scratch, new, in_planes, band = self.res[row]
-                if in_planes == 2:
-                    calls.append((K.ternary_pack_rows, (stream, band, inp, 0, int(p[C_OUT_H]))))
-                else:
-                    calls.append((K.sign_pack_rows, (stream, inp, 0, int(p[C_OUT_H]))))
-                tail = (self.scale[t0 : t0 + n_out], self.bias[t0 : t0 + n_out], scratch)
-                if masked:
-                    fn = K.tconv_real_par if par else K.tconv_real_rows
-                else:
-                    fn = K.bconv_real_par if par else K.bconv_real_rows
-            rows = (chunks,) if par else (0, int(p[C_OUT_H]))
-            calls.append((fn, (inp, *geo, *tail, *rows)))
-            if p[C_OP] == OP_RES:
-                calls.append((K.add_rows, (stream, scratch, new, 0, int(p[C_OUT_H]))))
-        return calls
-
     def head(self):
-        off, h, w, words, c = self.last_bits
-        K.run_head(self.act, off, h, w, words, c, self.head_from_bits, self.real, self.head_w, self.head_b,
-                 self.head_out)
+        K.run_head(self.head_in, self.head_channels, self.head_from_bits, self.real, self.head_w, self.head_b,
+                   self.head_out)
         return self.head_out.copy()
-
-    def _view_of(self, off, h, w, words):
-        return self.act[off : off + _padded_size(h, w, words)].reshape(K.padded_shape(h, w, words))
 
     # ---------------------------------------------------------------- whole
     def forward(self, x, trace: bool = False):
@@ -277,5 +191,5 @@ class Network:
             return head
         traced = {}
         for i, (kind, where) in self.layer_out.items():
-            traced[i] = K.interior(self._buf(where)).copy() if kind == "bits" else where.copy()
+            traced[i] = K.interior(where).copy() if kind == "bits" else where.copy()
         return head, traced

@@ -1,5 +1,9 @@
 """The numba network equals the numpy reference network exactly (traces) and closely (head)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -104,3 +108,27 @@ def test_rejects_wrong_input(rand_model):
 def test_non_contiguous_input(rand_model):
     x = np.asfortranarray(_frame(rand_model, 4))
     np.testing.assert_allclose(Network(rand_model).forward(x), reference.forward(rand_model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_calls_follow_the_layers():
+    """One kernel call per pool and conv, three per Bi-Real block, each the kernel its input and output need."""
+    model = random_model(11, 58, 46, 1, ("a",), (32, 64, 96, 128, 64), blocks=2, ternary=(2, 4, 9))
+    net = Network(model)
+    assert [fn.py_func.__name__ for fn, _ in net._calls] == [
+        "pool_rows", "bconv_bits_rows",  # 1, 2: a binary input
+        "pool_rows", "tconv_bits_rows",  # 3, 4: a ternary input of 64 channels, one masked pass
+        "pool_rows", "tconv_bits_rows",  # 5, 6: ternary again, 96 channels
+        "bconv_real_rows",  # 7
+        "sign_pack_rows", "bconv_real_rows", "add_rows",  # 8: a block over the stream's signs
+        "ternary_pack_rows", "tconv_real_rows", "add_rows",  # 9: a block over the stream's ternary
+    ]
+    assert net.masked == {4, 6, 9}
+    _compare(model, _frame(model, 3))
+
+
+def test_the_network_does_without_its_numpy_twin():
+    """app.network runs the kernels alone: importing it loads no app.reference."""
+    code = "import sys, app.network; print('app.reference' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
