@@ -10,7 +10,7 @@ import numpy as np
 from app.decode import decode
 from app.modelfile import Model, read_model
 from app.network import Network
-from app.preprocess import check_image, letterbox
+from app.preprocess import letterbox
 
 STAGES = ("preprocess", "stem", "body", "head", "decode")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "person.xnc"
@@ -65,9 +65,8 @@ class Detector:
         Lets a benchmark time (or meter) the stages of exactly the code detect() runs.
         """
         on_stage("preprocess")
-        image = check_image(image)
         w, h = self.input_size
-        x, lb = letterbox(image, w, h, self.channels)
+        x, lb = letterbox(image, w, h, self.channels)  # checks the image (check_image), once a frame
         net = self.network
         on_stage("stem")
         net.stem(x)

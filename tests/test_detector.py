@@ -79,3 +79,20 @@ def test_default_path_and_errors(tmp_path):
     else:
         with pytest.raises(ModelFormatError, match="person.xnc"):
             Detector()
+
+
+def test_the_image_is_checked_once_a_frame(det, monkeypatch):
+    import app.detector
+    import app.preprocess
+
+    seen = []
+    real_check = app.preprocess.check_image
+
+    def counting(image):
+        seen.append(image.shape)
+        return real_check(image)
+
+    monkeypatch.setattr(app.preprocess, "check_image", counting)
+    monkeypatch.setattr(app.detector, "check_image", counting, raising=False)
+    det.detect(synthetic_frame(3, 320, 240))
+    assert seen == [(240, 320, 3)]
