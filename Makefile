@@ -101,7 +101,7 @@ pack: setup-dev ## pack the training caches (JPEG) to carry to a GPU machine: ru
 	$(PY) -m train.pack --config train/configs/person.toml
 
 eval: setup-dev ## mAP of the shipped model through the runtime Detector
-	$(PY) -m app eval
+	$(PY) -m evaluation $(ARGS)
 
 soak: setup ## long run of the pipeline: memory, drops, log rotation
 	$(PY) benchmarks/soak.py

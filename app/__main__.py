@@ -1,8 +1,9 @@
-"""``python -m app``: the camera app, plus the ``bench`` and ``eval`` subcommands.
+"""``python -m app``: the camera app, plus the ``bench`` subcommand.
 
     python -m app [run] [flags]     detect on a camera (or the demo) until stopped
     python -m app bench ...         app.bench.main
-    python -m app eval ...          app.evaluate.main
+
+Scoring a model on labelled images is ``python -m evaluation`` (off the Pi).
 
 Exit codes: 0 normal stop (also SIGINT/SIGTERM), 2 bad command line,
 65 model file refused, 78 configuration refused, 1 anything else. Model and
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app",
         description="xnorcam: real-time binary-network object detection on a camera, a video or images.",
-        epilog="Subcommands: 'python -m app bench ...' (detector timing), 'python -m app eval ...' (mAP). "
+        epilog="Subcommand: 'python -m app bench ...' (detector timing); scoring is 'python -m evaluation' (off the Pi). "
         "Flags override the config file (default /etc/xnorcam/config.toml when present).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (see deploy/config.example.toml)")
@@ -273,10 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench import main as bench_main
 
         return bench_main(argv[1:])
-    if argv and argv[0] == "eval":
-        from app.evaluate import main as eval_main
-
-        return eval_main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     try:

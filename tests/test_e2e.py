@@ -5,7 +5,7 @@ skipped (with the reason) until that file exists. The log checks run with a
 random-weight model when the trained one is absent. The photos are large, clear
 single people from the held-out split of the model (tests/fixtures/person/LICENSE.md):
 this checks that the app delivers the model's boxes intact, not model quality
-(that is `python -m app eval`).
+(that is `python -m evaluation`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Dataset loaders (YOLO / VOC / COCO), label errors, the RAM cache, and batch augmentation geometry."""
+"""The training data: sources by class name, the RAM cache, the split's routing, and batch augmentation geometry.
+
+The dataset readers themselves are tested in test_evaluation_datasets.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -36,118 +37,14 @@ def make_yolo(root: Path, labels: dict, names=("person", "dog"), sizes=None):
     return root
 
 
-def test_yolo_boxes_and_class_mapping_by_name(tmp_path):
-    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.5 0.2\n1 0.2 0.2 0.1 0.1\n", "b": "", "c": None})
-    rep = td.LoadReport()
-    samples = td.load_yolo(root, ["person"], "y", rep, stop=False)
-    assert [s.image.stem for s in samples] == ["a", "b", "c"]
-    np.testing.assert_allclose(samples[0].boxes, [[0.25, 0.4, 0.75, 0.6]], atol=1e-6)
-    assert samples[0].classes.tolist() == [0]  # the dog is background
-    assert len(samples[1].boxes) == 0 and len(samples[2].boxes) == 0
-    assert rep.problems == []
-    # mapped by NAME: "dog" first in the keep list becomes index 0
-    dogs = td.load_yolo(root, ["dog", "person"], "y", td.LoadReport(), stop=False)
-    assert dogs[0].classes.tolist() == [1, 0]
-
-
-@pytest.mark.parametrize(
-    "line, needle",
-    [
-        ("0 0.5 abc 0.1 0.1", "bad number"),
-        ("0 0.5 0.5 0.1", "expected 'class cx cy w h'"),
-        ("0 0.95 0.5 0.3 0.1", "outside the image"),
-        ("7 0.5 0.5 0.1 0.1", "unknown class 7"),
-        ("0 0.5 0.5 0 0.1", "width/height"),
-        ("0 nan 0.5 0.1 0.1", "non-finite"),
-    ],
-)
-def test_yolo_malformed_label_names_file_and_line(tmp_path, line, needle):
-    root = make_yolo(tmp_path / "y", {"good": "0 0.5 0.5 0.2 0.2\n", "bad": "0 0.5 0.5 0.2 0.2\n" + line + "\n"})
-    rep = td.LoadReport()
-    samples = td.load_yolo(root, ["person"], "y", rep, stop=False)
-    assert [s.image.stem for s in samples] == ["good"]  # skipped, not crashed
-    assert len(rep.problems) == 1
-    assert "bad.txt:2" in rep.problems[0] and needle in rep.problems[0]
-    with pytest.raises(td.LabelError, match="bad.txt:2"):
-        td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=True)
-
-
-def test_yolo_label_without_image_is_reported(tmp_path):
-    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n"})
-    (root / "labels" / "ghost.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    rep = td.LoadReport()
-    assert len(td.load_yolo(root, ["person"], "y", rep, stop=False)) == 1
-    assert "ghost.txt" in rep.problems[0] and "no image" in rep.problems[0]
-    with pytest.raises(td.LabelError, match="ghost.txt"):
-        td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=True)
-
-
-def test_yaml_names_forms(tmp_path):
-    p = tmp_path / "d.yaml"
-    p.write_text("names: [cat, 'dog']\n")
-    assert td.parse_yaml_names(p) == ["cat", "dog"]
-    p.write_text("nc: 2\nnames:\n  - cat\n  - dog\ntrain: x\n")
-    assert td.parse_yaml_names(p) == ["cat", "dog"]
-    p.write_text("names:\n  0: person\n  1: bicycle  # comment\n")
-    assert td.parse_yaml_names(p) == ["person", "bicycle"]
-
-
-VOC = """<annotation><filename>{f}</filename><size><width>80</width><height>60</height><depth>3</depth></size>
-{objs}</annotation>"""
-OBJ = (
-    "<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
-)
-
-
-def test_voc_loader_and_errors(tmp_path):
-    root = tmp_path / "voc"
-    (root / "annotations").mkdir(parents=True)
-    _img(root / "images" / "a.jpg")
-    _img(root / "images" / "b.jpg")
-    objs = OBJ.format(n="raccoon", a=8, b=6, c=40, d=30) + OBJ.format(n="dog", a=1, b=1, c=5, d=5)
-    (root / "annotations" / "a.xml").write_text(VOC.format(f="a.jpg", objs=objs))
-    (root / "annotations" / "b.xml").write_text(
-        VOC.format(f="b.jpg", objs=OBJ.format(n="raccoon", a=8, b=6, c=95, d=30))
-    )
-    (root / "annotations" / "c.xml").write_text(VOC.format(f="c.jpg", objs=""))
-    (root / "annotations" / "d.xml").write_text("<annotation><object>")
-    rep = td.LoadReport()
-    samples = td.load_voc(root, ["raccoon"], "voc", rep, stop=False)
-    assert [s.image.name for s in samples] == ["a.jpg"]
-    np.testing.assert_allclose(samples[0].boxes, [[0.1, 0.1, 0.5, 0.5]], atol=1e-6)
-    text = "\n".join(rep.problems)
-    assert "b.xml" in text and "outside the image" in text
-    assert "c.xml" in text and "not found" in text
-    assert "d.xml" in text and "malformed XML" in text
-
-
-def test_coco_loader_maps_categories_by_name(tmp_path):
-    root = tmp_path / "coco"
-    for name in ("1.jpg", "2.jpg"):
-        _img(root / "imgs" / name, 100, 50)
-    d = {
-        "images": [
-            {"id": 1, "file_name": "1.jpg", "width": 100, "height": 50},
-            {"id": 2, "file_name": "2.jpg", "width": 100, "height": 50},
-            {"id": 3, "file_name": "missing.jpg", "width": 100, "height": 50},
-        ],
-        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
-        "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10], "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 18, "bbox": [0, 0, 5, 5], "iscrowd": 0},
-            {"id": 3, "image_id": 2, "category_id": 99, "bbox": [0, 0, 5, 5], "iscrowd": 0},
-        ],
-    }
-    js = root / "ann.json"
-    js.write_text(json.dumps(d))
-    rep = td.LoadReport()
-    samples = td.load_coco(js, root / "imgs", ["person"], "c", rep, stop=False)
-    assert [s.image.name for s in samples] == ["1.jpg"]  # 2 has a bad label, 3 no image
-    np.testing.assert_allclose(samples[0].boxes, [[0.1, 0.1, 0.3, 0.3]], atol=1e-6)
-    text = "\n".join(rep.problems)
-    assert "unknown category_id 99" in text and "missing.jpg" in text
-    with pytest.raises(td.LabelError, match="annotations\\[2\\]"):
-        td.load_coco(js, root / "imgs", ["person"], "c", td.LoadReport(), stop=True)
+def test_sources_keep_their_classes_by_name_and_the_cache_indexes_them_in_config_order(tmp_path):
+    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.5 0.2\n1 0.2 0.2 0.1 0.1\n", "b": ""})
+    src = td.SourceConfig(name="y", path=str(root), format="yolo")
+    people = td.load_source(src, tmp_path, ["person"], td.LoadReport(), stop=True)
+    assert people[0].names == ("person",) and len(people[0].boxes) == 1  # the dog is background
+    both = td.load_source(src, tmp_path, ["dog", "person"], td.LoadReport(), stop=True)
+    cache = td.build_cache(both, 200, ["dog", "person"])
+    assert cache.classes[0].tolist() == [1, 0] and cache.classes[1].tolist() == []  # "dog" first: index 0
 
 
 def test_config_rejects_unknown_keys():
@@ -165,8 +62,8 @@ def test_cache_round_trip_and_cutouts(tmp_path):
     m = np.zeros((300, 400), np.uint8)
     m[80:220, 110:290] = 1
     cv2.imwrite(str(root / "masks" / "a.png"), m)
-    samples = td.load_yolo(root, ["person"], "y", td.LoadReport(), stop=False, masks=True)
-    cache = td.build_cache(samples, 200)
+    samples = td.load_yolo(root, "y", td.LoadReport(), stop=False, masks=True)
+    cache = td.build_cache(samples, 200, ["person"])
     assert cache.images[0].shape == (150, 200)  # long side shrunk to 200
     np.testing.assert_allclose(cache.boxes[0], [[50, 37.5, 150, 112.5]], atol=1e-4)
     assert len(cache.cutouts) == 1 and cache.cutouts[0][1].shape[0] > 60
@@ -317,6 +214,6 @@ def test_scenes_split_needs_a_split_file_and_a_clean_one(tmp_path):
 @pytest.mark.skipif(not (SHARED / "raccoon").is_dir(), reason="../shared/datasets absent")
 def test_real_voc_raccoon():
     rep = td.LoadReport()
-    samples = td.load_voc(SHARED / "raccoon", ["raccoon"], "raccoon", rep, stop=False)
+    samples = td.load_voc(SHARED / "raccoon", "raccoon", rep, stop=False)
     assert len(samples) + len(rep.problems) == 200
     assert sum(len(s.boxes) for s in samples) > 150

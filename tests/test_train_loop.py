@@ -187,15 +187,15 @@ def test_unknown_precision_is_a_config_error(tmp_path, capsys):
     assert "train.precision must be fp32 or bf16" in capsys.readouterr().err
 
 
-def test_evaluate_twin_scores_a_checkpoint_exactly_as_app_eval_scores_its_export(tmp_path, capsys):
-    """The float twin's card numbers come from train.evaluate_twin: it must be app eval's scorer around torch.
+def test_evaluate_twin_scores_a_checkpoint_exactly_as_evaluation_scores_its_export(tmp_path, capsys):
+    """The float twin's card numbers come from train.evaluate_twin: it must be python -m evaluation's scorer around torch.
 
     A binary checkpoint is bit-exact with its exported file, so the two reports must be equal, at the
     threshold --like reads from that file. A different letterbox, decode or threshold would show.
     """
     import dataclasses
 
-    from app import evaluate as ae
+    from evaluation.__main__ import main as evaluation_main
     from app.modelfile import read_model, write_model
     from train import evaluate_twin
     from train.export import export_checkpoint
@@ -213,12 +213,12 @@ def test_evaluate_twin_scores_a_checkpoint_exactly_as_app_eval_scores_its_export
         assert rc == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    runtime = last_json(ae.main(["--model", str(xnc), "--data", data]))
+    runtime = last_json(evaluation_main(["--model", str(xnc), "--data", data]))
     torch_side = last_json(evaluate_twin.main([str(tmp_path / "bin" / "best.pt"), "--like", str(xnc), "--data", data]))
     assert runtime["score_threshold"] == torch_side["score_threshold"] == pytest.approx(0.01)
     assert runtime["images"] == 8 and runtime["boxes"] == 8
     assert runtime["map50"] > 0  # some detections overlap the labels, so equal APs say equal boxes and scores
-    for k in ("map50", "map50_95", "precision", "recall", "frames_found"):
+    for k in ("map50", "map50_95", "precision", "recall", "frames_found", "fp_per_100_empty"):
         assert torch_side[k] == pytest.approx(runtime[k], abs=1e-9), k
     twin = last_json(evaluate_twin.main([str(teacher), "--threshold", "0.1", "--data", data]))
     assert twin["score_threshold"] == 0.1 and twin["images"] == 8

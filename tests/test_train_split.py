@@ -68,15 +68,34 @@ def test_main_writes_a_split_file(tmp_path, monkeypatch):
         for i in range(10):
             img = cv2.resize(rng.integers(0, 256, (8, 8)).astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST)
             cv2.imwrite(str(d / f"{i}.png"), img)
+    (photos, crops), = ts.BLOCKS
+    for i in range(20):
+        for folder, name in ((photos, f"{i:012d}"), (crops, f"{i:012d}_crop")):
+            if folder == crops and i % 2:
+                continue  # not every photo has a crop
+            (tmp_path / "datasets" / folder / "images").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "datasets" / folder / "images" / f"{name}.jpg"), np.full((8, 8), i, np.uint8))
     monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path))
     out = tmp_path / "split.txt"
-    assert ts.main(["--out", str(out), "--fraction", "0.3"]) == 0
+    assert ts.main(["--out", str(out), "--fraction", "0.3", "--block-val", "0.2", "--block-drop", "0.1"]) == 0
     lines = [ln.split(" ", 1) for ln in out.read_text().splitlines() if not ln.startswith("#")]
     assert {k for k, _ in lines} <= {"val", "drop"}
     for src in ts.SOURCES:
         held = [p for k, p in lines if k == "val" and p.startswith(src + "/images/")]
         assert 3 <= len(held) <= 10
     assert all((tmp_path / "datasets" / p).exists() for _, p in lines)
+    # the everyday photos: the last 4 of 20 held out, the 2 before dropped, and each crop beside its photo
+    kind = {p.rsplit("/", 1)[1].split(".")[0]: k for k, p in lines if p.startswith((photos, crops))}
+    assert {n for n, k in kind.items() if k == "val" and "_crop" not in n} == {f"{i:012d}" for i in (16, 17, 18, 19)}
+    assert {n for n, k in kind.items() if k == "drop" and "_crop" not in n} == {f"{i:012d}" for i in (14, 15)}
+    assert {n for n in kind if "_crop" in n} == {f"{i:012d}_crop" for i in (14, 16, 18)}
+    assert all(kind[n] == kind[n.removesuffix("_crop")] for n in kind if "_crop" in n)
+
+
+def test_blocks_are_contiguous_at_the_end_of_the_sorted_names():
+    val, drop = ts.split_blocks([f"{i:03d}" for i in (5, 1, 9, 3, 7, 2, 8, 4, 6, 0)], 0.3, 0.2)
+    assert val == {"007", "008", "009"} and drop == {"005", "006"}
+    assert ts.split_blocks(["a", "b"], 0.0, 0.0) == (set(), set())
 
 
 def test_main_without_datasets_says_so(tmp_path, monkeypatch, capsys):
@@ -91,4 +110,10 @@ def test_shipped_split_file_is_well_formed():
 
     listed = read_split_file(Path(__file__).resolve().parents[1] / "models" / "person-split.txt")
     kinds = list(listed.values())
-    assert kinds.count("val") > 500 and all(p.split("/")[0] == "person" for p in listed)
+    assert kinds.count("val") > 500
+    assert {p.split("/images/")[0] for p in listed} == {
+        "person/capston2", "person/fall", "person/clinic", "general/coco_person", "negatives/coco_crops"}
+    for p, k in listed.items():  # a crop is held out or dropped with the photo it was cut from
+        if p.startswith("negatives/coco_crops/"):
+            photo = "general/coco_person/images/" + p.rsplit("/", 1)[1].replace("_crop", "")
+            assert listed.get(photo) == k, p

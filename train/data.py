@@ -1,36 +1,37 @@
-"""Detection datasets (YOLO txt, PASCAL VOC xml, COCO json), their strict config, and the in-RAM image cache.
+"""The training data: its strict config, the sources of each split, the in-RAM image cache and its packed form.
 
-Every loader returns :class:`Sample` s whose boxes are normalised ``x1,y1,x2,y2``
-in 0..1 of the image, with class indices into the config's ``classes`` list.
-Classes are matched by NAME (data.yaml ``names``, VOC ``<name>``, COCO
-categories); labels of other known classes are dropped, so their objects count
-as background. A malformed label raises :class:`LabelError` naming the file and
-line; with ``on_error = "skip"`` the image is skipped and the message kept in a
+The datasets themselves (YOLO txt, PASCAL VOC xml, COCO json) are read by
+:mod:`evaluation.datasets`, the one reader the evaluation uses too. Classes are
+matched by NAME; labels of other classes are dropped, so their objects count as
+background. A malformed label raises ``LabelError`` naming the file and line;
+with ``on_error = "skip"`` the image is skipped and the message kept in a
 report instead, so a bad file never stops an epoch half way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tomllib
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-FORMATS = ("yolo", "voc", "coco")
-# Normalised coordinates a hair outside 0..1 are rounding in the exporter, not errors.
-_EDGE_TOLERANCE = 0.01
-
-
-class LabelError(ValueError):
-    """One malformed label: the message names the file (and line) and what is wrong."""
+from evaluation.datasets import (
+    FORMATS,
+    DataError,
+    LabelError,
+    LoadReport,
+    Sample,
+    load_coco,
+    load_voc,
+    load_yolo,
+    shared_root,
+)
+from evaluation.datasets import read_split_file as split_entries
 
 
 class ConfigError(ValueError):
@@ -142,11 +143,6 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def shared_root() -> Path:
-    env = os.environ.get("XNORCAM_SHARED")
-    return Path(env) if env else (repo_root() / ".." / "shared").resolve()
-
-
 def data_root(cfg: DataConfig) -> Path:
     return shared_root() / "datasets" if cfg.root == "auto" else Path(cfg.root)
 
@@ -162,260 +158,21 @@ def load_toml(path) -> dict:
 # ------------------------------------------------------------------ samples
 
 
-@dataclass(frozen=True)
-class Sample:
-    image: Path
-    boxes: np.ndarray  # (N,4) float32 normalised x1,y1,x2,y2
-    classes: np.ndarray  # (N,) int64 index into the config's classes
-    source: str
-    mask: Path | None = None
-
-
-@dataclass
-class LoadReport:
-    problems: list = field(default_factory=list)
-
-    def add(self, msg: str):
-        self.problems.append(msg)
-
-
-def _finish_box(x1, y1, x2, y2, where: str):
-    vals = (x1, y1, x2, y2)
-    if not all(math.isfinite(v) for v in vals):
-        raise LabelError(f"{where}: non-finite coordinate in {vals}")
-    t = _EDGE_TOLERANCE
-    if min(vals) < -t or max(vals) > 1 + t:
-        raise LabelError(f"{where}: box {tuple(round(v, 4) for v in vals)} lies outside the image")
-    x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in vals)
-    if x2 <= x1 or y2 <= y1:
-        raise LabelError(f"{where}: box has no area ({x1:.4f},{y1:.4f},{x2:.4f},{y2:.4f})")
-    return x1, y1, x2, y2
-
-
-def parse_yaml_names(path: Path) -> list:
-    """The ``names:`` of an Ultralytics data.yaml (dict form ``0: person``, block list, or inline list)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise LabelError(f"{path}: cannot read ({exc})") from None
-    for i, line in enumerate(lines):
-        stripped = line.split("#", 1)[0].rstrip()
-        if not stripped.startswith("names:"):
-            continue
-        rest = stripped[len("names:") :].strip()
-        if rest.startswith("["):
-            return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
-        names: dict = {}
-        listed = []
-        for j, sub in enumerate(lines[i + 1 :], start=i + 2):
-            s = sub.split("#", 1)[0].rstrip()
-            if not s.strip():
-                continue
-            if not s.startswith((" ", "\t")):
-                break
-            s = s.strip()
-            if s.startswith("- "):
-                listed.append(s[2:].strip().strip("'\""))
-            elif ":" in s:
-                k, v = s.split(":", 1)
-                try:
-                    names[int(k)] = v.strip().strip("'\"")
-                except ValueError:
-                    raise LabelError(f"{path}:{j}: bad names entry {s!r}") from None
-        if listed:
-            return listed
-        if names:
-            return [names.get(k, f"class{k}") for k in range(max(names) + 1)]
-        break
-    raise LabelError(f"{path}: no 'names:' list found")
-
-
-def _find_image(folder: Path, stem: str) -> Path | None:
-    for suf in IMAGE_SUFFIXES:
-        p = folder / (stem + suf)
-        if p.exists():
-            return p
-    return None
-
-
-def load_yolo(folder: Path, keep: list, source: str, report: LoadReport, stop: bool, masks: bool = False) -> list:
-    folder = Path(folder)
-    yaml = folder / "data.yaml"
-    names = parse_yaml_names(yaml) if yaml.exists() else None
-    img_dir, lab_dir = folder / "images", folder / "labels"
-    if not img_dir.is_dir():
-        raise LabelError(f"{folder}: no images/ folder")
-    index = {n: keep.index(n) for n in keep}
-    out = []
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    label_stems = {p.stem for p in lab_dir.glob("*.txt")} if lab_dir.is_dir() else set()
-    image_stems = {p.stem for p in images}
-    for stem in sorted(label_stems - image_stems):
-        msg = f"{lab_dir / (stem + '.txt')}: label has no image in {img_dir}"
-        if stop:
-            raise LabelError(msg)
-        report.add(msg)
-    for img in images:
-        lab = lab_dir / (img.stem + ".txt")
-        try:
-            boxes, classes = [], []
-            if lab.exists():
-                for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    where = f"{lab}:{ln}"
-                    parts = line.split()
-                    if len(parts) != 5:
-                        raise LabelError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}")
-                    try:
-                        cls = int(parts[0])
-                        cx, cy, w, h = (float(v) for v in parts[1:])
-                    except ValueError:
-                        raise LabelError(f"{where}: bad number in {line.strip()!r}") from None
-                    if names is not None and not 0 <= cls < len(names):
-                        raise LabelError(f"{where}: unknown class {cls} (data.yaml names {len(names)} classes)")
-                    name = names[cls] if names is not None else str(cls)
-                    if w <= 0 or h <= 0:
-                        raise LabelError(f"{where}: box width/height must be > 0, got {w}, {h}")
-                    box = _finish_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, where)
-                    if name in index:
-                        boxes.append(box)
-                        classes.append(index[name])
-            mask = None
-            if masks:
-                m = folder / "masks" / (img.stem + ".png")
-                mask = m if m.exists() else None
-            out.append(_sample(img, boxes, classes, source, mask))
-        except (LabelError, OSError) as exc:
-            if stop:
-                raise LabelError(str(exc)) from None
-            report.add(str(exc))
-    return out
-
-
-def _sample(img, boxes, classes, source, mask=None) -> Sample:
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return Sample(Path(img), b, np.asarray(classes, dtype=np.int64), source, mask)
-
-
-def load_voc(folder: Path, keep: list, source: str, report: LoadReport, stop: bool) -> list:
-    """``annotations/*.xml`` beside ``images/``; every object name is a class, kept ones by name."""
-    folder = Path(folder)
-    ann_dir = folder / "annotations" if (folder / "annotations").is_dir() else folder
-    img_dir = folder / "images"
-    index = {n: keep.index(n) for n in keep}
-    out = []
-    for xml in sorted(ann_dir.glob("*.xml")):
-        try:
-            try:
-                root = ET.parse(xml).getroot()
-            except ET.ParseError as exc:
-                raise LabelError(f"{xml}:{exc.position[0]}: malformed XML ({exc})") from None
-            fname = (root.findtext("filename") or "").strip()
-            img = img_dir / fname if fname else None
-            if img is None or not img.exists():
-                img = _find_image(img_dir, xml.stem)
-            if img is None:
-                raise LabelError(f"{xml}: image {fname or xml.stem!r} not found in {img_dir}")
-            try:
-                w = float(root.findtext("size/width") or 0)
-                h = float(root.findtext("size/height") or 0)
-            except ValueError:
-                raise LabelError(f"{xml}: bad <size>") from None
-            if w <= 0 or h <= 0:
-                shape = cv2.imread(str(img), cv2.IMREAD_GRAYSCALE)
-                if shape is None:
-                    raise LabelError(f"{img}: cannot decode image")
-                h, w = shape.shape[:2]
-            boxes, classes = [], []
-            for k, obj in enumerate(root.iter("object"), 1):
-                where = f"{xml}: object {k}"
-                name = (obj.findtext("name") or "").strip()
-                if not name:
-                    raise LabelError(f"{where}: missing <name>")
-                bb = obj.find("bndbox")
-                if bb is None:
-                    raise LabelError(f"{where}: missing <bndbox>")
-                try:
-                    x1, y1, x2, y2 = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
-                except (TypeError, ValueError):
-                    raise LabelError(f"{where}: bad number in <bndbox>") from None
-                box = _finish_box(x1 / w, y1 / h, x2 / w, y2 / h, where)
-                if name in index:
-                    boxes.append(box)
-                    classes.append(index[name])
-            out.append(_sample(img, boxes, classes, source))
-        except (LabelError, OSError) as exc:
-            if stop:
-                raise LabelError(str(exc)) from None
-            report.add(str(exc))
-    return out
-
-
-def load_coco(json_path: Path, img_dir: Path, keep: list, source: str, report: LoadReport, stop: bool) -> list:
-    json_path, img_dir = Path(json_path), Path(img_dir)
-    try:
-        d = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LabelError(f"{json_path}: cannot read COCO json ({exc})") from None
-    try:
-        cats = {int(c["id"]): str(c["name"]) for c in d["categories"]}
-        images = {int(im["id"]): im for im in d["images"]}
-        anns = d.get("annotations", [])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LabelError(f"{json_path}: not a COCO detection file ({exc!r})") from None
-    index = {n: keep.index(n) for n in keep}
-    per_image: dict = {i: ([], []) for i in images}
-    bad_images: dict = {}
-    for k, a in enumerate(anns):
-        where = f"{json_path}: annotations[{k}]"
-        try:
-            iid = int(a["image_id"])
-            if iid not in images:
-                raise LabelError(f"{where}: unknown image_id {iid}")
-            cid = int(a["category_id"])
-            if cid not in cats:
-                raise LabelError(f"{where}: unknown category_id {cid}")
-            x, y, w, h = (float(v) for v in a["bbox"])
-            if w <= 0 or h <= 0:
-                raise LabelError(f"{where}: bbox width/height must be > 0, got {w}, {h}")
-            iw, ih = float(images[iid]["width"]), float(images[iid]["height"])
-            box = _finish_box(x / iw, y / ih, (x + w) / iw, (y + h) / ih, where)
-            if a.get("iscrowd", 0):
-                continue  # crowd regions are neither objects to find nor background to punish
-            if cats[cid] in index:
-                per_image[iid][0].append(box)
-                per_image[iid][1].append(index[cats[cid]])
-        except (LabelError, KeyError, TypeError, ValueError) as exc:
-            msg = str(exc) if isinstance(exc, LabelError) else f"{where}: malformed annotation ({exc!r})"
-            if stop:
-                raise LabelError(msg) from None
-            report.add(msg)
-            if "image_id" in a and isinstance(a.get("image_id"), int):
-                bad_images[a["image_id"]] = msg
-    out = []
-    for iid in sorted(images):
-        if iid in bad_images:
-            continue  # a half-labelled image would teach that its missing object is background
-        img = img_dir / str(images[iid].get("file_name", ""))
-        if not img.is_file():
-            msg = f"{json_path}: image {img.name!r} (id {iid}) not found in {img_dir}"
-            if stop:
-                raise LabelError(msg)
-            report.add(msg)
-            continue
-        out.append(_sample(img, *per_image[iid], source))
-    return out
+def known(sample: Sample, classes) -> Sample:
+    """``sample`` with only the boxes of ``classes`` (by name): the others are background to this detector."""
+    keep = [k for k, n in enumerate(sample.names) if n in classes]
+    return replace(sample, boxes=sample.boxes[keep], names=tuple(sample.names[k] for k in keep))
 
 
 def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport, stop: bool) -> list:
+    """The source's samples (evaluation.datasets readers), keeping the boxes of ``classes`` only."""
     path = Path(src.path) if Path(src.path).is_absolute() else root / src.path
     if not path.exists():
         raise LabelError(f"source {src.name!r}: {path} does not exist")
     if src.format == "yolo":
-        samples = load_yolo(path, classes, src.name, report, stop, masks=src.masks)
+        samples = load_yolo(path, src.name, report, stop, masks=src.masks)
     elif src.format == "voc":
-        samples = load_voc(path, classes, src.name, report, stop)
+        samples = load_voc(path, src.name, report, stop)
     else:
         anns = [a.strip() for a in src.annotations.split(",") if a.strip()]
         imgs = [a.strip() for a in src.images.split(",") if a.strip()]
@@ -423,19 +180,17 @@ def load_source(src: SourceConfig, root: Path, classes: list, report: LoadReport
             raise ConfigError(f"source {src.name!r}: COCO needs matching 'annotations' and 'images' lists")
         samples = []
         for a, i in zip(anns, imgs, strict=True):
-            samples += load_coco(path / a, path / i, classes, src.name, report, stop)
+            samples += load_coco(path / a, path / i, src.name, report, stop)
+    samples = [known(x, classes) for x in samples]
     return samples[: src.limit] if src.limit else samples
 
 
 def read_split_file(path) -> dict:
-    """{relative image path: "val" | "drop"} from a train.split file (format: app.evaluate.read_split_file)."""
-    from app.evaluate import EvalDataError
-    from app.evaluate import read_split_file as entries
-
+    """{relative image path: "val" | "drop"} from a train.split file (format: evaluation.datasets.read_split_file)."""
     path = Path(path) if Path(path).is_absolute() else repo_root() / path
     try:
-        return {rel: kind for _, kind, rel in entries(path)}
-    except EvalDataError as exc:
+        return {rel: kind for _, kind, rel in split_entries(path)}
+    except DataError as exc:
         raise ConfigError(f"data.split_file: {exc}") from None
 
 
@@ -491,7 +246,8 @@ def _resize_long(img: np.ndarray, long_side: int) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
-def build_cache(samples: list, long_side: int, report: LoadReport | None = None, progress=None) -> Cache:
+def build_cache(samples: list, long_side: int, classes, report: LoadReport | None = None, progress=None) -> Cache:
+    """Decode and shrink every sample; boxes of ``classes`` (names) become class indices, others are dropped."""
     report = report if report is not None else LoadReport()
     cache = Cache([], [], [], [])
     it = progress(samples) if progress else samples
@@ -503,22 +259,22 @@ def build_cache(samples: list, long_side: int, report: LoadReport | None = None,
         small = _resize_long(img, long_side)
         h, w = small.shape
         cache.images.append(small)
-        cache.boxes.append((s.boxes * np.array([w, h, w, h], np.float32)).astype(np.float32))
-        cache.classes.append(s.classes.copy())
+        boxes, idx = s.select(classes)
+        cache.boxes.append((boxes * np.array([w, h, w, h], np.float32)).astype(np.float32))
+        cache.classes.append(idx)
         cache.sources.append(s.source)
         if s.mask is not None:
-            cache.cutouts += _cutouts(small, s)
+            cache.cutouts += _cutouts(small, s, int(idx[0]) if len(idx) else 0)
     return cache
 
 
-def _cutouts(small: np.ndarray, s: Sample) -> list:
+def _cutouts(small: np.ndarray, s: Sample, cls: int) -> list:
     m = cv2.imread(str(s.mask), cv2.IMREAD_UNCHANGED)
     if m is None or m.ndim != 2:
         return []
     h, w = small.shape
     m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
     out = []
-    cls = int(s.classes[0]) if len(s.classes) else 0
     for inst in np.unique(m):
         if inst == 0:
             continue
@@ -595,7 +351,7 @@ def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, 
         path = base.with_name(f"{base.stem}-{split}-{cfg.cache_long_side}-{key}.npz")
         if path.exists():
             return load_cache(path)
-    cache = build_cache(load_split(cfg, split, report), cfg.cache_long_side, report, progress)
+    cache = build_cache(load_split(cfg, split, report), cfg.cache_long_side, cfg.classes, report, progress)
     if path is not None:
         save_cache(cache, path)
     return cache

@@ -1,4 +1,4 @@
-"""Score a torch checkpoint (the float twin) exactly as ``python -m app eval`` scores a model file.
+"""Score a torch checkpoint (the float twin) exactly as ``python -m evaluation`` scores a model file.
 
     python -m train.evaluate_twin runs/person-float/best.pt --like models/person.xnc
 
@@ -7,7 +7,7 @@ The checkpoint's forward runs inside the runtime's letterbox, decode and NMS
 the model card's binary and float rows differ only by the network. ``--like``
 takes the score threshold for precision, recall, "all boxed" and "upright" from
 a model file, so both rows use one threshold; ``--threshold`` sets it directly.
-The last line is one JSON object, the same keys as ``app eval``'s.
+The last line is one JSON object, the same keys as ``python -m evaluation``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
     args = ap.parse_args(argv)
 
-    from app.evaluate import EvalDataError, load_dataset, print_report, source_of, validation_split
+    from evaluation.datasets import DataError, load_dataset, source_of, validation_split
+    from evaluation.score import print_report
     from train.export import evaluate_torch
     from train.train import load_checkpoint
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         return 1
     try:
         samples = load_dataset(args.data) if args.data else validation_split()
-    except EvalDataError as e:
+    except DataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 1
     kind = "binary" if ck["config"]["model"]["binary"] else "float"

@@ -222,8 +222,9 @@ def torch_detector(net: Detector, anchors, score_threshold: float, nms_iou: floa
 
 
 def evaluate_torch(ckpt, limit: int = 0, score_threshold: float = 0.25, samples=None, group_by=None) -> dict:
-    """COCO metrics of a torch checkpoint by the same code as ``python -m app eval`` (default: the validation split)."""
-    from app.evaluate import EVAL_SCORE_THRESHOLD, evaluate, validation_split
+    """COCO metrics of a torch checkpoint by the same code as ``python -m evaluation`` (default: the validation split)."""
+    from evaluation.datasets import validation_split
+    from evaluation.score import EVAL_SCORE_THRESHOLD, evaluate
     from train.train import load_checkpoint
 
     net, ck = load_checkpoint(ckpt)
@@ -247,20 +248,20 @@ if __name__ == "__main__":
 
 
 def calibration_samples(split_file=None) -> list:
-    """GroundTruth of the split file's dropped images: never trained on and never scored.
+    """Samples of the split file's dropped images: never trained on and never scored.
 
     ``train.split`` drops the images that nearly copy a held-out one from both sides, so they are
     frames the network has not seen, as the Pi's are, and picking a threshold on them leaks no
     validation label. Empty when the split drops nothing.
     """
-    from app.evaluate import split_images
+    from evaluation.datasets import split_images
 
     return split_images("drop", split_file)
 
 
 def f1_best_threshold(gts: list, dets: list, grid) -> tuple:
     """(threshold, f1, precision, recall) of the grid value with the highest F1 (the lowest on ties)."""
-    from app.evaluate import match_counts
+    from evaluation.metrics import match_counts
 
     grid = np.sort(np.asarray(grid, np.float64))
     counts = match_counts(gts, dets, grid).sum(0)
@@ -289,7 +290,7 @@ def recall_leaning_threshold(gts: list, dets: list, grid, n_boot: int = 1000, se
     and the log keeps every score for a consumer who wants fewer boxes.
     Returns threshold, f1, precision, recall there, and the F1-best threshold with its F1.
     """
-    from app.evaluate import match_counts
+    from evaluation.metrics import match_counts
 
     grid = np.sort(np.asarray(grid, np.float64))
     counts = match_counts(gts, dets, grid)
@@ -313,22 +314,12 @@ def recall_leaning_threshold(gts: list, dets: list, grid, n_boot: int = 1000, se
 
 
 def training_samples(data, n_images: int, seed: int = 0) -> list:
-    """GroundTruth of ``n_images`` random training images of a data config (every format it names)."""
-    from app.evaluate import EvalDataError, GroundTruth
+    """``n_images`` random training samples of a data config (every format it names)."""
     from train.data import LoadReport, load_split
 
     pool = load_split(data, "train", LoadReport())
     rng = np.random.default_rng(seed)
-    out = []
-    for i in sorted(rng.choice(len(pool), min(n_images, len(pool)), replace=False)):
-        s = pool[i]
-        img = cv2.imread(str(s.image), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise EvalDataError(f"{s.image}: cannot decode image")
-        h, w = img.shape[:2]
-        boxes = np.asarray(s.boxes, np.float64).reshape(-1, 4) * [w, h, w, h]
-        out.append(GroundTruth(s.image, boxes, [data.classes[c] for c in s.classes]))
-    return out
+    return [pool[i] for i in sorted(rng.choice(len(pool), min(n_images, len(pool)), replace=False))]
 
 
 def calibrate_score_threshold(model_path, data, n_images: int = 400, seed: int = 0, grid=None) -> tuple:
@@ -348,6 +339,7 @@ def calibrate_score_threshold(model_path, data, n_images: int = 400, seed: int =
 
     from app.detector import Detector as RuntimeDetector
     from app.modelfile import read_model
+    from evaluation.datasets import DataError
     from train.data import repo_root
 
     split_file = None
@@ -364,9 +356,13 @@ def calibrate_score_threshold(model_path, data, n_images: int = 400, seed: int =
     names = list(model.class_names)
     gts, dets = [], []
     for s in samples:
-        keep = [k for k, n in enumerate(s.names) if n in names]
-        gts.append((s.boxes[keep], np.array([names.index(s.names[k]) for k in keep], np.int64)))
-        dets.append(det.detect(cv2.imread(str(s.image), cv2.IMREAD_COLOR)))
+        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{s.image}: cannot decode image")
+        h, w = img.shape[:2]
+        boxes, classes = s.select(names)
+        gts.append((boxes.astype(np.float64) * [w, h, w, h], classes))
+        dets.append(det.detect(img))
     pick = recall_leaning_threshold(gts, dets, grid if grid is not None else np.arange(0.02, 0.61, 0.01))
     meta = dict(model.metadata)
     meta["score_threshold_calibration"] = {

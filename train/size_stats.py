@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from app.evaluate import stands
+from evaluation.metrics import stands
 
 BANDS = (0.0, 0.1, 0.25, 0.45, 0.65, 0.85, 1.0 + 1e-9)
 

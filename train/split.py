@@ -14,7 +14,7 @@ the split). Any training image still closer than ``BUFFER`` to a validation imag
 is dropped from both.
 
 The output lists ``val PATH`` and ``drop PATH`` lines (paths relative to the
-datasets root). Training (``split = "scenes"`` sources) and ``python -m app eval``
+datasets root). Training (``split = "scenes"`` sources) and ``python -m evaluation``
 read it. Sources not named here are handled by their config (coco_mini stays a
 whole held-out source; pennfudan stays in training as the copy-paste mask source).
 
@@ -35,7 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from train.data import IMAGE_SUFFIXES, repo_root, shared_root
+from evaluation.datasets import IMAGE_SUFFIXES, shared_root
+from train.data import repo_root
 
 SOURCES = ("person/capston2", "person/fall", "person/clinic")
 # (photo folder, folder of crops named PHOTO_crop): split in contiguous blocks of sorted names.

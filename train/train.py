@@ -299,7 +299,7 @@ def predict_cache(model, cache, width, height, anchors, batch=64):
 
 
 def validate(model, cache, cfg, anchors, num_classes) -> dict:
-    from app.evaluate import coco_metrics, precision_recall
+    from evaluation.metrics import coco_metrics, precision_recall
 
     m = cfg["model"]
     dets = predict_cache(model, cache, m.input_width, m.input_height, anchors)
@@ -791,7 +791,8 @@ def _export_and_evaluate(cfg: dict, out: Path, args, argv) -> int:
         return 0
     if cfg["model"].binary:
         from app.detector import Detector as RuntimeDetector
-        from app.evaluate import EVAL_SCORE_THRESHOLD, evaluate, validation_split
+        from evaluation.datasets import validation_split
+        from evaluation.score import EVAL_SCORE_THRESHOLD, evaluate
         from train.export import export_checkpoint
 
         target = Path(args.export_to) if args.export_to else repo_root() / cfg["train"].export_to

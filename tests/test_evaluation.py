@@ -1,16 +1,29 @@
-"""app/evaluate.py: COCO mAP through pycocotools on datasets whose answer is known."""
+"""evaluation/: COCO mAP through pycocotools, the camera owner's numbers and the CLI, on datasets whose answer is known."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 
-from app import evaluate as ev
+from evaluation import datasets, metrics, score
+from evaluation.__main__ import main as cli
 
 pytest.importorskip("pycocotools")
+
+ev = SimpleNamespace(
+    load_dataset=datasets.load_dataset,
+    detect_format=datasets.detect_format,
+    validation_split=datasets.validation_split,
+    EvalDataError=datasets.DataError,
+    evaluate=score.evaluate,
+    frames_found=metrics.frames_found,
+    upright_found=metrics.upright_found,
+    main=cli,
+)
 
 
 def make_yolo(root, n=6, seed=0):
@@ -32,16 +45,18 @@ def make_yolo(root, n=6, seed=0):
 
 
 def oracle(samples, names, shift=0.0, score=0.9):
-    """A fake detector that returns the labels (optionally shifted by a fraction of the box)."""
-    by_shape = {}
-    for s in samples:
-        keep = [k for k, n in enumerate(s.names) if n in names]
-        b = s.boxes[keep].copy()
+    """A fake detector that returns the labels (optionally shifted by a fraction of the box), in image pixels."""
+    order = iter(samples)
+
+    def detect(image):
+        s = next(order)
+        h, w = image.shape[:2]
+        b, c = s.select(names)
+        b = b.astype(np.float64) * [w, h, w, h]
         b[:, [0, 2]] += shift * (b[:, 2] - b[:, 0])[:, None]
-        d = np.column_stack([b, np.full(len(b), score), [names.index(s.names[k]) for k in keep]]).astype(np.float32)
-        by_shape[s.image.name] = d
-    order = iter([by_shape[s.image.name] for s in samples])
-    return lambda image: next(order)
+        return np.column_stack([b, np.full(len(b), score), c]).astype(np.float32)
+
+    return detect
 
 
 def test_perfect_detections_score_one(tmp_path):
@@ -78,7 +93,8 @@ def test_voc_and_coco_readers(tmp_path):
         "<xmax>30</xmax><ymax>40</ymax></bndbox></object></annotation>"
     )
     v = ev.load_dataset(tmp_path / "v")
-    assert v[0].names == ["cat"] and v[0].boxes.tolist() == [[1, 2, 30, 40]]
+    assert v[0].names == ("cat",)
+    np.testing.assert_allclose(v[0].boxes, [[1 / 80, 2 / 50, 30 / 80, 40 / 50]], rtol=1e-6)
     c = tmp_path / "c"
     (c / "annotations").mkdir(parents=True)
     (c / "val2017").mkdir()
@@ -93,7 +109,8 @@ def test_voc_and_coco_readers(tmp_path):
         )
     )
     s = ev.load_dataset(c)
-    assert s[0].names == ["person"] and s[0].boxes.tolist() == [[10, 10, 30, 40]]
+    assert s[0].names == ("person",)
+    np.testing.assert_allclose(s[0].boxes, [[10 / 80, 10 / 50, 30 / 80, 40 / 50]], rtol=1e-6)
 
 
 def test_cli_on_a_model_file_prints_json_last(tmp_path, rand_model_file, capsys):
@@ -169,8 +186,8 @@ def test_default_split_reads_the_listed_scenes_and_whole_sources(tmp_path, monke
     split = tmp_path / "split.txt"
     split.write_text("# held out\nval person/cam/images/im1.png\nval person/cam/images/im3.png\ndrop person/cam/images/im0.png\n")
     monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path))
-    monkeypatch.setattr(ev, "VALIDATION_SPLIT_FILE", split)
-    monkeypatch.setattr(ev, "VALIDATION_WHOLE", (("whole", "yolo"),))
+    monkeypatch.setattr(datasets, "VALIDATION_SPLIT_FILE", split)
+    monkeypatch.setattr(datasets, "VALIDATION_WHOLE", (("whole", "yolo"),))
     got = ev.validation_split()
     assert [s.image.name for s in got] == ["im1.png", "im3.png", "im0.png", "im1.png"]
     assert got[2].image.parent.parent == whole
@@ -227,3 +244,131 @@ def test_groups_are_scored_on_their_own(tmp_path):
     assert m["groups"]["a"]["map50"] == pytest.approx(1.0) and m["groups"]["a"]["frames_found"] == 1.0
     assert m["groups"]["b"]["recall"] == 0.0 and m["groups"]["b"]["images"] == 3
     assert 0.0 < m["recall"] < 1.0
+
+
+def _with_empty_images(root, n_empty=4):
+    """make_yolo plus ``n_empty`` images without any label (the person-free scenes)."""
+    make_yolo(root, n=3)
+    for i in range(n_empty):
+        cv2.imwrite(str(root / "images" / f"empty{i}.png"), np.full((90, 120, 3), 80, np.uint8))
+        (root / "labels" / f"empty{i}.txt").write_text("")
+    return root
+
+
+def with_false_boxes(samples):
+    """Right on the labelled images; two false boxes on empty0, one scoring 0.1 on empty1, none on the others."""
+    perfect = oracle(samples, ["person", "dog"])
+    order = iter(samples)
+    extra = {"empty0.png": [[5, 5, 30, 30, 0.9, 0], [40, 5, 60, 30, 0.8, 0]], "empty1.png": [[5, 5, 30, 30, 0.1, 0]]}
+
+    def detect(img):
+        s = next(order)
+        d = perfect(img)
+        return np.array(extra.get(s.image.name, d), np.float32).reshape(-1, 6)
+
+    return detect
+
+
+def test_false_boxes_on_empty_images_are_counted_per_100(tmp_path):
+    samples = ev.load_dataset(_with_empty_images(tmp_path / "d"))
+    assert sum(not len(s.boxes) for s in samples) == 4
+    m = ev.evaluate(with_false_boxes(samples), samples, ["person", "dog"], 0.25)
+    assert m["empty_images"] == 4 and m["labelled_images"] == 3
+    assert m["fp_per_100_empty"] == pytest.approx(50.0)  # 2 boxes over 4 empty images
+    assert m["empty_with_box"] == pytest.approx(0.25)
+    assert m["recall"] == 1.0 and m["precision"] < 1.0  # the false boxes cost precision, never recall
+    low = ev.evaluate(with_false_boxes(samples), samples, ["person", "dog"], 0.05)
+    assert low["fp_per_100_empty"] == pytest.approx(75.0) and low["empty_with_box"] == pytest.approx(0.5)
+
+
+def test_empty_image_numbers_only_count_images_without_labels():
+    gts = [(np.array([[0, 0, 10, 10]], float), np.array([0])), (np.zeros((0, 4)), np.zeros(0, int))]
+    boxed = np.array([[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.9, 0]], np.float32)
+    got = metrics.empty_images(gts, [boxed, boxed[1:]], 0.5)
+    assert got == {"empty_images": 1, "fp_per_100_empty": 100.0, "empty_with_box": 1.0}
+    assert metrics.empty_images(gts[:1], [boxed], 0.5) == {
+        "empty_images": 0, "fp_per_100_empty": 0.0, "empty_with_box": 0.0}
+
+
+def test_match_image_marks_true_false_and_missed():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    d = np.array([[0, 0, 10, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0], [100, 100, 110, 110, 0.7, 0]], np.float32)
+    found, kept, true = metrics.match_image(boxes, np.array([0, 0]), d, 0.5)
+    assert found.tolist() == [True, False]  # the second label is missed
+    assert true.tolist() == [True, False, False]  # a duplicate and a stray box are both false
+    assert kept[:, 4].tolist() == pytest.approx([0.9, 0.8, 0.7])
+
+
+def test_sheet_draws_found_false_and_missed_in_their_colours(tmp_path):
+    from evaluation.sheet import GREEN, RED, TILE_H, TILE_W, YELLOW, draw_sheet
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.full((180, 240, 3), 128, np.uint8))  # one tile, scale 1
+    sc = score.Scored(
+        img,
+        np.array([[20, 20, 80, 150], [150, 20, 200, 150]], float),
+        np.array([0, 0]),
+        np.array([[20, 20, 80, 150, 0.9, 0], [100, 160, 120, 175, 0.9, 0]], np.float32),
+        (180, 240),
+    )
+    out = tmp_path / "sheet.png"
+    assert draw_sheet([sc], 0.5, out, n=4, columns=3) == 1
+    sheet = cv2.imread(str(out))
+    assert sheet.shape[1] == TILE_W and sheet.shape[0] > TILE_H
+    body = sheet[26:]
+
+    def near(colour):
+        return (np.abs(body.astype(int) - colour).sum(-1) < 40).sum()
+
+    assert near(GREEN) > 50 and near(RED) > 20 and near(YELLOW) > 50
+    # the found person's box is green at its left edge, the missed one's yellow at its left edge
+    assert np.abs(body[80, 20].astype(int) - GREEN).sum() < 40
+    assert np.abs(body[80, 150].astype(int) - YELLOW).sum() < 40
+    with pytest.raises(ValueError):
+        draw_sheet([sc], 0.5, out, n=0)
+
+
+def test_sheet_picks_images_evenly():
+    from evaluation.sheet import pick
+
+    assert pick(10, 20) == list(range(10))
+    assert pick(100, 5) == [0, 25, 50, 74, 99]
+
+
+def test_cli_reports_empty_scenes_and_draws_the_sheet(tmp_path, rand_model_file, capsys):
+    data = _with_empty_images(tmp_path / "d", n_empty=2)
+    sheet = tmp_path / "out" / "sheet.png"
+    rc = ev.main(["--model", str(rand_model_file), "--data", str(data), "--threshold", "0.005",
+                  "--sheet", str(sheet), "--sheet-images", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    out = json.loads(text.strip().splitlines()[-1])
+    assert out["empty_images"] == 2 and out["labelled_images"] == 3
+    assert out["fp_per_100_empty"] > 0 and out["empty_with_box"] == 1.0  # a random net boxes noise at 0.005
+    assert "sheet: 3 images" in text
+    assert cv2.imread(str(sheet)) is not None
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--sheet", "x.jpg"], "--sheet"), (["--sheet-images", "0", "--sheet", "x.png"], "--sheet-images"),
+     (["--source", "person/fall"], "--source")],
+)
+def test_cli_refuses_bad_sheet_and_source_flags(tmp_path, rand_model_file, extra, needle, capsys):
+    assert ev.main(["--model", str(rand_model_file), "--data", str(tmp_path), *extra]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_source_keeps_one_source_of_the_split(tmp_path, monkeypatch, rand_model_file, capsys):
+    data = tmp_path / "datasets"
+    make_yolo(data / "person" / "cam", n=4)
+    make_yolo(data / "whole", n=2, seed=1)
+    split = tmp_path / "split.txt"
+    split.write_text("val person/cam/images/im1.png\nval person/cam/images/im2.png\n")
+    monkeypatch.setenv("XNORCAM_SHARED", str(tmp_path))
+    monkeypatch.setattr(datasets, "VALIDATION_SPLIT_FILE", split)
+    monkeypatch.setattr(datasets, "VALIDATION_WHOLE", (("whole", "yolo"),))
+    assert ev.main(["--model", str(rand_model_file), "--source", "person/cam"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 2
+    assert ev.main(["--model", str(rand_model_file), "--source", "nope"]) == 2
+    assert "person/cam" in capsys.readouterr().err  # names the sources there are
