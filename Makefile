@@ -73,31 +73,50 @@ train: setup-dev ## train the person detector: its float twin, then the binary n
 	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
 
-# The shipped models/person.xnc came from ten stages across sessions (models/README.md, "Training").
-# train-shipped replays them with the same flags; about 16 hours on the 2-core CPU it was made on.
-# Stage 9 started from stage 8's model file (train.from_model), as it did when the checkpoints were gone.
+# The shipped models/person.xnc came from ten stages, each from an earlier one (models/README.md, "Training
+# and how to reproduce"; docs/experiments.md says why), plus the large twin that teaches the distillation stage.
+# train-shipped replays them: about 16 hours on 2 CPU cores. The ternary stage starts from the distillation
+# stage's exported model file (train.from_model), so the lineage does not depend on kept checkpoints.
 LINEAGE ?= runs/lineage
 TRAIN := $(PY) -m train.train --config train/configs/person.toml
-train-shipped: setup-dev ## replay the ten training stages of the shipped model (and stage 8's teacher) (hours on a CPU; exports models/person.xnc)
-	$(TRAIN) --float-twin --minutes 40 --no-export --out $(LINEAGE)/1-float
-	$(TRAIN) --init-from $(LINEAGE)/1-float/best.pt --teacher $(LINEAGE)/1-float/best.pt --minutes 85 --no-export --out $(LINEAGE)/2-binary
-	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/2-binary/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --minutes 44 --no-export --out $(LINEAGE)/3-res2
-	$(TRAIN) --res-blocks 2 --init-from $(LINEAGE)/3-res2/best.pt --teacher $(LINEAGE)/1-float/best.pt --lr 5e-4 --precision bf16 --val-every 15 --minutes 130 --no-export --out $(LINEAGE)/4-bf16
-	$(TRAIN) --res-blocks 2 --resume $(LINEAGE)/4-bf16/last.pt --teacher $(LINEAGE)/1-float/best.pt --lr 3e-4 --precision bf16 --ema 0.999 --val-every 14 --minutes 112 --no-export --out $(LINEAGE)/5-ema
-	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/5-ema/last.pt --teacher $(LINEAGE)/1-float/best.pt --distill 0.5 --lr 3e-4 --precision bf16 --ema 0.999 --val-every 20 --minutes 135 --no-export --out $(LINEAGE)/6-res3
-	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/6-res3/best.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 3e-4 --precision bf16 --ema 0.999 --val-every 20 --minutes 105 --no-export --out $(LINEAGE)/7-large
-	$(TRAIN) --float-twin --res-blocks 3 --init-from $(LINEAGE)/1-float/best.pt --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --val-every 15 --minutes 55 --no-export --out $(LINEAGE)/twin-large
-	$(TRAIN) --res-blocks 3 --init-from $(LINEAGE)/7-large/best.pt --teacher $(LINEAGE)/twin-large/best.pt --distill 1 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --compile --val-every 20 --minutes 105 --no-export --out $(LINEAGE)/8-distill
-	$(TRAIN) --res-blocks 3 --eval-only --checkpoint last --out $(LINEAGE)/8-distill --export-to $(LINEAGE)/8-distill/person.xnc
-	$(PY) -m train.from_model $(LINEAGE)/8-distill/person.xnc $(LINEAGE)/8-imported/last.pt
-	$(TRAIN) --res-blocks 3 --ternary 2,4 --init-from $(LINEAGE)/8-imported/last.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 1e-3 --precision bf16 --ema 0.999 --compile --threads 1 --val-every 20 --minutes 95 --no-export --out $(LINEAGE)/9-ternary
-	$(TRAIN) --res-blocks 3 --ternary 2,4 --init-from $(LINEAGE)/9-ternary/last.pt --distill 0 --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75 --lr 3e-4 --precision bf16 --ema 0.999 --compile --threads 2 --val-every 10 --minutes 20 --no-export --out $(LINEAGE)/10-ternary
-	$(TRAIN) --res-blocks 3 --ternary 2,4 --eval-only --checkpoint best --out $(LINEAGE)/10-ternary
+L := $(LINEAGE)
+LARGE_PEOPLE := --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75
+BF16_EMA := --set train.precision=bf16 --set train.ema=0.999
+train-shipped: setup-dev ## replay the ten training stages of the shipped model and its teacher (hours on a CPU; exports models/person.xnc)
+	$(TRAIN) --float-twin --set train.minutes=40 --no-export --out $(L)/1-float
+	$(TRAIN) --set train.init_from=$(L)/1-float/best.pt --set train.teacher=$(L)/1-float/best.pt \
+		--set train.minutes=85 --no-export --out $(L)/2-binary
+	$(TRAIN) --set model.res_blocks=2 --set train.init_from=$(L)/2-binary/best.pt --set train.teacher=$(L)/1-float/best.pt \
+		--set train.lr=5e-4 --set train.minutes=44 --no-export --out $(L)/3-res2
+	$(TRAIN) --set model.res_blocks=2 --set train.init_from=$(L)/3-res2/best.pt --set train.teacher=$(L)/1-float/best.pt \
+		--set train.lr=5e-4 --set train.precision=bf16 --set train.val_every_minutes=15 --set train.minutes=130 \
+		--no-export --out $(L)/4-bf16
+	$(TRAIN) --set model.res_blocks=2 --resume $(L)/4-bf16/last.pt --set train.teacher=$(L)/1-float/best.pt \
+		--set train.lr=3e-4 $(BF16_EMA) --set train.val_every_minutes=14 --set train.minutes=112 --no-export --out $(L)/5-ema
+	$(TRAIN) --set model.res_blocks=3 --set train.init_from=$(L)/5-ema/last.pt --set train.teacher=$(L)/1-float/best.pt \
+		--set train.distill=0.5 --set train.lr=3e-4 $(BF16_EMA) --set train.val_every_minutes=20 --set train.minutes=135 \
+		--no-export --out $(L)/6-res3
+	$(TRAIN) --set model.res_blocks=3 --set train.init_from=$(L)/6-res3/best.pt --set train.distill=0 $(LARGE_PEOPLE) \
+		--set train.lr=3e-4 $(BF16_EMA) --set train.val_every_minutes=20 --set train.minutes=105 --no-export --out $(L)/7-large
+	$(TRAIN) --float-twin --set model.res_blocks=3 --set train.init_from=$(L)/1-float/best.pt $(LARGE_PEOPLE) \
+		--set train.lr=1e-3 $(BF16_EMA) --set train.val_every_minutes=15 --set train.minutes=55 --no-export --out $(L)/twin-large
+	$(TRAIN) --set model.res_blocks=3 --set train.init_from=$(L)/7-large/best.pt --set train.teacher=$(L)/twin-large/best.pt \
+		--set train.distill=1 $(LARGE_PEOPLE) --set train.lr=1e-3 $(BF16_EMA) --set train.compile=true \
+		--set train.val_every_minutes=20 --set train.minutes=105 --no-export --out $(L)/8-distill
+	$(TRAIN) --set model.res_blocks=3 --eval-only --checkpoint last --out $(L)/8-distill --export-to $(L)/8-distill/person.xnc
+	$(PY) -m train.from_model $(L)/8-distill/person.xnc $(L)/8-imported/last.pt
+	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --set train.init_from=$(L)/8-imported/last.pt \
+		--set train.distill=0 $(LARGE_PEOPLE) --set train.lr=1e-3 $(BF16_EMA) --set train.compile=true --set train.threads=1 \
+		--set train.val_every_minutes=20 --set train.minutes=95 --no-export --out $(L)/9-ternary
+	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --set train.init_from=$(L)/9-ternary/last.pt \
+		--set train.distill=0 $(LARGE_PEOPLE) --set train.lr=3e-4 $(BF16_EMA) --set train.compile=true --set train.threads=2 \
+		--set train.val_every_minutes=10 --set train.minutes=20 --no-export --out $(L)/10-ternary
+	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --eval-only --checkpoint best --out $(L)/10-ternary
 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py
 
-pack: setup-dev ## pack the training caches (JPEG) to carry to a GPU machine: runs/carry (train/gpu.sh)
+pack: setup-dev ## pack the training caches (JPEG) for training on a CUDA machine: runs/carry (train/gpu.sh)
 	$(PY) -m train.pack --config train/configs/person.toml
 
 eval: setup-dev ## mAP of the shipped model through the runtime Detector

@@ -8,7 +8,7 @@ batch, 1 torch thread. The sides alternate (default, kept, bf16, default...)
 so drift in the machine's load hits all of them. "bf16" is "kept" with the
 forward under bfloat16 autocast (train.precision = "bf16"); its speed-up is
 against "kept". "compiled" is "bf16" through torch.compile (train.compile,
-`--compile`); its speed-up is against "bf16", and its compile time (the
+`--set train.compile=true`); its speed-up is against "bf16", and its compile time (the
 first round's two warm-up steps, less bf16's) is reported apart. The last line is one JSON object.
 """
 

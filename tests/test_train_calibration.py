@@ -9,10 +9,10 @@ import pytest
 pytest.importorskip("torch")
 
 from app.detector import Detector  # noqa: E402
-from evaluation.datasets import DataError as EvalDataError  # noqa: E402
 from app.modelfile import read_model, write_model  # noqa: E402
 from app.randmodel import synthetic_frame  # noqa: E402
-from train import export as te  # noqa: E402
+from evaluation.datasets import DataError as EvalDataError  # noqa: E402
+from train import calibrate as te  # noqa: E402
 from train.data import DataConfig, SourceConfig  # noqa: E402
 
 

@@ -156,7 +156,7 @@ def test_copy_paste_adds_a_box_on_the_pasted_person():
 # ---------------------------------------------------------------- the real datasets
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/datasets absent (not in a user's clone)")
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"no datasets folder at {SHARED} (XNORCAM_SHARED sets its parent)")
 def test_real_person_config_loads_cleanly():
     cfg = td.DataConfig.from_dict(
         td.load_toml(Path(__file__).resolve().parents[1] / "train/configs/person.toml")["data"]
@@ -211,7 +211,7 @@ def test_scenes_split_needs_a_split_file_and_a_clean_one(tmp_path):
         td.read_split_file(bad)
 
 
-@pytest.mark.skipif(not (SHARED / "raccoon").is_dir(), reason="../shared/datasets absent")
+@pytest.mark.skipif(not (SHARED / "raccoon").is_dir(), reason=f"no raccoon dataset at {SHARED / 'raccoon'}")
 def test_real_voc_raccoon():
     rep = td.LoadReport()
     samples = td.load_voc(SHARED / "raccoon", "raccoon", rep, stop=False)

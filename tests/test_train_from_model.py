@@ -13,7 +13,7 @@ from app import bits  # noqa: E402
 from app.modelfile import Layer, read_model, write_model  # noqa: E402
 from app.network import Network  # noqa: E402
 from app.randmodel import synthetic_frame  # noqa: E402
-from tests.test_export_parity import ANCHORS, H, W, make_net, mismatches  # noqa: E402
+from tests.test_train_export_parity import ANCHORS, H, W, make_net, mismatches  # noqa: E402
 from train import from_model as fm  # noqa: E402
 from train import model as tm  # noqa: E402
 from train.export import to_model  # noqa: E402
@@ -139,11 +139,12 @@ def test_a_topology_the_trainer_does_not_build_is_refused_naming_the_layer(sourc
 
 def test_the_cli_writes_a_checkpoint_that_init_from_and_the_exporter_accept(tmp_path, source, monkeypatch, capsys):
     from tests.test_train_loop import _config
-    from train import train as tt
+    from train import cli
+    from train.config import load_config
     from train.export import export_checkpoint
 
     # The tiny training config has 64x64 inputs and one class: a file of that net.
-    tiny = tt.load_config(_config(tmp_path))
+    tiny = load_config(_config(tmp_path))
     cfg = replace(tiny["model"], res_blocks=1)
     net = tm.Detector(cfg, 1)
     net.eval()
@@ -159,8 +160,8 @@ def test_the_cli_writes_a_checkpoint_that_init_from_and_the_exporter_accept(tmp_
     assert np.array_equal(Network(a).forward(img), Network(b).forward(img)) or np.allclose(
         Network(a).forward(img), Network(b).forward(img), atol=1e-4)
     # and training starts from it
-    rc = tt.main(["--config", str(tmp_path / "tiny.toml"), "--res-blocks", "1", "--init-from", str(out),
-                  "--no-export", "--out", str(tmp_path / "ft")])
+    rc = cli.main(["--config", str(tmp_path / "tiny.toml"), "--set", "model.res_blocks=1",
+                   "--set", f"train.init_from={out}", "--no-export", "--out", str(tmp_path / "ft")])
     assert rc == 0
     assert "weights from" in capsys.readouterr().out
 

@@ -1,6 +1,7 @@
-"""What a GPU session needs: packed caches that fit the carry, batches made by worker processes, the warp on any device.
+"""What training on a CUDA machine from packed caches needs: packs that fit the carry, batches made by worker
+processes, the warp on any device.
 
-All of it runs on the CPU here (the GPU machine runs the same code with device="cuda").
+All of it runs on the CPU here (a CUDA machine runs the same code with device="cuda").
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch  # noqa: E402
 
 from tests.test_train_data import _rect_cache  # noqa: E402
 from tests.test_train_loop import _config  # noqa: E402
+from train import cli  # noqa: E402
 from train import data as td  # noqa: E402
-from train import train as tt  # noqa: E402
 from train.augment import AugmentConfig, BatchMaker  # noqa: E402
 from train.batches import Prefetch, WorkerBatches, epoch_batches, start  # noqa: E402
+from train.checkpoints import load_checkpoint  # noqa: E402
+from train.config import load_config  # noqa: E402
 
 
 def _with_cutout(cache):
@@ -129,29 +132,28 @@ def test_thread_and_worker_batches_both_cover_the_epoch_in_whole_batches():
 
 def test_trainer_trains_from_a_pack_with_workers_and_refuses_a_stale_one(tmp_path, capsys):
     cfg_path = _config(tmp_path)
-    dc = tt.load_config(cfg_path)["data"]
+    dc = load_config(cfg_path)["data"]
     packed = tmp_path / "carry"
     for split in ("train", "val"):
         td.pack_cache(td.cached_split(dc, split), packed / f"{split}.npz", td.split_key(dc, split))
     args = ["--config", str(cfg_path), "--float-twin", "--no-export", "--packed", str(packed)]
-    assert tt.main([*args, "--workers", "2", "--out", str(tmp_path / "f")]) == 0
+    assert cli.main([*args, "--set", "train.workers=2", "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "best.pt").is_file()
     (packed / "val.npz").replace(packed / "train.npz")  # the wrong split under the train name
-    assert tt.main([*args, "--out", str(tmp_path / "g")]) == 78
+    assert cli.main([*args, "--out", str(tmp_path / "g")]) == 78
     assert "another data config or split" in capsys.readouterr().err
 
 
 def test_bad_loader_settings_are_config_errors(tmp_path, capsys):
     cfg_path = _config(tmp_path)
-    assert tt.main(["--config", str(cfg_path), "--widths", "8,x", "--no-export"]) == 78
-    assert tt.main(["--config", str(cfg_path), "--res-blocks", "99", "--no-export"]) == 78
-    assert tt.main(["--config", str(cfg_path), "--workers", "-1", "--no-export"]) == 78
-    assert tt.main(["--config", str(cfg_path), "--batch-size", "0", "--no-export"]) == 78
+    for bad in ("model.widths=[8,x]", "model.res_blocks=99", "train.workers=-1", "train.batch_size=0"):
+        assert cli.main(["--config", str(cfg_path), "--set", bad, "--no-export", "--out", str(tmp_path / "x")]) == 78
     assert "workers >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp_path):
-    """train/gpu.sh as the device runs it (CPU here, tiny config): what comes back is what export needs."""
+    """train/gpu.sh as a CUDA machine runs it (CPU here, tiny config): what comes back is what export needs."""
     import os
     import subprocess
     import sys
@@ -159,23 +161,22 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
 
     root = Path(__file__).resolve().parents[1]
     cfg_path = _config(tmp_path)
-    dc = tt.load_config(cfg_path)["data"]
+    dc = load_config(cfg_path)["data"]
     for split in ("train", "val"):
         td.pack_cache(td.cached_split(dc, split), tmp_path / "carry" / f"{split}.npz", td.split_key(dc, split))
     env = {**os.environ, "PY": sys.executable, "CONFIG": str(cfg_path), "CARRY": str(tmp_path / "carry"),
            "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "WORKERS": "1", "BATCH": "8",
-           "FLOAT_MIN": "1", "BINARY_MIN": "1", "MODEL_ARGS": "--res-blocks 1"}
+           "FLOAT_MIN": "1", "BINARY_MIN": "1", "MODEL_ARGS": "--set model.res_blocks=1"}
     proc = subprocess.run(["bash", str(root / "train" / "gpu.sh")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     back = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert back == ["binary-best.pt", "binary-curves.png", "binary-history.json", "binary.log",
                     "float-best.pt", "float-history.json", "float.log"]
-    assert len(back) <= 8  # what the device tool returns from $OUT
-    _, ck = tt.load_checkpoint(tmp_path / "out" / "binary-best.pt")
+    _, ck = load_checkpoint(tmp_path / "out" / "binary-best.pt")
     assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()
     assert ck["config"]["model"]["res_blocks"] == 1  # MODEL_ARGS reached both stages (the binary inits from the twin)
-    assert ck["config"]["train"]["precision"] == "bf16"  # the device trains in bfloat16 unless PRECISION says not
+    assert ck["config"]["train"]["precision"] == "bf16"  # gpu.sh trains in bfloat16 unless PRECISION says not
 
 
 def test_workers_that_cannot_start_fall_back_to_the_thread(monkeypatch):

@@ -142,7 +142,8 @@ def test_kmeans_anchors_find_the_clusters():
 def test_checkpoint_round_trip_without_pickle(tmp_path):
     from pathlib import Path
 
-    from train.train import load_checkpoint, load_config, save_checkpoint
+    from train.checkpoints import load_checkpoint, save_checkpoint
+    from train.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "train/configs/person.toml")
     net = tm.Detector(cfg["model"], 1)
@@ -154,13 +155,13 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 
 
 def test_binary_net_starts_from_its_float_twin():
-    from train.train import init_from_float
+    from train.warmstart import init_from
 
     torch.manual_seed(0)
     cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16))
     float_net = tm.Detector(tm.ModelConfig(**{**cfg.__dict__, "binary": False}))
     binary = tm.Detector(cfg)
-    init_from_float(binary, float_net.state_dict(), log=lambda *_: None)
+    init_from(binary, float_net.state_dict(), log=lambda *_: None)
     for fm, bm in zip(float_net.layers, binary.layers, strict=True):
         if isinstance(bm, tm.BConv):
             assert torch.equal(torch.sign(bm.weight), torch.sign(fm.weight))  # same signs
@@ -174,7 +175,7 @@ def test_bireal_blocks_added_to_a_trained_binary_net_start_as_the_identity():
     """Warm start: the trained net's weights as they are (no rescale), the new blocks change nothing yet."""
     from dataclasses import replace
 
-    from train.train import init_from_float
+    from train.warmstart import init_from
 
     torch.manual_seed(1)
     cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16))
@@ -187,65 +188,13 @@ def test_bireal_blocks_added_to_a_trained_binary_net_start_as_the_identity():
                 m.weight.mul_(0.3)  # latent weights well inside [-1, 1]: a rescale would show
     old.eval()
     new = tm.Detector(replace(cfg, res_blocks=2))
-    init_from_float(new, old.state_dict(), log=lambda *_: None, from_binary=True)
+    init_from(new, old.state_dict(), log=lambda *_: None, from_binary=True)
     new.eval()
     assert [type(m).__name__ for m in new.layers][-3:] == ["ResBConv", "ResBConv", "Head"]
     assert torch.equal(new.layers[2].weight, old.layers[2].weight)
     x = torch.rand(3, 1, 32, 32) * 255
     with torch.no_grad():
         assert torch.equal(new(x), old(x))
-
-
-@pytest.mark.parametrize("binary", [True, False])
-def test_promoting_the_last_bits_bconv_keeps_its_signs_and_adds_only_a_small_shortcut(binary):
-    """A source one bits bconv longer and one block shorter: that bconv's output joins the real stream.
-
-    The next layer must see the same input (binary: the same signs; twin: the ReLU of a scaled
-    output, its BatchNorm rescaled), so the only change at the head is the new shortcut.
-    """
-    from train.train import PROMOTE_EPS, init_from_float
-
-    torch.manual_seed(2)
-    src_cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 8, 16, 16), binary=binary)
-    old = tm.Detector(src_cfg)
-    with torch.no_grad():
-        old.train()
-        old(torch.rand(4, 1, 32, 32) * 255)
-    old.eval()
-    new = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 8, 16), res_blocks=1,
-                                     binary=binary))
-    logs = []
-    src = {**src_cfg.__dict__, "widths": list(src_cfg.widths)}
-    init_from_float(new, old.state_dict(), log=logs.append, from_binary=binary, src_cfg=src)
-    new.eval()
-    assert any("layer 6 promoted" in m for m in logs)
-    assert [type(m).__name__ for m in new.layers][5:] == ["Pool", "BConv", "ResBConv", "Head"]
-    x = torch.rand(3, 1, 32, 32) * 255
-    with torch.no_grad():
-        head_old, t_old = old(x, trace=True)
-        head_new, t_new = new(x, trace=True)
-        r = t_new[6]
-        y, scale = old.layers[6].preact(t_old[5])
-        z = old.layers[6].bn_eval(y, scale) if binary else old.layers[6].bn(y)  # the old layer before its sign
-        assert torch.allclose(r, PROMOTE_EPS * z, rtol=1e-5, atol=1e-6)
-        if binary:
-            assert torch.equal(tm.sign_pm1(r), t_old[6])  # the block reads exactly the old bits
-        else:
-            assert torch.allclose(torch.relu(r), PROMOTE_EPS * t_old[6], atol=1e-6)
-        shortcut = F.conv2d(r, new.layers[-1].conv.weight)
-        assert torch.allclose(head_new - head_old, shortcut, atol=1e-3 if not binary else 1e-5)
-        assert shortcut.abs().max() > 1e-3  # and the shortcut is really there
-
-
-def test_a_source_that_pools_after_its_last_bits_bconv_is_not_promoted():
-    from train.train import init_from_float
-
-    src_cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 16, 16))
-    logs = []
-    new = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 8, 16), res_blocks=1))
-    init_from_float(new, tm.Detector(src_cfg).state_dict(), log=logs.append, from_binary=True,
-                    src_cfg={**src_cfg.__dict__, "widths": list(src_cfg.widths)})
-    assert not any("promoted" in m for m in logs)
 
 
 def test_distillation_is_zero_only_where_the_student_matches():
@@ -266,45 +215,6 @@ def test_distillation_is_zero_only_where_the_student_matches():
     loss.backward()
     g = split_head(s.grad, 3)
     assert g[:, 0, ..., 0].abs().sum() > 0 and g[:, 1:, ..., 0].abs().sum() == 0
-
-
-def test_real_act_probe_keeps_only_the_named_layers_real():
-    cfg = tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), res_blocks=1, real_act=(0, 5))
-    net = tm.Detector(cfg).eval()
-    assert [type(m).__name__ for m in net.layers] == ["Stem", "Pool", "BConv", "Pool", "BConv", "ResBConv", "Head"]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        net.layers[5].bn.weight.fill_(1.0)  # a live block, so its sign feeds the head
-        _, outs = net(torch.rand(2, 1, 32, 32) * 255, trace=True)
-    assert len(outs[0].unique()) > 10 and outs[0].abs().max() <= 1.0
-    assert set(outs[2].unique().tolist()) <= {-1.0, 1.0}  # not named: still signs
-    plain = tm.Detector(tm.ModelConfig(**{**cfg.__dict__, "real_act": ()})).eval()
-    plain.load_state_dict(net.state_dict())
-    with torch.no_grad():
-        _, pouts = plain(torch.rand(2, 1, 32, 32) * 255, trace=True)
-    assert set(pouts[0].unique().tolist()) <= {-1.0, 1.0}
-    # the block's input: hardtanh of the real stream, not its sign
-    r = outs[4]
-    blk = net.layers[5]
-    y, _ = blk.preact(torch.nn.functional.hardtanh(r))
-    assert torch.allclose(outs[5], r + blk.real_eval(y), atol=1e-5)
-
-
-@pytest.mark.parametrize("idx", [1, 4, 6])
-def test_real_act_refuses_a_layer_without_a_sign(idx):
-    # 1 pool, 4 the real-output bconv, 6 the head (widths 8,16,16 with one block)
-    with pytest.raises(ValueError, match=f"layer {idx} takes no sign"):
-        tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), res_blocks=1, real_act=(idx,)))
-
-
-def test_real_act_is_not_exportable_and_not_for_the_twin():
-    from train.export import to_model
-
-    net = tm.Detector(tm.ModelConfig(input_width=32, input_height=32, widths=(8, 16, 16), real_act=(0,)))
-    with pytest.raises(ValueError, match="keep real activations"):
-        to_model(net, np.ones((3, 2)), ("person",))
-    with pytest.raises(ValueError, match="probe of the binary net"):
-        tm.ModelConfig(binary=False, real_act=(0,))
 
 
 def test_ternary_act_is_the_mean_of_two_signs_with_its_band_and_clipped_ste():
@@ -360,15 +270,9 @@ def test_ternary_refuses_a_layer_without_a_sign(idx):
         _ternary_net(ternary=(idx,))
 
 
-def test_ternary_is_not_for_the_twin_nor_for_a_real_act_layer():
+def test_ternary_is_not_for_the_twin():
     with pytest.raises(ValueError, match="float twin"):
         tm.ModelConfig(binary=False, ternary=(0,))
-    with pytest.raises(ValueError, match=r"layers \[2\] are in both ternary and real_act"):
-        tm.ModelConfig(real_act=(0, 2), ternary=(2,))
-    net = _ternary_net(real_act=(0,), ternary=[2])  # disjoint is fine; a list becomes a tuple
+    net = _ternary_net(ternary=[2])  # a list becomes a tuple
     assert net.cfg.ternary == (2,)
-    assert [(getattr(m, "real_act", None), getattr(m, "ternary", None)) for m in net.layers[:3]] == [
-        (True, False),
-        (None, None),
-        (False, True),
-    ]
+    assert [getattr(m, "ternary", None) for m in net.layers[:3]] == [False, None, True]

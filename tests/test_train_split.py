@@ -104,7 +104,7 @@ def test_main_without_datasets_says_so(tmp_path, monkeypatch, capsys):
     assert "datasets folder missing" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "person-split.txt").exists(), reason="no split")
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "person-split.txt").exists(), reason="models/person-split.txt is missing")
 def test_shipped_split_file_is_well_formed():
     from train.data import read_split_file
 

@@ -197,7 +197,7 @@ class _First:
 def start(maker: BatchMaker, n: int | Mix, batch: int, seed: int, workers: int, device="cpu", log=print):
     """The batch source for ``workers``; worker processes that cannot start fall back to the thread.
 
-    A container's small /dev/shm, say, fails the first batch; one slow run beats a lost GPU session.
+    A container's small /dev/shm, say, fails the first batch; a slow run beats a lost one.
     """
     if not workers:
         return Prefetch(maker, n, batch, seed, device=device)

@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -42,17 +43,36 @@ class ConfigError(ValueError):
 
 
 def strict(cls, data: dict, where: str):
-    """Build frozen dataclass ``cls`` from ``data``, rejecting unknown keys with a clear message."""
+    """Build frozen dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kinds = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not fits(value, kinds[key]):
+            raise ConfigError(f"{where}.{key} must be {KIND_NAMES.get(kinds[key], kinds[key])}, got {value!r}")
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:  # a missing key, or a value out of range (__post_init__)
         raise ConfigError(f"{where}: {exc}") from None
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+              dict: "a table"}
+
+
+def fits(value, kind) -> bool:
+    """Whether a TOML value can stand for a config field of type ``kind`` (an integer for a float too)."""
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, list | tuple)
+    return not isinstance(kind, type) or isinstance(value, kind)
 
 
 @dataclass(frozen=True)
@@ -359,7 +379,7 @@ def cached_split(cfg: DataConfig, split: str, report: LoadReport | None = None, 
 
 # ------------------------------------------------------------------ packed caches (carried to a GPU machine)
 
-# The device machine takes at most 64 MiB and has no datasets: a split travels as
+# A GPU machine may take little (64 MiB with the code) and has no datasets: a split travels as
 # JPEG-compressed cached images (~6x smaller than the raw cache), with a key that
 # says which config and split they are, so a stale pack is refused, not trained on.
 PACK_VERSION = 1

@@ -19,7 +19,7 @@ Re-exporting the result gives the file back: weights, thresholds and flips
 exactly, scale and bias to float32 rounding; :func:`check_round_trip` proves it.
 
     python -m train.from_model models/person.xnc runs/imported/last.pt
-    python -m train.train --init-from runs/imported/last.pt ...
+    python -m train.train --set train.init_from=runs/imported/last.pt ...
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def bn_input_stats(net: Detector, batches) -> dict:
 
     def grab(i, m):
         def hook(_mod, args):
-            y, s = m.preact(args[0] if not isinstance(m, ResBConv) else m.sign_or_probe(args[0]))
+            y, s = m.preact(args[0] if not isinstance(m, ResBConv) else m.sign(args[0]))
             z = (y * s.view(1, -1, 1, 1)).double()
             n, tot, sq = sums.get(i, (0, 0.0, 0.0))
             sums[i] = (n + z.numel() // z.shape[1], tot + z.sum((0, 2, 3)), sq + z.pow(2).sum((0, 2, 3)))
@@ -325,8 +325,8 @@ def check_round_trip(net: Detector, model: Model, rtol: float = 1e-5) -> float:
 
 def _training_batches(config_path: str, images: int, batch: int, seed: int):
     from train.augment import BatchMaker
+    from train.config import load_config
     from train.data import LoadReport, cached_split
-    from train.train import load_config
 
     cfg = load_config(config_path)
     m = cfg["model"]
@@ -351,8 +351,8 @@ def main(argv=None) -> int:
     except (OSError, ModelFormatError, ValueError) as e:
         print(f"from_model: {e}", file=sys.stderr)
         return 2
+    from train.checkpoints import save_checkpoint
     from train.data import ConfigError
-    from train.train import save_checkpoint
 
     try:
         cfg, batches = _training_batches(args.config, args.images, 32, seed=0)

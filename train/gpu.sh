@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Both training stages on a GPU machine (the device tool), from packed caches; results into $OUT.
+# Training on a CUDA machine from packed caches: the float twin, then the binary net from it; results into $OUT.
 #
-# Here, first:   python -m train.pack                      (runs/carry/train.npz, val.npz: < 56 MiB)
-#                pip download pycocotools into .whl/        (see models/README.md, "Training on a GPU")
-# Then one call: device run, carry ["runs/carry", ".whl"], command "bash train/gpu.sh", timeout 600.
-# Back here:     python -m train.train --eval-only --out DIR  (export + runtime eval of DIR/best.pt)
-#
-# The device gives 15 minutes a session, start-up included: the default stages take about 9.
+# Beside the data:  python -m train.pack                       (runs/carry/train.npz, val.npz: < 56 MiB)
+#                   pip download pycocotools into .whl/         (if the CUDA machine is offline)
+# On the machine:   bash train/gpu.sh, with runs/carry and .whl carried along (about 9 minutes as set below)
+# Back beside the data, with binary-best.pt as DIR/best.pt:
+#                   python -m train.train --eval-only --out DIR  (export, threshold, runtime evaluation)
 set -euo pipefail
 CONFIG=${CONFIG:-train/configs/person.toml}
 CARRY=${CARRY:-runs/carry}
@@ -16,9 +15,10 @@ BINARY_MIN=${BINARY_MIN:-5.5}
 BATCH=${BATCH:-128}
 FLOAT_LR=${FLOAT_LR:-0.004}
 BINARY_LR=${BINARY_LR:-0.002}
+DISTILL=${DISTILL:-1}  # gain of the binary net's distillation from the twin's head
 WORKERS=${WORKERS:-12}
 PRECISION=${PRECISION:-bf16}  # training forwards in bfloat16 (float32 for the last tenth); fp32 to turn it off
-MODEL_ARGS=${MODEL_ARGS:-}  # e.g. "--res-blocks 2" or "--widths 64,64,128,256,256": both stages get it
+MODEL_ARGS=${MODEL_ARGS:-}  # e.g. "--set model.res_blocks=2 --set model.widths=[64,64,128,256,256]": both stages get it
 VAL_EVERY=${VAL_EVERY:-2}  # minutes; each validation (921 images, decode, COCO eval) takes ~15 s of the budget
 OUT=${OUT:-runs/gpu-out}
 PY=${PY:-python3}
@@ -31,12 +31,12 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 echo "cores $(nproc); shared memory: $(df -h /dev/shm 2>/dev/null | tail -1)"
 # shellcheck disable=SC2206
-common=(--config "$CONFIG" --packed "$CARRY" $MODEL_ARGS --batch-size "$BATCH" --workers "$WORKERS" --threads 4 --val-every "$VAL_EVERY"
-        --precision "$PRECISION" --no-export)
-"$PY" -m train.train --float-twin "${common[@]}" --minutes "$FLOAT_MIN" --lr "$FLOAT_LR" \
+common=(--config "$CONFIG" --packed "$CARRY" $MODEL_ARGS --set train.batch_size="$BATCH" --set train.workers="$WORKERS"
+        --set train.threads=4 --set train.val_every_minutes="$VAL_EVERY" --set train.precision="$PRECISION" --no-export)
+"$PY" -m train.train --float-twin "${common[@]}" --set train.minutes="$FLOAT_MIN" --set train.lr="$FLOAT_LR" \
     --out "$RUNS/gpu-float" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/float.log"
-"$PY" -m train.train "${common[@]}" --minutes "$BINARY_MIN" --lr "$BINARY_LR" \
-    --init-from "$RUNS/gpu-float/best.pt" --teacher "$RUNS/gpu-float/best.pt" \
+"$PY" -m train.train "${common[@]}" --set train.minutes="$BINARY_MIN" --set train.lr="$BINARY_LR" \
+    --set train.init_from="$RUNS/gpu-float/best.pt" --set train.teacher="$RUNS/gpu-float/best.pt" --set train.distill="$DISTILL" \
     --out "$RUNS/gpu" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/binary.log"
 cp "$RUNS/gpu-float/best.pt" "$OUT/float-best.pt"
 cp "$RUNS/gpu-float/history.json" "$OUT/float-history.json"

@@ -49,15 +49,12 @@ class ModelConfig:
     binary: bool = True
     float_act: str = "relu"  # float twin activation: "relu" or "hardtanh"
     res_blocks: int = 0  # Bi-Real blocks (rbconv) on the real stream after the real-output bconv
-    # Diagnostic only: indices of layers whose sign is replaced by hardtanh of the same value
-    # (binary weights kept), to measure which layer's binary activations cost most. Not exportable.
-    real_act: tuple = ()
     # Indices of layers whose sign becomes a ternary activation (-1, 0, +1; see ternary_act).
     ternary: tuple = ()
 
     def __post_init__(self):
         # TOML and checkpoints carry lists; a frozen config keeps tuples (hashable, compared by value).
-        for key in ("widths", "real_act", "ternary"):
+        for key in ("widths", "ternary"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         if not 0 <= self.res_blocks <= 8:
             raise ValueError(f"res_blocks must be 0..8, got {self.res_blocks}")
@@ -65,15 +62,8 @@ class ModelConfig:
             raise ValueError("widths needs at least stem, one bits bconv and the real-output bconv")
         if self.float_act not in ("relu", "hardtanh"):
             raise ValueError(f"float_act must be 'relu' or 'hardtanh', got {self.float_act!r}")
-        if self.real_act and not self.binary:
-            raise ValueError("real_act is a probe of the binary net; the float twin is real everywhere")
         if self.ternary and not self.binary:
             raise ValueError("ternary activations belong to the binary net; the float twin is real everywhere")
-        both = sorted(set(self.ternary) & set(self.real_act))
-        if both:
-            raise ValueError(
-                f"layers {both} are in both ternary and real_act; a layer's activation is one or the other"
-            )
 
 
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
@@ -156,12 +146,9 @@ class _Thresholded(nn.Module):
     def __init__(self, out_ch: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(out_ch, eps=BN_EPS)
-        self.real_act = False  # ModelConfig.real_act: hardtanh instead of sign (probe only)
         self.ternary = False  # ModelConfig.ternary: -1/0/+1 instead of sign
 
-    def sign_or_probe(self, z):
-        if self.real_act:
-            return F.hardtanh(z)
+    def sign(self, z):
         return ternary_act(z) if self.ternary else binary_act(z)
 
     def bn_affine(self):
@@ -218,7 +205,7 @@ class Stem(_Thresholded):
     def forward(self, x):
         y, s = self.preact(x)
         z = self.normalise(y, s) if self.binary else self.bn(y)
-        return self.sign_or_probe(z) if self.binary else self.act(z)
+        return self.sign(z) if self.binary else self.act(z)
 
 
 class BConv(_Thresholded):
@@ -257,7 +244,7 @@ class BConv(_Thresholded):
             return z if self.real_output else self.act(z)
         if self.real_output:
             return self.bn(y * s.view(1, -1, 1, 1)) if self.training else self.real_eval(y)
-        return self.sign_or_probe(self.normalise(y, s))
+        return self.sign(self.normalise(y, s))
 
 
 class ResBConv(BConv):
@@ -270,7 +257,7 @@ class ResBConv(BConv):
         nn.init.zeros_(self.bn.weight)
 
     def forward(self, r):
-        return r + super().forward(self.sign_or_probe(r) if self.binary else self.act(r))
+        return r + super().forward(self.sign(r) if self.binary else self.act(r))
 
 
 class Pool(nn.Module):
@@ -318,13 +305,12 @@ class Detector(nn.Module):
         layers += [ResBConv(w[-1], cfg.binary, act) for _ in range(cfg.res_blocks)]
         layers.append(Head(w[-1], cfg.num_anchors * (5 + num_classes), cfg.num_anchors))
         self.layers = nn.ModuleList(layers)
-        for key in ("real_act", "ternary"):
-            for i in getattr(cfg, key):
-                m = self.layers[i] if 0 <= i < len(layers) else None
-                signed = isinstance(m, (Stem, ResBConv)) or (isinstance(m, BConv) and not m.real_output)
-                if not signed:
-                    raise ValueError(f"{key}: layer {i} takes no sign (signs: stem, bits bconvs, Bi-Real inputs)")
-                setattr(m, key, True)
+        for i in cfg.ternary:
+            m = self.layers[i] if 0 <= i < len(layers) else None
+            signed = isinstance(m, (Stem, ResBConv)) or (isinstance(m, BConv) and not m.real_output)
+            if not signed:
+                raise ValueError(f"ternary: layer {i} takes no sign (signs: stem, bits bconvs, Bi-Real inputs)")
+            m.ternary = True
 
     @property
     def stride(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from train.data import ConfigError, LoadReport, cached_split, pack_cache, repo_root, split_key
 
-CARRY_LIMIT = 64 * 2**20  # what the device tool carries, working tree included
+CARRY_LIMIT = 64 * 2**20  # what one transfer to the GPU machine holds, working tree included
 CODE_ALLOWANCE = 8 * 2**20  # the repo's tracked files travel too
 
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/carry", help="folder for train.npz and val.npz")
     ap.add_argument("--quality", type=int, default=80, help="JPEG quality, 50..100")
     args = ap.parse_args(argv)
-    from train.train import load_config
+    from train.config import load_config
 
     try:
         dc = load_config(args.config)["data"]

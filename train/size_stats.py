@@ -3,8 +3,8 @@
     python -m train.size_stats [--augment mosaic=0.1 ...] [--samples 2000]
 
 A detector learns the object sizes it is shown. Mosaic, zooming out and
-copy-paste all make people smaller, and the stop-12 network boxed people taller
-than 0.65 of the frame in 30 % of frames against 52 % for shorter ones: its
+copy-paste all make people smaller, and the third-block network boxed people
+taller than 0.65 of the frame in 30 % of frames against 52 % for shorter ones: its
 augmented batches held a third as many of them as the validation frames do.
 This prints the share of boxes per height band (fraction of the input height)
 for augmented and plain training samples and for validation, and the share of
@@ -51,8 +51,8 @@ def size_shares(maker, indices, augment: bool, height: int, batch: int = 64) -> 
 
 def main(argv=None) -> int:
     from train.augment import BatchMaker, no_augment
+    from train.config import load_config
     from train.data import ConfigError, LabelError, LoadReport, cached_split
-    from train.train import augment_overridden, load_config
 
     ap = argparse.ArgumentParser(prog="python -m train.size_stats", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="train/configs/person.toml")
@@ -65,10 +65,8 @@ def main(argv=None) -> int:
         print("--samples must be >= 1", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, augment=args.augment)
         aug = cfg["augment"]
-        if args.augment:
-            aug = augment_overridden(aug, args.augment)
         report = LoadReport()
         train, val = cached_split(cfg["data"], "train", report), cached_split(cfg["data"], "val", report)
     except (ConfigError, LabelError) as e:

@@ -8,9 +8,12 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
+from train import cli  # noqa: E402
 from train import ema as ema_mod  # noqa: E402
 from train import train as tt  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.ema import WeightAverage  # noqa: E402
+from train.model import Detector  # noqa: E402
 
 
 def _net():
@@ -70,10 +73,10 @@ def _trained(tmp_path, monkeypatch, ema):
     monkeypatch.setattr(ema_mod, "RAMP_STEPS", 1e-9)  # the full decay from the first update
     cfg = _config(tmp_path, max_steps=4, lr=0.05, ema=ema)
     out = tmp_path / "run"
-    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(out)]) == 0
-    mc = tt.load_config(str(cfg))["model"]
+    assert cli.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(out)]) == 0
+    mc = load_config(str(cfg))["model"]
     tt.seed_everything(0)
-    start = tt.Detector(replace(mc, binary=False), 1).state_dict()
+    start = Detector(replace(mc, binary=False), 1).state_dict()
     return start, torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
 
 
@@ -94,5 +97,5 @@ def test_ema_out_of_range_is_a_config_error(tmp_path, capsys):
     from tests.test_train_loop import _config
 
     cfg = _config(tmp_path, ema=1.5)
-    assert tt.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "x")]) == 78
+    assert cli.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "x")]) == 78
     assert "train.ema" in capsys.readouterr().err
