@@ -128,8 +128,8 @@ soak: setup ## long run of the pipeline: memory, drops, log rotation
 fuzz: setup-dev ## property-based runs of the loaders and detect(): >= 2000 cases each, counts printed
 	XNORCAM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=fuzz
 
-lint: setup-dev ## ruff check app train tests benchmarks
-	$(PY) -m ruff check $(wildcard app train tests benchmarks)
+lint: setup-dev ## ruff check app evaluation train tests benchmarks
+	$(PY) -m ruff check $(wildcard app evaluation train tests benchmarks)
 
 deploy: ## copy the project to HOST over ssh and install it there: make deploy HOST=pi@xnorcam.local
 	@test -n "$(HOST)" || { echo "usage: make deploy HOST=user@host [INSTALL_ARGS=--dry-run]" >&2; exit 2; }
