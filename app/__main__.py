@@ -217,8 +217,9 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
 
     s = cfg.source
     kind = spec.partition(":")[0]
-    mode = sinks.choose_preview_mode(cfg.preview.mode, kind)
-    drm = sources.DrmState(wanted=(mode == "drm"))
+    preview = sinks.make_preview(cfg.preview.mode, kind, detector.class_names)
+    # DRM is shown by picamera2 itself: the preview is attached to each camera the factory opens.
+    drm = preview if isinstance(preview, sinks.DrmPreview) else None
     factory = sources.make_factory(spec, s, drm)
     probe = factory()
     finite = bool(getattr(probe, "finite", False))
@@ -233,7 +234,6 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
         lossless=finite and s.fps == 0,
     )
     log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections)
-    preview = sinks.make_preview(mode, lambda: capture.source, detector.class_names)
     recorder = sinks.Recorder(cfg.preview.record, cfg.preview.record_fps) if cfg.preview.record else sinks.NullRecorder()
     pipeline = Pipeline(
         capture,
@@ -248,8 +248,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
         idle_grace_s=cfg.watchdog.idle_grace_s,
         status_interval_s=cfg.watchdog.status_interval_s,
     )
-    log.info("source %s, preview %s, log %s", spec, mode, cfg.log.path or "(none)")
-    if mode == "none" and not cfg.log.path and not cfg.preview.record:
+    log.info("source %s, preview %s, log %s", spec, preview.name, cfg.log.path or "(none)")
+    if preview.name == "none" and not cfg.log.path and not cfg.preview.record:
         log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()
     capture.start()

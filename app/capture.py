@@ -173,11 +173,6 @@ class Capture:
         self.slot.drain()
 
     @property
-    def source(self) -> Source | None:
-        """The source currently open (for the DRM overlay), or None during an outage."""
-        return self._source
-
-    @property
     def healthy(self) -> bool:
         """A source is open and its reader is not stuck past the hang timeout."""
         with self._lock:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -351,40 +351,85 @@ class WindowPreview:
 
 
 class DrmPreview:
-    """Boxes on HDMI: an RGBA overlay handed to picamera2, which shows the camera itself via DRM.
+    """Boxes on HDMI: picamera2 shows the camera itself via DRM and we lay an RGBA overlay on top.
 
-    ``current_source`` returns the source now open (it changes when the capture
-    thread reopens the camera); during an outage there is nothing to draw on.
+    This preview owns everything DRM. The picamera2 source's factory is handed
+    it (``sources.make_factory(..., drm=preview)``) and each camera that opens
+    is offered to it: ``wanted`` tells the source to configure ``main`` as the
+    displayed stream, ``attach`` starts picamera2's ``Preview.DRM`` on the
+    configured, not yet started camera, and ``detach`` forgets a camera that is
+    closing. The first DRM failure (no display attached, or a desktop owns the
+    DRM master) is warned about once; every later camera then runs headless.
+
+    The capture thread attaches and detaches; ``show`` runs on the pipeline
+    thread and draws on whichever camera is attached now. During an outage
+    there is none, and nothing is drawn.
     """
 
     name = "drm"
     needs_canvas = False
     stop_requested = False
 
-    def __init__(self, current_source: Callable[[], Any], class_names: Sequence[str], overlay_size=None) -> None:
-        self.current_source = current_source
+    def __init__(self, class_names: Sequence[str], overlay_size: tuple[int, int] | None = None) -> None:
         self.class_names = list(class_names)
         self.overlay_size = overlay_size
+        self.failed = False
         self.failures = 0
+        self._camera: Any = None
+
+    @property
+    def wanted(self) -> bool:
+        """True until DRM has failed once: configure the next camera for display."""
+        return not self.failed
+
+    @property
+    def camera(self) -> Any:
+        """The picamera2 camera showing on HDMI now, or None."""
+        return self._camera
+
+    def attach(self, camera: Any, size: tuple[int, int]) -> bool:
+        """Show ``camera`` (configured, not started) on HDMI at ``size`` = (W,H); False when headless.
+
+        Asked only while ``wanted``.
+        """
+        from picamera2 import Preview  # only on a Pi
+
+        try:
+            camera.start_preview(Preview.DRM, x=0, y=0, width=size[0], height=size[1])
+        except Exception as exc:  # no display attached, or a desktop owns the DRM master
+            self.failed = True
+            log.warning("DRM preview unavailable (%s); running headless", exc)
+            try:
+                camera.stop_preview()
+            except Exception:
+                pass
+            return False
+        self._camera = camera
+        return True
+
+    def detach(self, camera: Any) -> None:
+        """``camera`` is closing. A camera closed late (after a hang) never takes the newer one's place."""
+        if self._camera is camera:
+            self._camera = None
 
     def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
-        source = self.current_source()
-        if source is None or not getattr(source, "drm_active", False):
+        camera = self._camera
+        if camera is None:
             return
         fh, fw = frame.pixels.shape[:2]
         rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, hud, (fw, fh))
         try:
-            source.set_overlay(rgba)
+            camera.set_overlay(rgba)
         except Exception as exc:  # a display unplugged mid-run must not stop detection
             self.failures += 1
             if self.failures == 1:
                 log.warning("DRM overlay failed (%s); continuing", exc)
 
     def close(self) -> None:
-        source = self.current_source()
-        if source is not None and getattr(source, "drm_active", False):
+        camera = self._camera
+        if camera is not None:
             try:
-                source.set_overlay(None)
+                camera.set_overlay(None)
             except Exception:
                 pass
 
@@ -392,8 +437,9 @@ class DrmPreview:
 def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None) -> str:
     """Resolve ``auto`` and fall back (with one warning) when the wanted preview cannot work.
 
-    ``drm`` is only decided for real when picamera2 starts its preview; if that
-    fails the source logs one warning and runs headless.
+    ``drm`` is only decided for real when the camera opens: if picamera2
+    cannot start its DRM preview, ``DrmPreview`` warns once and the camera
+    runs headless.
     """
     if mode == "auto":
         if source_kind == "picamera2":
@@ -410,7 +456,15 @@ def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | N
     return mode
 
 
-def make_preview(mode: str, current_source: Callable[[], Any], class_names: Sequence[str]):
+def make_preview(
+    mode: str, source_kind: str, class_names: Sequence[str], environ: dict[str, str] | None = None
+) -> NullPreview | WindowPreview | DrmPreview:
+    """The preview for the configured ``mode`` (``auto`` resolved) and a source kind; ``name`` says which it is.
+
+    A ``DrmPreview`` must also be handed to the source's factory: the camera
+    is shown by picamera2 itself.
+    """
+    mode = choose_preview_mode(mode, source_kind, environ)
     if mode == "window":
         try:
             return WindowPreview()
@@ -418,7 +472,7 @@ def make_preview(mode: str, current_source: Callable[[], Any], class_names: Sequ
             log.warning("preview 'window' unavailable (%s); running headless", exc)
             return NullPreview()
     if mode == "drm":
-        return DrmPreview(current_source, class_names)
+        return DrmPreview(class_names)
     return NullPreview()
 
 

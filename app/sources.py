@@ -20,11 +20,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from app.config import ConfigError, SourceConfig
+
+if TYPE_CHECKING:
+    from app.sinks import DrmPreview
 
 log = logging.getLogger("xnorcam.sources")
 
@@ -274,14 +277,6 @@ class OpenCVSource(Source):
 # --- picamera2 ---------------------------------------------------------------
 
 
-class DrmState:
-    """Shared by every Picamera2Source a factory makes: once DRM fails, stop trying (one warning)."""
-
-    def __init__(self, wanted: bool) -> None:
-        self.wanted = wanted
-        self.failed = False
-
-
 def picamera2_available() -> bool:
     """True when picamera2 imports and libcamera lists at least one camera."""
     try:
@@ -297,8 +292,11 @@ def picamera2_available() -> bool:
 class Picamera2Source(Source):
     """The Pi camera: a YUV420 ``lores`` stream for detection (its Y plane) and a ``main`` stream for preview.
 
-    With DRM wanted, picamera2 shows ``main`` on HDMI itself and ``set_overlay``
-    puts our RGBA drawings on top; we never copy the preview frame.
+    ``drm`` is the preview that shows ``main`` on HDMI (``app.sinks.DrmPreview``),
+    or None for a headless camera. The source only offers it each camera it
+    opens (``attach``, between ``configure`` and ``start``) and closes
+    (``detach``); the preview starts picamera2's DRM preview and sets the
+    overlay itself. We never copy the preview frame.
     """
 
     name = "picamera2"
@@ -309,40 +307,30 @@ class Picamera2Source(Source):
         height: int = 240,
         preview_size: tuple[int, int] = (640, 480),
         camera_num: int = 0,
-        drm: DrmState | None = None,
+        drm: DrmPreview | None = None,
     ) -> None:
         self.size = (int(width), int(height))
         self.preview_size = (int(preview_size[0]), int(preview_size[1]))
         self.camera_num = camera_num
-        self.drm = drm or DrmState(False)
-        self.drm_active = False
+        self.drm = drm
         self.camera = None
         self._lores_size = self.size
 
     def open(self) -> None:
-        from picamera2 import Picamera2, Preview  # only on a Pi
+        from picamera2 import Picamera2  # only on a Pi
 
         camera = Picamera2(self.camera_num)
         self.camera = camera
+        show = self.drm is not None and self.drm.wanted
         config = camera.create_preview_configuration(
             main={"size": self.preview_size, "format": "XBGR8888"},
             lores={"size": self.size, "format": "YUV420"},
-            display="main" if self.drm.wanted and not self.drm.failed else None,
+            display="main" if show else None,
             buffer_count=4,
         )
         camera.configure(config)
-        self.drm_active = False
-        if self.drm.wanted and not self.drm.failed:
-            try:
-                camera.start_preview(Preview.DRM, x=0, y=0, width=self.preview_size[0], height=self.preview_size[1])
-                self.drm_active = True
-            except Exception as exc:  # no display attached, or a desktop owns the DRM master
-                self.drm.failed = True
-                log.warning("DRM preview unavailable (%s); running headless", exc)
-                try:
-                    camera.stop_preview()
-                except Exception:
-                    pass
+        if show:
+            self.drm.attach(camera, self.preview_size)
         camera.start()
         # picamera2 may align the requested size; crop to what was configured.
         actual = camera.camera_configuration()["lores"]
@@ -359,15 +347,12 @@ class Picamera2Source(Source):
             raise SourceError(f"picamera2: lores buffer shape {yuv.shape} cannot hold a {w}x{h} Y plane")
         return np.ascontiguousarray(yuv[:h, :w])
 
-    def set_overlay(self, rgba: np.ndarray | None) -> None:
-        if self.camera is not None and self.drm_active:
-            self.camera.set_overlay(rgba)
-
     def close(self) -> None:
         camera, self.camera = self.camera, None
-        self.drm_active = False
         if camera is None:
             return
+        if self.drm is not None:
+            self.drm.detach(camera)
         for step in ("stop_preview", "stop", "close"):
             try:
                 getattr(camera, step)()
@@ -398,8 +383,12 @@ def preflight(spec: str) -> None:
         raise ConfigError(f"source.spec = 'demo': the bundled photos are missing from {DEMO_DIR}")
 
 
-def make_factory(spec: str, cfg: SourceConfig, drm: DrmState | None = None) -> Callable[[], Source]:
-    """A function that makes a fresh, unopened source for a resolved spec."""
+def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None) -> Callable[[], Source]:
+    """A function that makes a fresh, unopened source for a resolved spec.
+
+    ``drm``, the DRM preview (``app.sinks.DrmPreview``), is handed to every
+    picamera2 source it makes; None keeps the camera headless.
+    """
     kind, _, arg = spec.partition(":")
     if kind == "demo":
         return lambda: DemoSource(cfg.width, cfg.height, fps=cfg.fps)
@@ -408,8 +397,7 @@ def make_factory(spec: str, cfg: SourceConfig, drm: DrmState | None = None) -> C
     if kind == "opencv":
         return lambda: OpenCVSource(arg, loop=cfg.loop, fps=cfg.fps)
     if kind == "picamera2":
-        state = drm or DrmState(False)
         return lambda: Picamera2Source(
-            cfg.width, cfg.height, (cfg.preview_width, cfg.preview_height), cfg.camera_num, state
+            cfg.width, cfg.height, (cfg.preview_width, cfg.preview_height), cfg.camera_num, drm
         )
     raise ConfigError(f"source.spec = {spec!r} is not allowed")

@@ -19,7 +19,7 @@ FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "person" / "images"
 
 @pytest.fixture
 def fake_pi(tmp_path):
-    """A FAKE picamera2 importable by a child process; it leaves a marker file when a camera is opened."""
+    """A FAKE picamera2 importable by a child process; a marker file gets a line per camera opened and overlay set."""
     pkg = tmp_path / "fakepkgs" / "picamera2"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
@@ -38,6 +38,11 @@ def fake_pi(tmp_path):
                     with open(os.environ["FAKE_PICAMERA2_MARKER"], "a") as fh:
                         fh.write("opened\\n")
                     super().__init__(*args, **kwargs)
+
+                def set_overlay(self, overlay):
+                    super().set_overlay(overlay)
+                    with open(os.environ["FAKE_PICAMERA2_MARKER"], "a") as fh:
+                        fh.write("overlay\\n" if overlay is not None else "overlay cleared\\n")
             """
         )
     )
@@ -114,6 +119,17 @@ def test_warmup_only_never_opens_camera_or_log(tmp_path, rand_model_file, fake_p
     r = app("--source", "picamera2", "--model", rand_model_file, "--warmup-only", "--log", log, env=env)
     assert r.returncode == 0, r.stderr
     assert not marker.exists() and not log.exists()
+
+
+def test_picamera2_run_shows_the_boxes_on_hdmi(tmp_path, rand_model_file, fake_pi):
+    env, marker = fake_pi
+    log = tmp_path / "log.jsonl"
+    r = app("run", "--source", "picamera2", "--model", rand_model_file, "--log", log, "--max-frames", 5, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "preview drm" in r.stderr and "DRM" not in r.stderr.replace("preview drm", "")
+    events = marker.read_text().splitlines()
+    assert events.count("opened") == 1 and events.count("overlay") == 5  # one overlay per processed frame
+    assert len(log.read_text().splitlines()) == 5
 
 
 def test_picamera2_run_with_drm_failure_runs_headless(tmp_path, rand_model_file, fake_pi):

@@ -210,10 +210,10 @@ def fake_cam(monkeypatch):
 def test_picamera2_with_drm_overlay_per_frame(fake_cam):
     from app.config import SourceConfig
     from app.sinks import DrmPreview
-    from app.sources import DrmState, make_factory
+    from app.sources import make_factory
 
-    cap = Capture(make_factory("picamera2", SourceConfig(), DrmState(True)))
-    preview = DrmPreview(lambda: cap.source, ["person"])
+    preview = DrmPreview(["person"])
+    cap = Capture(make_factory("picamera2", SourceConfig(), preview))
     det = FakeDetector(BOX)
     p = Pipeline(cap, det, preview=preview, max_frames=8)
     stats = run_pipeline(cap, p)
@@ -226,6 +226,7 @@ def test_picamera2_with_drm_overlay_per_frame(fake_cam):
 
 def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
     from app.config import SourceConfig
+    from app.sinks import DrmPreview
     from app.sources import make_factory
 
     state = fake_cam.state
@@ -239,12 +240,17 @@ def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
     state.on_capture = on_capture
     path = tmp_path / "log.jsonl"
     log = JsonlLog(str(path))
-    cap = Capture(make_factory("picamera2", SourceConfig()), hang_timeout_s=0.3, backoff_initial_s=0.01)
-    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, max_frames=10)
+    preview = DrmPreview(["person"])
+    cap = Capture(make_factory("picamera2", SourceConfig(), preview), hang_timeout_s=0.3, backoff_initial_s=0.01)
+    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, preview=preview, max_frames=10)
     stats = run_pipeline(cap, p, stop_after=10)
     log.close()
     assert stats.processed == 10
     assert len(state.opened) >= 2 and state.opened[0].closed
+    # The boxes follow the camera: the reopened one is on HDMI and gets the overlays after the hang.
+    assert 1 <= len(state.opened[0].overlays) <= 3  # the frames before the hang
+    assert len(state.opened[-1].overlays) >= 7
+    assert preview.camera is None  # every camera closed on stop
     events = [json.loads(x) for x in path.read_text().splitlines() if '"event"' in x]
     assert [e["event"] for e in events][:2] == ["source_error", "source_recovered"]
     assert events[0]["stage"] == "hang"

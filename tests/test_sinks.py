@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from app import sinks
+from app.config import SourceConfig
 from app.sinks import (
     DrmPreview,
     JsonlLog,
@@ -23,7 +24,7 @@ from app.sinks import (
     make_preview,
     open_log,
 )
-from app.sources import DrmState, Frame, Picamera2Source
+from app.sources import Frame, Picamera2Source, make_factory
 from tests.fakes import fake_picamera2
 
 NAMES = ["person"]
@@ -290,11 +291,22 @@ def test_headless_opencv_is_detected():
     assert sinks.cv2_has_gui() == has_gui
 
 
-def test_window_without_gui_falls_back_to_null(monkeypatch, caplog):
+def test_make_preview_resolves_the_mode_and_names_what_it_made(monkeypatch):
+    assert make_preview("auto", "picamera2", NAMES, {}).name == "drm"
+    assert isinstance(make_preview("drm", "picamera2", NAMES, {}), DrmPreview)
+    assert make_preview("drm", "demo", NAMES, {}).name == "none"  # DRM is picamera2's own preview
+    assert make_preview("none", "picamera2", NAMES, {}).name == "none"
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
+    assert make_preview("auto", "demo", NAMES, {"DISPLAY": ":0"}).name == "none"
+
+
+def test_window_that_cannot_open_falls_back_to_null(monkeypatch, caplog):
     if sinks.cv2_has_gui():
         pytest.skip("this OpenCV has GUI support")
-    p = make_preview("window", lambda: None, NAMES)
-    assert isinstance(p, NullPreview) and "unavailable" in caplog.text
+    # Claim GUI support so the window is really tried: headless OpenCV refuses namedWindow.
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: True)
+    p = make_preview("window", "demo", NAMES, {"DISPLAY": ":0"})
+    assert isinstance(p, NullPreview) and p.name == "none" and "unavailable" in caplog.text
 
 
 @pytest.fixture
@@ -304,46 +316,83 @@ def fake_cam(monkeypatch):
     return module
 
 
-def test_drm_preview_sets_an_rgba_overlay_of_the_drawings(fake_cam):
-    src = Picamera2Source(drm=DrmState(True))
+def test_drm_preview_shows_the_camera_and_sets_an_rgba_overlay_of_the_drawings(fake_cam):
+    preview = DrmPreview(NAMES)
+    src = Picamera2Source(preview_size=(800, 600), drm=preview)
     src.open()
     try:
-        preview = make_preview("drm", lambda: src, NAMES)
-        assert isinstance(preview, DrmPreview)
+        cam = fake_cam.state.opened[-1]
+        assert preview.camera is cam
+        assert cam.preview == (fake_picamera2.Preview.DRM, {"x": 0, "y": 0, "width": 800, "height": 600})
+        assert cam.camera_configuration()["display"] == "main"
         frame = Frame(src.read(), 0, 0.0)
         preview.show(frame, None, DETS, None)
-        ov = fake_cam.state.overlays[-1]
-        assert ov.shape == (240, 320, 4)
+        ov = cam.overlays[-1]
+        assert ov.shape == (240, 320, 4)  # drawn at the detection frame's size; picamera2 scales it
         assert ov[100, 10, 3] == 255  # left edge of the box
         assert ov[100, 60, 3] == 0  # inside: transparent
         preview.close()
-        assert fake_cam.state.overlays[-1] is None  # cleared on exit
+        assert cam.overlays[-1] is None  # cleared on exit
     finally:
         src.close()
+    assert preview.camera is None
 
 
-def test_drm_preview_is_a_no_op_when_drm_failed(fake_cam, caplog):
-    fake_cam.state.drm_ok = False
-    src = Picamera2Source(drm=DrmState(True))
+def test_drm_preview_draws_nothing_once_the_camera_closed(fake_cam):
+    preview = DrmPreview(NAMES)
+    src = Picamera2Source(drm=preview)
     src.open()
-    try:
-        preview = DrmPreview(lambda: src, NAMES)
-        preview.show(Frame(src.read(), 0, 0.0), None, DETS, None)
-        preview.show(Frame(src.read(), 1, 0.0), None, DETS, None)
-    finally:
-        src.close()
-    assert fake_cam.state.overlays == []
+    frame = Frame(src.read(), 0, 0.0)
+    src.close()
+    preview.show(frame, None, DETS, None)
+    preview.close()
+    assert fake_cam.state.overlays == [] and preview.failures == 0
+
+
+def test_drm_failure_warns_once_and_every_camera_runs_headless(fake_cam, caplog):
+    fake_cam.state.drm_ok = False
+    preview = make_preview("drm", "picamera2", NAMES, {})
+    factory = make_factory("picamera2", SourceConfig(), preview)
+    for i in range(3):  # reopens after errors must not warn again, nor try DRM again
+        with factory() as src:
+            cam = fake_cam.state.opened[-1]
+            assert src.read().shape == (240, 320)
+            preview.show(Frame(src.read(), i, 0.0), None, DETS, None)
+            assert cam.preview[0] == fake_picamera2.Preview.NULL
+            assert cam.camera_configuration()["display"] == ("main" if i == 0 else None)
+    assert preview.failed and not preview.wanted and preview.camera is None
     assert caplog.text.count("DRM preview unavailable") == 1
+    assert fake_cam.state.overlays == []
 
 
-def test_drm_preview_survives_overlay_errors(caplog):
-    class Broken:
-        drm_active = True
+def test_drm_preview_follows_a_reopened_camera(fake_cam):
+    # After a hang the old camera is closed aside, possibly after the new one opened:
+    # its late close must not take the new camera off the screen.
+    preview = DrmPreview(NAMES)
+    factory = make_factory("picamera2", SourceConfig(), preview)
+    old, new = factory(), factory()
+    old.open()
+    old_cam = fake_cam.state.opened[-1]
+    new.open()
+    new_cam = fake_cam.state.opened[-1]
+    old.close()
+    assert preview.camera is new_cam
+    preview.show(Frame(new.read(), 0, 0.0), None, DETS, None)
+    new.close()
+    assert old_cam.overlays == [] and len(new_cam.overlays) == 1
+    assert preview.camera is None
+
+
+def test_drm_preview_survives_overlay_errors(fake_cam, caplog):
+    class Unplugged:
+        def start_preview(self, *a, **k):
+            pass
 
         def set_overlay(self, rgba):
             raise RuntimeError("display unplugged")
 
-    p = DrmPreview(lambda: Broken(), NAMES)
+    p = DrmPreview(NAMES)
+    assert p.attach(Unplugged(), (640, 480))
     for i in range(3):
         p.show(Frame(np.zeros((48, 64), np.uint8), i, 0.0), None, DETS, None)
     assert p.failures == 3 and caplog.text.count("DRM overlay failed") == 1

@@ -13,9 +13,9 @@ import pytest
 
 from app import sources
 from app.config import ConfigError, SourceConfig
+from app.sinks import DrmPreview
 from app.sources import (
     DemoSource,
-    DrmState,
     Frame,
     ImagesSource,
     OpenCVSource,
@@ -141,6 +141,10 @@ def test_factory_makes_fresh_sources():
     assert isinstance(make_factory("images:x", SourceConfig())(), ImagesSource)
     assert isinstance(make_factory("opencv:0", SourceConfig())(), OpenCVSource)
     assert isinstance(make_factory("picamera2", SourceConfig())(), Picamera2Source)
+    assert make_factory("picamera2", SourceConfig())().drm is None  # headless unless handed a DRM preview
+    drm = DrmPreview(["person"])
+    f = make_factory("picamera2", SourceConfig(), drm)
+    assert f() is not f() and f().drm is drm and f().drm is drm
 
 
 # --- picamera2 against the fake -------------------------------------------------------
@@ -181,31 +185,26 @@ def test_picamera2_odd_size_is_cropped_to_what_the_camera_configured(fake_cam):
         assert src.read().shape == (240, 320)
 
 
-def test_picamera2_drm_preview_and_overlay(fake_cam):
-    drm = DrmState(wanted=True)
+def test_picamera2_offers_each_camera_to_the_drm_preview(fake_cam):
+    drm = DrmPreview(["person"])
     with Picamera2Source(drm=drm) as src:
         cam = fake_cam.state.opened[-1]
-        assert src.drm_active
+        assert drm.camera is cam and cam.started
         assert cam.preview[0] == fake_picamera2.Preview.DRM
         assert cam.camera_configuration()["display"] == "main"
-        rgba = np.zeros((240, 320, 4), np.uint8)
-        src.set_overlay(rgba)
-        assert fake_cam.state.overlays[-1].shape == (240, 320, 4)
+        assert src.read().shape == (240, 320)
+    assert drm.camera is None and cam.closed
 
 
-def test_picamera2_drm_failure_warns_once_and_runs_headless(fake_cam, caplog):
+def test_picamera2_runs_headless_when_drm_fails(fake_cam, caplog):
     fake_cam.state.drm_ok = False
-    drm = DrmState(wanted=True)
-    factory = make_factory("picamera2", SourceConfig(), drm)
-    for _ in range(3):  # reopens after errors must not warn again
-        src = factory()
-        with src:
-            assert not src.drm_active
-            assert src.read().shape == (240, 320)
-            src.set_overlay(np.zeros((240, 320, 4), np.uint8))  # ignored when headless
-    assert drm.failed
+    drm = DrmPreview(["person"])
+    with Picamera2Source(drm=drm) as src:
+        cam = fake_cam.state.opened[-1]
+        assert cam.started and cam.preview[0] == fake_picamera2.Preview.NULL
+        assert src.read().shape == (240, 320)
+    assert drm.failed and drm.camera is None
     assert caplog.text.count("DRM preview unavailable") == 1
-    assert fake_cam.state.overlays == []
 
 
 def test_picamera2_open_failure_raises(fake_cam):

@@ -96,6 +96,7 @@ class FakePicamera2:
         self.preview = None
         self.closed = False
         self.frames = 0
+        self.overlays: list[np.ndarray | None] = []  # this camera's; state.overlays has every camera's
         st.opened.append(self)
 
     def create_preview_configuration(self, main=None, lores=None, raw=None, transform=None, colour_space=None,
@@ -180,4 +181,5 @@ class FakePicamera2:
             if not (isinstance(overlay, np.ndarray) and overlay.ndim == 3 and overlay.shape[2] == 4):
                 raise ValueError("overlay must be an (H,W,4) RGBA array")
             overlay = overlay.copy()  # the real one copies it into a DRM dumb buffer
+        self.overlays.append(overlay)
         self._state.overlays.append(overlay)
