@@ -340,7 +340,7 @@ def _training_batches(config_path: str, images: int, batch: int, seed: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.from_model", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="model file (e.g. models/person.xnc)")
-    ap.add_argument("out", help="checkpoint to write, for --init-from or --teacher (e.g. runs/imported/last.pt)")
+    ap.add_argument("out", help="checkpoint to write, for train.init_from or train.teacher (e.g. runs/imported/last.pt)")
     ap.add_argument("--config", default="train/configs/person.toml", help="training config: its data and augmentation")
     ap.add_argument("--images", type=int, default=512, help="training images that measure the BatchNorm statistics")
     ap.add_argument("--latent", type=float, default=LATENT, help="size of every latent binary weight")
