@@ -118,16 +118,6 @@ def _fail(code: int, what: str, message: str) -> int:
     return code
 
 
-def _notifier():
-    try:
-        from app.service import Notifier
-    except ImportError:  # app/service.py is another engineer's; run without systemd if absent
-        from app.pipeline import NullNotifier
-
-        return NullNotifier()
-    return Notifier.from_env()
-
-
 def run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a bad command line
@@ -149,6 +139,7 @@ def run(argv: list[str]) -> int:
 
     from app import config as configmod
     from app import sources
+    from app.service import Notifier
 
     try:
         cfg = configmod.load(args.config)
@@ -165,7 +156,7 @@ def run(argv: list[str]) -> int:
     except configmod.ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
 
-    notifier = _notifier()
+    notifier = Notifier.from_env()
     try:
         return _run_with(cfg, spec, args, stop, notifier)
     finally:

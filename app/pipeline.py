@@ -22,28 +22,10 @@ import numpy as np
 from app import overlay
 from app.capture import Capture
 from app.config import ConfigError
+from app.service import Notifier
 from app.sinks import NullLog, NullPreview, NullRecorder, frame_record
 
 log = logging.getLogger("xnorcam.pipeline")
-
-
-class NullNotifier:
-    """Stands in for app.service.Notifier off systemd."""
-
-    def ready(self) -> bool:
-        return False
-
-    def watchdog(self) -> bool:
-        return False
-
-    def status(self, text: str) -> bool:
-        return False
-
-    def extend_timeout(self, seconds: float) -> bool:
-        return False
-
-    def stopping(self) -> bool:
-        return False
 
 
 class DetectionFilter:
@@ -145,7 +127,7 @@ class Pipeline:
         self.log = log_sink or NullLog()
         self.preview = preview or NullPreview()
         self.recorder = recorder or NullRecorder()
-        self.notifier = notifier or NullNotifier()
+        self.notifier = notifier or Notifier()  # no address: every call a no-op
         self.hud = hud
         self.max_frames = max_frames
         self.idle_grace_s = idle_grace_s
