@@ -64,7 +64,7 @@ def letterbox(image, width: int, height: int, channels: int, pad_value: int = 12
     if (nw, nh) != (w, h):
         # Shrinking averages pixel areas, as the trainer's image cache does (train/data.py): bilinear
         # samples only 2x2 neighbours, so a 640-wide photo shrunk to 192 aliases, and the binary net
-        # saw none of that in training (mAP@0.5 of the stop-10 model: 0.165 bilinear, 0.181 area).
+        # saw none of that in training (mAP@0.5 of an earlier binary model: 0.165 bilinear, 0.181 area).
         shrink = nw < w or nh < h
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     pad_x, pad_y = (width - nw) // 2, (height - nh) // 2

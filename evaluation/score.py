@@ -2,7 +2,7 @@
 
 ``detect(image) -> (N,6)`` is anything with the runtime Detector's contract: the
 model file through ``app.detector.Detector`` (the Pi's exact code), or a torch
-checkpoint inside the runtime's letterbox and decode (``train.export.torch_detector``).
+checkpoint inside the runtime's letterbox and decode (``train.evaluate_twin.torch_detector``).
 """
 
 from __future__ import annotations
