@@ -132,3 +132,18 @@ def test_no_box_is_left_on_the_grey_beyond_a_mosaics_canvas():
                 boxes += 1
                 assert float((inner > 180).float().mean()) > 0.5, "a box sits on grey"
     assert boxes > 50
+
+
+def test_training_with_device_batches_runs_and_reports_images_per_second(tmp_path):
+    import json
+
+    from tests.test_train_loop import _config
+    from train import cli
+
+    cfg = _config(tmp_path, max_steps=4)
+    rc = cli.main(["--config", str(cfg), "--float-twin", "--set", "train.batches=device", "--no-export",
+                   "--out", str(tmp_path / "d")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "d" / "history.json").read_text())["summary"]
+    assert summary["step"] == 4 and summary["images_per_s"] > 0
+    assert cli.main(["--config", str(cfg), "--set", "train.batches=gpu", "--no-export", "--out", str(tmp_path / "x")]) == 78

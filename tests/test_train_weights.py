@@ -72,3 +72,24 @@ def test_nothing_in_the_file_needs_pickle(tmp_path):
     save_weights(_ck(), tmp_path / "w.npz")
     with np.load(tmp_path / "w.npz", allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
+
+
+def test_a_weights_file_starts_training_like_its_checkpoint(tmp_path):
+    """The trainer's every checkpoint read takes the .npz: a net loaded from it computes what the checkpoint's does."""
+    from tests.test_train_loop import _config
+    from train import cli
+    from train.checkpoints import load_checkpoint
+    from train.weights import main
+
+    cfg = _config(tmp_path, max_steps=3)
+    assert cli.main(["--config", str(cfg), "--float-twin", "--no-export", "--out", str(tmp_path / "f")]) == 0
+    assert main([str(tmp_path / "f" / "best.pt"), str(tmp_path / "f.npz"), "--exact"]) == 0
+    assert main([str(tmp_path / "f" / "best.pt"), str(tmp_path / "f.pt")]) == 2
+    (a, _), (b, ck) = load_checkpoint(tmp_path / "f" / "best.pt"), load_checkpoint(tmp_path / "f.npz")
+    x = torch.rand(2, 1, 64, 64) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+    assert ck["class_names"] == ["person"]
+    rc = cli.main(["--config", str(cfg), "--set", f"train.init_from={tmp_path / 'f.npz'}", "--set", "train.distill=0",
+                  "--no-export", "--out", str(tmp_path / "b")])
+    assert rc == 0 and (tmp_path / "b" / "last.pt").is_file()

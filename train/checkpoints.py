@@ -17,6 +17,7 @@ import torch
 
 from train.data import ConfigError
 from train.model import Detector, ModelConfig
+from train.weights import WeightsError, is_weights_file, load_weights
 
 # section -> {key: what it was}: options older checkpoints record, accepted only when off.
 RETIRED = {
@@ -52,8 +53,18 @@ def save_checkpoint(path, model, cfg, anchors, class_names, extra):
 
 
 def read_checkpoint(path) -> dict:
-    """The checkpoint dict, its config in the current form; ConfigError if it used a retired option."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint dict, its config in the current form; ConfigError if it used a retired option.
+
+    ``path`` is a ``torch.save`` checkpoint, or a ``.npz`` weights file (train/weights.py: what the
+    repository keeps of a teacher or a best binary net).
+    """
+    if is_weights_file(path):
+        try:
+            ck = load_weights(path)
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     config = ck.get("config", {})
     for section, keys in RETIRED.items():
         table = config.get(section, {})

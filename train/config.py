@@ -42,6 +42,10 @@ class TrainConfig:
     warmup_steps: int = 200
     threads: int = 2
     workers: int = 0  # 0: batches from one helper thread; N: N worker processes (a GPU machine's cores)
+    # Where batches are made: "cpu" (numpy on a helper thread or `workers` processes, warped on the device) or
+    # "device" (the whole cache resident on the training device, every augmentation there: train/device_batches.py;
+    # what a GPU needs to be fed thousands of images a second).
+    batches: str = "cpu"
     val_every_minutes: float = 10.0
     out_dir: str = "runs/person"
     export_to: str = "models/person.xnc"
@@ -70,6 +74,8 @@ class TrainConfig:
             raise ConfigError(f"train.distill must be a finite gain >= 0 (0 = off) (got {self.distill})")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
             raise ConfigError(f"train.ema must be 0 (off) or a decay in (0, 1) (got {self.ema})")
+        if self.batches not in ("cpu", "device"):
+            raise ConfigError(f"train.batches must be cpu or device (got {self.batches!r})")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16 (got {self.precision!r})")
         if self.batch_size < 1 or self.workers < 0 or self.threads < 1:

@@ -25,6 +25,7 @@ from train.augment import BatchMaker
 from train.batches import start as start_batches
 from train.checkpoints import save_checkpoint
 from train.data import ConfigError, LoadReport, batch_plan, cached_split, group_of, load_packed, split_key
+from train.device_batches import DeviceBatches
 from train.ema import WeightAverage
 from train.loss import YoloLoss, kmeans_anchors, split_head
 from train.model import Detector
@@ -74,8 +75,14 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
     budget = tc.minutes * 60.0
-    maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
-    pre = start_batches(maker, batch_plan(dc, train_cache), tc.batch_size, tc.seed, tc.workers, device, log)
+    plan = batch_plan(dc, train_cache)
+    if tc.batches == "device":
+        pre = DeviceBatches(train_cache, cfg["augment"], mc.input_width, mc.input_height, plan, tc.batch_size,
+                            tc.seed, device)
+        log(f"batches: made on {device}, the cache resident there ({pre.maker.c.nbytes / 2**20:.0f} MiB)")
+    else:
+        maker = BatchMaker(train_cache, cfg["augment"], mc.input_width, mc.input_height, seed=tc.seed)
+        pre = start_batches(maker, plan, tc.batch_size, tc.seed, tc.workers, device, log)
     history = {"train": [], "val": []}
     best = -1.0
     if tc.precision == "bf16":
@@ -119,6 +126,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
 
     t0 = last_val = time.time()
     step = 0
+    val_s = 0.0  # time spent validating, which images/s leaves out
     bar = tqdm(total=total_steps, desc=f"train {'binary' if mc.binary else 'float'}", dynamic_ncols=True,
                mininterval=2.0)
     try:
@@ -154,7 +162,9 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
             rec = {"step": step, "loss": float(loss.detach()) / tc.batch_size, **parts, "lr": lr, "t": time.time() - t0}
             history["train"].append(rec)
             left = max(0.0, min(budget - (time.time() - t0), (time.time() - t0) / max(step, 1) * (total_steps - step)))
+            ips = step * tc.batch_size / max(1e-9, time.time() - t0 - val_s)
             bar.set_postfix(
+                img_s=f"{ips:.0f}",
                 loss=f"{rec['loss']:.3f}",
                 box=f"{parts['box']:.3f}",
                 obj=f"{parts['obj']:.4f}",
@@ -163,9 +173,11 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
             )
             bar.update(1)
             if time.time() - last_val > tc.val_every_minutes * 60 and len(val_cache):
+                t_val = time.time()
                 net = settled()
                 v = validate(net, val_cache, cfg, anchors, nc)
                 last_val = time.time()
+                val_s += last_val - t_val
                 history["val"].append({"step": step, "map50": v["map50"], "map50_95": v["map50_95"]})
                 bar.write(f"val @ step {step}: mAP50 {v['map50']:.4f} mAP50-95 {v['map50_95']:.4f}")
                 save("last.pt", net, {"step": step, "val": v["map50"]})
@@ -173,6 +185,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
                     best = v["map50"]
                     save("best.pt", net, {"step": step, "val": best})
         wall = time.time() - t0
+        images_per_s = step * tc.batch_size / max(1e-9, wall - val_s)
         net = settled()
     finally:
         bar.close()
@@ -183,8 +196,10 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
     history["val"].append({"step": step, "map50": final["map50"], "map50_95": final["map50_95"]})
     log(
         f"done: {step} steps ({step / max(1, steps_per_epoch):.2f} epochs) in {wall / 60:.1f} min on {device}; "
-        f"val (cached) mAP50 {final['map50']:.4f} mAP50-95 {final['map50_95']:.4f}"
+        f"{images_per_s:.0f} training images/s; val (cached) mAP50 {final['map50']:.4f} mAP50-95 {final['map50_95']:.4f}"
     )
+    if isinstance(pre, DeviceBatches):
+        log(f"batches: made at {pre.images_per_s:.0f} images/s on {device} (the maker alone)")
     extra = {
         "step": step,
         "val": final["map50"],
@@ -192,6 +207,7 @@ def train(cfg: dict, out_dir: Path, log=print, resume=None, packed=None) -> dict
         "epochs": step / max(1, steps_per_epoch),
         "device": str(device),
         "threads": tc.threads,
+        "images_per_s": images_per_s,
     }
     if resume is not None:
         # Totals over both phases, so the model card reports the whole training.

@@ -14,13 +14,17 @@ read with ``allow_pickle=False``):
 float16 keeps a teacher's answers (its head is distilled through a sigmoid) and
 a binary net's signs; a binary net's latent weights lose precision that the next
 training stage regains in a few steps. ``load_weights`` returns the same dict
-as a checkpoint, so ``--init-from``, ``--teacher`` and ``--resume`` take either.
+as a checkpoint, so ``train.init_from``, ``train.teacher`` and ``--resume`` take either.
+
+    python -m train.weights runs/person-float/best.pt models/person-float.npz [--exact]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +126,27 @@ def load_weights(path) -> dict:
 
 def is_weights_file(path) -> bool:
     return Path(path).suffix == ".npz"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.weights", description="Keep a training checkpoint as a .npz.")
+    ap.add_argument("checkpoint", help="a torch.save checkpoint (best.pt / last.pt)")
+    ap.add_argument("out", help="the .npz to write")
+    ap.add_argument("--exact", action="store_true", help="float32 tensors (default float16, every sign kept)")
+    args = ap.parse_args(argv)
+    if not is_weights_file(args.out):
+        print(f"{args.out}: the weights file must end in .npz", file=sys.stderr)
+        return 2
+    try:
+        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        size = save_weights(ck, args.out, args.exact)
+        load_weights(args.out)  # what was written reads back
+    except (OSError, RuntimeError, WeightsError) as e:
+        print(f"{e}", file=sys.stderr)
+        return 1
+    print(f"{args.checkpoint} -> {args.out} ({size / 2**20:.2f} MiB, {'float32' if args.exact else 'float16'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
