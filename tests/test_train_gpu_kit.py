@@ -49,6 +49,29 @@ def test_pack_round_trip_keeps_labels_exactly_and_pixels_closely(tmp_path):
         np.testing.assert_array_equal(a, b)  # cut-outs stay lossless: their masks are exact
 
 
+def test_packs_shrink_to_the_pack_long_side_with_their_boxes(tmp_path):
+    cache = _with_cutout(_rect_cache(4, seed=2))
+    small = td.shrink_cache(cache, 96)
+    for im, b, sim, sb in zip(cache.images, cache.boxes, small.images, small.boxes, strict=True):
+        assert max(sim.shape) == 96 and abs(sim.shape[1] / sim.shape[0] - im.shape[1] / im.shape[0]) < 0.02
+        np.testing.assert_allclose(sb[:, [0, 2]], b[:, [0, 2]] * sim.shape[1] / im.shape[1], rtol=1e-5)
+        np.testing.assert_allclose(sb[:, [1, 3]], b[:, [1, 3]] * sim.shape[0] / im.shape[0], rtol=1e-5)
+        x1, y1, x2, y2 = (int(round(v)) for v in sb[0])
+        assert sim[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].mean() > 200  # still on its bright rectangle
+    assert small.cutouts == cache.cutouts and small.sources == cache.sources
+    assert td.shrink_cache(cache, 400).images[0] is cache.images[0]  # nothing to shrink
+
+
+def test_the_pack_long_side_is_part_of_the_key_and_checked(tmp_path):
+    base = {"classes": ["person"], "sources": [{"name": "s", "path": "p", "format": "yolo"}]}
+    same = td.split_key(td.DataConfig.from_dict(base), "train")
+    assert td.split_key(td.DataConfig.from_dict({**base, "pack_long_side": 224}), "train") == same
+    assert td.split_key(td.DataConfig.from_dict({**base, "pack_long_side": 192}), "train") != same
+    for bad in (16, 300):
+        with pytest.raises(td.ConfigError, match="pack_long_side"):
+            td.DataConfig.from_dict({**base, "pack_long_side": bad})
+
+
 def test_a_stale_or_foreign_pack_is_refused_with_the_remedy(tmp_path):
     cache = _rect_cache(2)
     td.pack_cache(cache, tmp_path / "p.npz", "k1")
@@ -171,8 +194,14 @@ def test_gpu_script_runs_both_stages_from_a_pack_and_returns_the_checkpoints(tmp
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     back = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert back == ["binary-best.pt", "binary-curves.png", "binary-history.json", "binary.log",
-                    "float-best.pt", "float-history.json", "float.log"]
+    assert back == ["binary-best.npz", "binary-best.pt", "binary-curves.png", "binary-history.json", "binary.log",
+                    "float-best.npz", "float-best.pt", "float-history.json", "float.log"]
+    # The batches were made from the resident cache, and each stage says how fast it trained.
+    for stage in ("float", "binary"):
+        log = (tmp_path / "out" / f"{stage}.log").read_text()
+        assert "batches: made on cpu, the cache resident there" in log and "training images/s" in log
+    _, kept = load_checkpoint(tmp_path / "out" / "float-best.npz")  # the compact teacher reads back
+    assert not kept["config"]["model"]["binary"]
     _, ck = load_checkpoint(tmp_path / "out" / "binary-best.pt")
     assert ck["config"]["model"]["binary"] and "done:" in (tmp_path / "out" / "binary.log").read_text()
     assert ck["config"]["model"]["res_blocks"] == 1  # MODEL_ARGS reached both stages (the binary inits from the twin)

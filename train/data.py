@@ -102,12 +102,20 @@ class DataConfig:
     on_error: str = "skip"  # "skip" or "stop"
     cache_long_side: int = 224
     cache_file: str = ""  # e.g. runs/cache-person.npz; "" = no disk cache
+    # Long side of the images in packed caches (python -m train.pack), 0 = cache_long_side. The network's input
+    # size: the GPU machine takes 64 MiB, and the cached 224 px are more than a 192 px input resolves.
+    pack_long_side: int = 0
     split_file: str = ""  # "val PATH" / "drop PATH" lines (train.split), for split = "scenes" sources
     # {group: share of every training batch}; {} = every image equally likely (each source's share is its size).
     # Groups are the sources' `group` names; with a mix, every training source's group must have a share.
     mix: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not (self.pack_long_side == 0 or 32 <= self.pack_long_side <= self.cache_long_side):
+            raise ConfigError(
+                f"data.pack_long_side must be 0 (= cache_long_side) or 32..cache_long_side ({self.cache_long_side}), "
+                f"got {self.pack_long_side}"
+            )
         if self.on_error not in ("skip", "stop"):
             raise ConfigError(f"data.on_error must be 'skip' or 'stop', got {self.on_error!r}")
         if not self.classes:
@@ -389,11 +397,27 @@ def split_key(cfg: DataConfig, split: str) -> str:
     """What a split's cached images are, wherever the datasets live: classes, sources, held-out list, size."""
     listed = sorted(read_split_file(cfg.split_file).items()) if cfg.split_file else []
     what = (PACK_VERSION, split, cfg.classes, cfg.sources, cfg.cache_long_side, listed)
+    if cfg.pack_long_side and cfg.pack_long_side != cfg.cache_long_side:
+        what += (cfg.pack_long_side,)
     return hashlib.sha1(repr(what).encode()).hexdigest()[:12]
 
 
+def shrink_cache(cache: Cache, long_side: int) -> Cache:
+    """``cache`` with every image longer than ``long_side`` area-shrunk to it, and its boxes scaled alike.
+
+    Person cut-outs stay as they are: copy-paste scales them to the image they land on.
+    """
+    out = Cache([], [], list(cache.classes), list(cache.sources), list(cache.cutouts))
+    for im, b in zip(cache.images, cache.boxes, strict=True):
+        small = _resize_long(im, long_side)
+        sy, sx = small.shape[0] / im.shape[0], small.shape[1] / im.shape[1]
+        out.images.append(small)
+        out.boxes.append((b * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32))
+    return out
+
+
 def pack_cache(cache: Cache, path, key: str, quality: int = 80) -> int:
-    """Write ``cache`` with JPEG pixels; returns the file size in bytes."""
+    """Write ``cache`` with JPEG pixels; returns the file size in bytes (shrink it first with :func:`shrink_cache`)."""
     if not 50 <= quality <= 100:
         raise ConfigError(f"JPEG quality must be 50..100, got {quality}")
     blobs = []

@@ -2,7 +2,8 @@
 
     python -m train.pack [--config train/configs/person.toml] [--out runs/carry] [--quality 80]
 
-Writes OUT/train.npz and OUT/val.npz (see :func:`train.data.pack_cache`). On the
+Writes OUT/train.npz and OUT/val.npz (see :func:`train.data.pack_cache`), the
+images shrunk to ``data.pack_long_side`` (the network's input size). On the
 GPU machine, ``python -m train.train --packed OUT`` trains from them without
 the datasets; ``train/gpu.sh`` runs both stages there. Exit 78 when the config
 is refused or the packs would not fit.
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.data import ConfigError, LoadReport, cached_split, pack_cache, repo_root, split_key
+from train.data import ConfigError, LoadReport, cached_split, pack_cache, repo_root, shrink_cache, split_key
 
 CARRY_LIMIT = 64 * 2**20  # what one transfer to the GPU machine holds, working tree included
 CODE_ALLOWANCE = 8 * 2**20  # the repo's tracked files travel too
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
         for split in ("train", "val"):
             report = LoadReport()
             cache = cached_split(dc, split, report)
+            if dc.pack_long_side and dc.pack_long_side != dc.cache_long_side:
+                cache = shrink_cache(cache, dc.pack_long_side)
             size = pack_cache(cache, out / f"{split}.npz", split_key(dc, split), args.quality)
             total += size
             print(f"{split}: {len(cache)} images, {len(cache.cutouts)} cut-outs -> {out / f'{split}.npz'} "
