@@ -116,8 +116,13 @@ train-shipped: setup-dev ## replay the ten training stages of the shipped model 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py
 
-pack: setup-dev ## pack the training caches (JPEG) for training on a CUDA machine: runs/carry (train/gpu.sh)
+# A CUDA machine without network access gets pycocotools as a wheel for its Python (WHEEL_PY, 3.12 by default).
+WHEEL_PY ?= 3.12
+pack: setup-dev ## pack the training caches (JPEG) and fetch the pycocotools wheel, for training on a CUDA machine: runs/carry and .whl (train/gpu.sh)
 	$(PY) -m train.pack --config train/configs/person.toml
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEEL_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl "$$(grep -E '^pycocotools==' requirements-dev.txt)"
 
 eval: setup-dev ## mAP of the shipped model through the runtime Detector
 	$(PY) -m evaluation $(ARGS)

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Training on a CUDA machine from packed caches: the float twin, then the binary net from it; results into $OUT.
 #
-# Beside the data:  python -m train.pack                       (runs/carry/train.npz, val.npz: < 56 MiB,
-#                                                                images at data.pack_long_side)
-#                   pip download pycocotools into .whl/         (if the CUDA machine is offline)
+# Beside the data:  make pack       runs/carry/train.npz, val.npz (< 56 MiB, images at data.pack_long_side),
+#                                   and the pycocotools wheel in .whl/ (for a CUDA machine that is offline)
 # On the machine:   bash train/gpu.sh, with runs/carry and .whl carried along (about 9 minutes as set below)
 #                   The cache stays resident on the GPU and every augmentation runs there (train.batches =
 #                   device); each stage's log reports training images/s.
 # Back beside the data, with binary-best.pt as DIR/best.pt:
 #                   python -m train.train --eval-only --out DIR  (export, threshold, runtime evaluation)
-#                   float-best.npz and binary-best.npz are the compact weights to keep in the repository.
+#                   float-best.npz is the teacher's compact weights, to keep in the repository.
 set -euo pipefail
 CONFIG=${CONFIG:-train/configs/person.toml}
 CARRY=${CARRY:-runs/carry}
@@ -30,7 +29,7 @@ OUT=${OUT:-runs/gpu-out}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$PY" -c "import pycocotools" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -44,9 +43,9 @@ common=(--config "$CONFIG" --packed "$CARRY" $MODEL_ARGS --set train.batch_size=
 "$PY" -m train.train "${common[@]}" --set train.minutes="$BINARY_MIN" --set train.lr="$BINARY_LR" \
     --set train.init_from="$RUNS/gpu-float/best.pt" --set train.teacher="$RUNS/gpu-float/best.pt" --set train.distill="$DISTILL" \
     --out "$RUNS/gpu" 2>&1 | tr '\r' '\n' | grep -v "^train " | tee "$OUT/binary.log"
+# Seven files to take back, each under 16 MiB: the teacher as compact weights, the binary checkpoint for
+# --eval-only (python -m train.weights DIR/best.pt models/NAME.npz --exact keeps it beside the data), logs, curves.
 "$PY" -m train.weights "$RUNS/gpu-float/best.pt" "$OUT/float-best.npz"
-"$PY" -m train.weights "$RUNS/gpu/best.pt" "$OUT/binary-best.npz" --exact
-cp "$RUNS/gpu-float/best.pt" "$OUT/float-best.pt"
 cp "$RUNS/gpu-float/history.json" "$OUT/float-history.json"
 cp "$RUNS/gpu/best.pt" "$OUT/binary-best.pt"
 cp "$RUNS/gpu/history.json" "$OUT/binary-history.json"
