@@ -101,6 +101,19 @@ def _data(split_file) -> DataConfig:
     return DataConfig(classes=("person",), sources=(src,), split_file=str(split_file))
 
 
+def test_the_false_alarm_budget_raises_a_threshold_that_boxes_empty_rooms_too_often():
+    person = _gt([[0, 0, 10, 10]])
+    gts = [person] + [_gt([])] * 4  # one image with a person, four person-free
+    found = _det([([0, 0, 10, 10], 0.9)])
+    # false boxes on the empty images scoring 0.1, 0.2, 0.3, 0.4: at 0.15 three of four are boxed
+    dets = [found] + [_det([([5, 5, 20, 20], s)]) for s in (0.1, 0.2, 0.3, 0.4)]
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    assert te.within_false_alarm_budget(gts, dets, 0.15, grid, 100.0) == (0.15, 75.0)  # within: kept
+    assert te.within_false_alarm_budget(gts, dets, 0.15, grid, 30.0) == (0.35, 25.0)  # raised to the first within
+    assert te.within_false_alarm_budget(gts, dets, 0.15, grid, 0.0) == (0.45, 0.0)
+    assert te.within_false_alarm_budget([person], [found], 0.15, grid, 0.0) == (0.15, 0.0)  # no empty image: stands
+
+
 def test_calibration_samples_are_the_dropped_images_only(shared_with_drops):
     samples = te.calibration_samples(shared_with_drops)
     assert [s.image.name for s in samples] == ["1.png", "2.png", "4.png"]
@@ -121,6 +134,7 @@ def test_calibrate_writes_the_picked_threshold_on_the_dropped_images(shared_with
     cal = m.metadata["score_threshold_calibration"]
     assert cal["images"] == 3 and "dropped" in cal["on"]
     assert cal["f1_best_threshold"] == 0.3 and "bootstrap" in cal["rule"]  # a clear best: no lower one ties it
+    assert cal["f1_rule_threshold"] == 0.3 and "empty_images" in cal and "fp_per_100_empty" in cal
 
 
 def test_a_listed_dropped_image_that_is_missing_is_named(shared_with_drops):

@@ -2,11 +2,14 @@
 
     calibrate_score_threshold(model_path, data_config)  # writes score_threshold into the file
 
-The images are the split's dropped ones (near-copies of held-out scenes, used
-neither to train nor to validate). The rule: the lowest threshold whose F1 there
-trails the best by at most one paired-bootstrap standard error, so that among
-operating points the data cannot tell apart the camera takes the one that boxes
-more people.
+The images are the split's dropped ones (near-copies of held-out scenes, a block
+of everyday photos and the person-free crops cut from them, used neither to train
+nor to validate). The rule: the lowest threshold whose F1 there trails the best by
+at most one paired-bootstrap standard error, so that among operating points the
+data cannot tell apart the camera takes the one that boxes more people; then,
+if that threshold puts more than ``FALSE_ALARM_BUDGET`` false boxes on every 100
+person-free images there, the lowest threshold that does not. A camera looks at
+an empty room most of the time, and every box there is a false alarm.
 """
 
 from __future__ import annotations
@@ -19,8 +22,25 @@ import numpy as np
 
 from app.modelfile import read_model, write_model
 from evaluation.datasets import DataError, split_images
-from evaluation.metrics import match_counts
+from evaluation.metrics import empty_images, match_counts
 from train.data import LoadReport, load_split, repo_root
+
+# False boxes per 100 person-free images the default threshold may put up on the calibration images.
+FALSE_ALARM_BUDGET = 15.0
+
+
+def within_false_alarm_budget(gts: list, dets: list, threshold: float, grid, budget: float) -> tuple:
+    """(threshold, false boxes per 100 empty images there): ``threshold``, or the lowest grid value above it
+    whose false boxes on the images without labels stay within ``budget``; the grid's top if none does.
+    Without empty images there is nothing to hold to, and ``threshold`` stands."""
+    grid = np.sort(np.asarray(grid, np.float64))
+    rate = lambda t: empty_images(gts, dets, t)["fp_per_100_empty"]  # noqa: E731
+    if not empty_images(gts, dets, threshold)["empty_images"] or rate(threshold) <= budget:
+        return threshold, rate(threshold)
+    for t in grid[grid > threshold]:
+        if rate(t) <= budget:
+            return round(float(t), 3), rate(t)
+    return round(float(grid[-1]), 3), rate(grid[-1])
 
 
 def calibration_samples(split_file=None) -> list:
@@ -126,11 +146,23 @@ def calibrate_score_threshold(model_path, data, n_images: int = 400, seed: int =
         boxes, classes = s.select(names)
         gts.append((boxes.astype(np.float64) * [w, h, w, h], classes))
         dets.append(det.detect(img))
-    pick = recall_leaning_threshold(gts, dets, grid if grid is not None else np.arange(0.02, 0.61, 0.01))
+    grid = grid if grid is not None else np.arange(0.02, 0.81, 0.01)
+    pick = recall_leaning_threshold(gts, dets, grid)
+    f1_pick = pick["threshold"]
+    threshold, fp100 = within_false_alarm_budget(gts, dets, f1_pick, grid, FALSE_ALARM_BUDGET)
+    if threshold != f1_pick:
+        counts = match_counts(gts, dets, [threshold]).sum(0)[0]
+        tp, fp, n = (int(v) for v in counts)
+        pick.update(threshold=threshold, f1=float(f1_from_counts(counts)),
+                    precision=tp / (tp + fp) if tp + fp else 0.0, recall=tp / n if n else 0.0)
     meta = dict(model.metadata)
     meta["score_threshold_calibration"] = {
         **pick,
-        "rule": "lowest threshold whose F1 trails the F1-best by at most one paired-bootstrap standard error",
+        "rule": "lowest threshold whose F1 trails the F1-best by at most one paired-bootstrap standard error, "
+        f"raised until false boxes per 100 person-free images are at most {FALSE_ALARM_BUDGET:g}",
+        "f1_rule_threshold": f1_pick,
+        "fp_per_100_empty": fp100,
+        "empty_images": empty_images(gts, dets, threshold)["empty_images"],
         "images": len(samples),
         "on": on,
     }
