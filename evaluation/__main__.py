@@ -1,13 +1,16 @@
 """``python -m evaluation``: score a model file through the runtime Detector (the exact Pi code).
 
-    python -m evaluation [--model FILE] [--data DIR [--format yolo|voc|coco]] [--source NAME] [--class NAME]
-                         [--limit N] [--threshold T] [--sheet FILE.png [--sheet-images N]]
+    python -m evaluation [--model FILE] [--data DIR [--format yolo|voc|coco] | --images val|drop] [--source NAME]
+                         [--class NAME] [--limit N] [--threshold T] [--sheet FILE.png [--sheet-images N]]
 
 Without ``--data`` it scores the shipped model's held-out split from the shared
 datasets folder: the images listed as ``val`` in models/person-split.txt (whole
 scenes of the person sets, a block of everyday photos and the person-free crops
 cut from them) plus all of coco_mini, and each source on its own too.
-``--source general/coco_person`` keeps one of those sources.
+``--source general/coco_person`` keeps one of those sources. ``--images drop``
+scores the split's dropped images instead (used neither to train nor to validate:
+where the default threshold is calibrated, and where to compare training runs
+without looking at the held-out split).
 
 It prints mAP@0.5 and mAP@0.5:0.95 (pycocotools); at the model's default score
 threshold (or ``--threshold``) precision and recall, false boxes per 100 images
@@ -23,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evaluation.datasets import FORMATS, DataError, load_dataset, source_of, validation_split
+from evaluation.datasets import FORMATS, DataError, load_dataset, source_of, split_images, validation_split
 from evaluation.score import EVAL_SCORE_THRESHOLD, evaluate, print_report
 
 
@@ -32,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="model file (default: the shipped models/person.xnc)")
     ap.add_argument("--data", help="dataset folder (default: the held-out validation split in ../shared)")
     ap.add_argument("--format", choices=FORMATS, help="dataset format (default: detected)")
+    ap.add_argument("--images", choices=("val", "drop"), default="val",
+                    help="of the default split: the held-out images (val, with coco_mini) or the dropped ones")
     ap.add_argument("--source", help="of the default split, score only this source (e.g. general/coco_person)")
     ap.add_argument("--class", dest="cls", help="score only this class name (default: all of the model's classes)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most N images")
@@ -62,6 +67,9 @@ def main(argv=None) -> int:
     if args.sheet_images < 1:
         print(f"--sheet-images must be >= 1 (got {args.sheet_images})", file=sys.stderr)
         return 2
+    if args.data and args.images != "val":
+        print("--images picks the default split's images; it does not go with --data", file=sys.stderr)
+        return 2
     if args.source and args.data:
         print("--source picks a source of the default split; with --data, point --data at that source", file=sys.stderr)
         return 2
@@ -82,7 +90,10 @@ def main(argv=None) -> int:
         return 2
     threshold = float(det.model.score_threshold) if args.threshold is None else args.threshold
     try:
-        samples = load_dataset(args.data, args.format) if args.data else validation_split()
+        if args.data:
+            samples = load_dataset(args.data, args.format)
+        else:
+            samples = validation_split() if args.images == "val" else split_images("drop")
     except DataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
         return 2 if not args.data else 1
@@ -92,7 +103,10 @@ def main(argv=None) -> int:
         if not samples:
             print(f"--source {args.source!r} is not a source of the split; its sources are {known}", file=sys.stderr)
             return 2
-    what = args.data or "validation split (models/person-split.txt + coco_mini)"
+    what = args.data or (
+        "validation split (models/person-split.txt + coco_mini)" if args.images == "val"
+        else "the split's dropped images (models/person-split.txt)"
+    )
     if args.source:
         what += f", source {args.source}"
     print(f"model: {args.model or 'default'}  data: {what}  images: {len(samples[: args.limit or None])}")

@@ -372,3 +372,8 @@ def test_cli_source_keeps_one_source_of_the_split(tmp_path, monkeypatch, rand_mo
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 2
     assert ev.main(["--model", str(rand_model_file), "--source", "nope"]) == 2
     assert "person/cam" in capsys.readouterr().err  # names the sources there are
+    split.write_text("val person/cam/images/im1.png\ndrop person/cam/images/im0.png\ndrop person/cam/images/im3.png\n")
+    assert ev.main(["--model", str(rand_model_file), "--images", "drop"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 2 and "dropped images" in out  # no coco_mini
+    assert ev.main(["--model", str(rand_model_file), "--images", "drop", "--data", str(data)]) == 2
