@@ -12,29 +12,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+from tests.test_evaluation_datasets import make_yolo  # noqa: E402
 from train import data as td  # noqa: E402
 from train.augment import AugmentConfig, BatchMaker, no_augment  # noqa: E402
 
 SHARED = td.shared_root() / "datasets"
-
-
-def _img(path: Path, w=80, h=60, rect=None):
-    img = np.full((h, w), 40, np.uint8)
-    if rect:
-        x1, y1, x2, y2 = rect
-        img[y1:y2, x1:x2] = 230
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), img)
-
-
-def make_yolo(root: Path, labels: dict, names=("person", "dog"), sizes=None):
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    (root / "data.yaml").write_text("path: .\nnc: 2\nnames:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(names)))
-    for stem, text in labels.items():
-        _img(root / "images" / f"{stem}.jpg", *(sizes or {}).get(stem, (80, 60)))
-        if text is not None:
-            (root / "labels" / f"{stem}.txt").write_text(text)
-    return root
 
 
 def test_sources_keep_their_classes_by_name_and_the_cache_indexes_them_in_config_order(tmp_path):

@@ -9,6 +9,7 @@ variants (padding 0 or -1, flip dropped, bit order reversed) must be caught.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +170,7 @@ def test_dropped_flip_is_caught(net_and_model):
         if "flip" in t:
             t["flip"] = np.zeros_like(t["flip"])
         layers.append(Layer(layer.op, layer.params, t))
-    broken = Model(
-        model.input_width,
-        model.input_height,
-        model.channels,
-        model.class_names,
-        model.anchors,
-        tuple(layers),
-        model.metadata,
-    )
+    broken = dataclasses.replace(model, layers=tuple(layers))
     bad = mismatches(net, broken, synthetic_frame(11, W, H, 1))
     assert 0 in bad
 
@@ -191,15 +184,7 @@ def test_reversed_bit_order_is_caught(net_and_model):
             c = layer.params["in_ch"]
             t["weight"] = bits.pack(bits.unpack(t["weight"], c)[..., ::-1])
         layers.append(Layer(layer.op, layer.params, t))
-    broken = Model(
-        model.input_width,
-        model.input_height,
-        model.channels,
-        model.class_names,
-        model.anchors,
-        tuple(layers),
-        model.metadata,
-    )
+    broken = dataclasses.replace(model, layers=tuple(layers))
     bad = mismatches(net, broken, synthetic_frame(11, W, H, 1))
     assert 2 in bad
 
