@@ -1,10 +1,12 @@
-"""aarch64 instructions per detect() (and per stage) vs the float cv2.dnn twin, under the armcost meter.
+"""aarch64 instructions per detect() (and per stage) vs the float cv2.dnn twin, and per tracker update, under the armcost meter.
 
-    python benchmarks/bench_arm.py [--model FILE]
+    python benchmarks/bench_arm.py [--model FILE] [--tracker-only]
 
 Runs benchmarks/_arm_detect.py in the emulated Cortex-A53 (armcost), one
-metered detect() after warm-up calls outside the regions. The last line is one
-JSON object. Exits 0 with a message when ../shared/tools/armcost is absent.
+metered detect() after warm-up calls outside the regions, then
+benchmarks/_arm_track.py: ``Tracker.update`` per frame with 0, 5 and 20 people
+in view. The last line is one JSON object. Exits 0 with a message when
+../shared/tools/armcost is absent.
 """
 
 import argparse
@@ -24,16 +26,8 @@ def armcost_path() -> Path:
     return (shared / "tools" / "armcost" / "armcost").resolve()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model file (default: models/person.xnc, else a random model)")
-    args = ap.parse_args(argv)
-    tool = armcost_path()
-    if not tool.exists():
-        print(f"SKIP: the ARM meter is absent ({tool}); nothing measured")
-        return 0
-    guest = ROOT / "benchmarks" / "_arm_detect.py"
-    extra = [str(Path(args.model).resolve())] if args.model else []
+def run_guest(tool: Path, guest: Path, extra: list[str]) -> tuple[dict, str] | None:
+    """The meter's JSON result and the guest's stdout, or None (said on stderr) when the run failed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "armcost.json"
         proc = subprocess.run([str(tool), "run", "--json", str(out), "--quiet", str(guest), *extra],
@@ -41,14 +35,59 @@ def main(argv=None) -> int:
         if proc.returncode != 0 or not out.exists():
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
             print(f"armcost run failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
+            return None
         result = json.loads(out.read_text())
     if result.get("exit_code", 0) != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         print(f"guest script failed (exit {result.get('exit_code')})", file=sys.stderr)
+        return None
+    return result, proc.stdout
+
+
+def net_of(result: dict, region: int) -> int:
+    r = result["regions"][str(region)]
+    return int(r.get("net_instructions", r["instructions"]))
+
+
+def tracker_figures(tool: Path) -> dict | None:
+    """Instructions per Tracker.update with 0, 5 and 20 people (benchmarks/_arm_track.py)."""
+    got = run_guest(tool, ROOT / "benchmarks" / "_arm_track.py", [])
+    if got is None:
+        return None
+    result, stdout = got
+    scenes = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"people"')]
+    per = {}
+    for region, scene in zip((20, 21, 22), scenes, strict=True):
+        r = result["regions"][str(region)]
+        per[str(scene["people"])] = round(net_of(result, region) / r["entries"])
+        print(f"tracker, {scene['people']:2d} people: {per[str(scene['people'])] / 1e3:.0f} k aarch64 instructions/frame "
+              f"(Pi Zero 2 W estimate {r.get('est_ms_per_entry', {})} ms; {scene['live_tracks']} live tracks)")
+    return per
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model file (default: models/person.xnc, else a random model)")
+    ap.add_argument("--tracker-only", action="store_true", help="meter only the tracker")
+    args = ap.parse_args(argv)
+    tool = armcost_path()
+    if not tool.exists():
+        print(f"SKIP: the ARM meter is absent ({tool}); nothing measured")
+        return 0
+    if args.tracker_only:
+        per = tracker_figures(tool)
+        if per is None:
+            return 1
+        print(json.dumps({"tracker_instructions_per_frame": per}))
+        return 0
+    guest = ROOT / "benchmarks" / "_arm_detect.py"
+    extra = [str(Path(args.model).resolve())] if args.model else []
+    got = run_guest(tool, guest, extra)
+    if got is None:
         return 1
+    result, stdout = got
     info = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("{") and '"model"' in line:
             info = json.loads(line)
     regs = result["regions"]
@@ -64,6 +103,9 @@ def main(argv=None) -> int:
     print(f"detect(): {total / 1e6:.2f} M aarch64 instructions/frame  (Pi Zero 2 W estimate {ms} ms)")
     print("stages (M instr): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in stages.items()))
     print(f"float cv2.dnn twin: {flt / 1e6:.2f} M instructions/frame  (x{flt / total:.1f} of detect)")
+    tracker = tracker_figures(tool)
+    if tracker is None:
+        return 1
     print(json.dumps({
         "aarch64_instructions_per_frame": total,
         "aarch64_float_instructions_per_frame": flt,
@@ -71,6 +113,7 @@ def main(argv=None) -> int:
         "stages": stages,
         "est_ms_per_frame": ms,
         "model": info.get("model"),
+        "tracker_instructions_per_frame": tracker,
     }))
     return 0
 
