@@ -63,8 +63,34 @@ class PreviewConfig:
 class LogConfig:
     path: str = ""
     only_detections: bool = False
+    only_events: bool = False
     max_mb: float = 10.0
     files: int = 5
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    enabled: bool = True
+    confirm_hits: int = 3
+    confirm_frames: int = 5
+    lost_after_s: float = 2.0
+    low_score: float = 0.5
+    match_iou: float = 0.2
+    max_tracks: int = 32
+
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    update_every_s: float = 0.0
+    zones: dict[str, tuple[Point, ...]] = field(default_factory=dict)
+    only_in_zones: tuple[str, ...] = ()
+    line: tuple[Point, ...] = ()
+    snapshot_dir: str = ""
+    snapshot_max_files: int = 100
+    snapshot_max_mb: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,8 @@ class Config:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     log: LogConfig = field(default_factory=LogConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -88,13 +116,15 @@ _SECTIONS: dict[str, type] = {
     "preview": PreviewConfig,
     "log": LogConfig,
     "watchdog": WatchdogConfig,
+    "tracker": TrackerConfig,
+    "events": EventsConfig,
 }
 
 
 # --- per-key rules -----------------------------------------------------------
 # Each rule: (kind, detail). Kinds: "float" (lo, hi, lo_open), "int" (lo, hi),
 # "bool", "str", "choice" (values), "optfloat" (lo, hi, lo_open), "classmap",
-# "names". Ranges are inclusive unless lo_open.
+# "names", "zones" (name = polygon), "line" (two points). Ranges are inclusive unless lo_open.
 
 _RULES: dict[str, tuple[str, Any]] = {
     "source.spec": ("sourcespec", None),
@@ -121,11 +151,29 @@ _RULES: dict[str, tuple[str, Any]] = {
     "preview.hud": ("bool", None),
     "log.path": ("str", None),
     "log.only_detections": ("bool", None),
+    "log.only_events": ("bool", None),
     "log.max_mb": ("float", (0.0, 1e6, False)),
     "log.files": ("int", (1, 1000)),
     "watchdog.idle_grace_s": ("float", (0.0, 86400.0, False)),
     "watchdog.status_interval_s": ("float", (0.0, 3600.0, True)),
+    "tracker.enabled": ("bool", None),
+    "tracker.confirm_hits": ("int", (1, 32)),
+    "tracker.confirm_frames": ("int", (1, 32)),
+    "tracker.lost_after_s": ("float", (0.0, 3600.0, False)),
+    "tracker.low_score": ("float", (0.0, 1.0, False)),
+    "tracker.match_iou": ("float", (0.0, 1.0, True)),
+    "tracker.max_tracks": ("int", (1, 1000)),
+    "events.update_every_s": ("float", (0.0, 86400.0, False)),
+    "events.zones": ("zones", None),
+    "events.only_in_zones": ("names", None),
+    "events.line": ("line", None),
+    "events.snapshot_dir": ("str", None),
+    "events.snapshot_max_files": ("int", (1, 1_000_000)),
+    "events.snapshot_max_mb": ("float", (0.0, 1e6, True)),
 }
+
+MAX_ZONES = 32
+MAX_ZONE_POINTS = 64
 
 
 def _range_text(lo: float, hi: float, lo_open: bool = False) -> str:
@@ -191,6 +239,20 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key} = {value!r} is not allowed: expected a list of class names, e.g. [\"person\"]")
         return tuple(value)
+    if kind == "zones":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a table of name = [[x, y], ...] "
+                              f"(a polygon in normalised image coordinates)")
+        if len(value) > MAX_ZONES:
+            raise ConfigError(f"{key}: {len(value)} zones is too many (at most {MAX_ZONES})")
+        return {str(name): check_polygon(f"{key}.{name}", poly) for name, poly in value.items()}
+    if kind == "line":
+        if isinstance(value, (list, tuple)) and len(value) == 0:
+            return ()
+        points = _check_points(key, value, 2, 2, "a counting line [[x1, y1], [x2, y2]] or []")
+        if points[0] == points[1]:
+            raise ConfigError(f"{key} = {value!r} is not allowed: the two ends of the line are the same point")
+        return points
     if kind == "classmap":
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} is not allowed: expected a table of class name = threshold")
@@ -199,6 +261,68 @@ def _check(key: str, value: Any) -> Any:
             out[str(name)] = _check_number(f"{key}.{name}", thr, 0.0, 1.0, True, integer=False)
         return out
     raise AssertionError(kind)  # a rule kind without a checker is a bug here
+
+
+def _check_points(key: str, value: Any, least: int, most: int, what: str) -> tuple[Point, ...]:
+    if not isinstance(value, (list, tuple)) or not least <= len(value) <= most:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+    points = []
+    for p in value:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}; {p!r} is not a point [x, y]")
+        x, y = float(p[0]), float(p[1])
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):  # NaN fails too
+            raise ConfigError(f"{key}: point {[p[0], p[1]]!r} is out of range: coordinates are normalised, 0..1")
+        points.append((x, y))
+    return tuple(points)
+
+
+def _orient(a: Point, b: Point, c: Point) -> float:
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+
+def _segments_meet(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
+    """True when the closed segments p1-p2 and q1-q2 share a point."""
+    d1, d2, d3, d4 = _orient(q1, q2, p1), _orient(q1, q2, p2), _orient(p1, p2, q1), _orient(p1, p2, q2)
+    if ((d1 > 0) != (d2 > 0) and d1 != 0 and d2 != 0) and ((d3 > 0) != (d4 > 0) and d3 != 0 and d4 != 0):
+        return True
+
+    def on(a: Point, b: Point, c: Point) -> bool:  # c on segment a-b, given collinear
+        return min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
+
+    return ((d1 == 0 and on(q1, q2, p1)) or (d2 == 0 and on(q1, q2, p2)) or (d3 == 0 and on(p1, p2, q1))
+            or (d4 == 0 and on(p1, p2, q2)))
+
+
+def check_polygon(key: str, value: Any) -> tuple[Point, ...]:
+    """A zone: 3..64 points in 0..1, a simple polygon (no edge crosses or touches another) with an area."""
+    what = f"a polygon of 3 to {MAX_ZONE_POINTS} points [[x, y], ...] in normalised image coordinates"
+    pts = _check_points(key, value, 3, MAX_ZONE_POINTS, what)
+    n = len(pts)
+    edges = [(pts[i], pts[(i + 1) % n]) for i in range(n)]
+    for i in range(n):
+        if edges[i][0] == edges[i][1]:
+            raise ConfigError(f"{key} = {value!r} is not allowed: point {(i + 1) % n + 1} repeats the one before it")
+    for i in range(n):
+        for j in range(i + 1, n):
+            adjacent = j == i + 1 or (i == 0 and j == n - 1)
+            if adjacent:
+                # neighbours share one end; they must not fold back over each other
+                a, b = edges[i], edges[j]
+                shared, pi, pj = (a[1], a[0], b[1]) if j == i + 1 else (a[0], a[1], b[0])
+                if _orient(shared, pi, pj) == 0 and (pi[0] - shared[0]) * (pj[0] - shared[0]) + \
+                        (pi[1] - shared[1]) * (pj[1] - shared[1]) > 0:
+                    raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
+                                      f"(edges {i + 1} and {j + 1} overlap)")
+                continue
+            if _segments_meet(*edges[i], *edges[j]):
+                raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
+                                  f"(edges {i + 1} and {j + 1} cross)")
+    area = sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n)) / 2
+    if abs(area) < 1e-9:
+        raise ConfigError(f"{key} = {value!r} is not allowed: the polygon has no area")
+    return pts
 
 
 def from_dict(data: dict[str, Any], where: str = "config") -> Config:
@@ -240,6 +364,19 @@ def _check_cross(config: Config) -> None:
         raise ConfigError(
             f"source.backoff_max_s = {s.backoff_max_s:g} is out of range: expected >= source.backoff_initial_s "
             f"({s.backoff_initial_s:g})"
+        )
+    t = config.tracker
+    if t.confirm_hits > t.confirm_frames:
+        raise ConfigError(
+            f"tracker.confirm_hits = {t.confirm_hits} is out of range: a track is confirmed after N hits in the "
+            f"last M frames, so expected <= tracker.confirm_frames ({t.confirm_frames})"
+        )
+    e = config.events
+    unknown = [z for z in e.only_in_zones if z not in e.zones]
+    if unknown:
+        raise ConfigError(
+            f"events.only_in_zones: unknown zone(s) {', '.join(map(repr, unknown))}; zones in events.zones: "
+            f"{', '.join(map(repr, e.zones)) or '(none)'}"
         )
 
 

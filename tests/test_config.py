@@ -77,6 +77,24 @@ def test_example_optional_keys_load_when_uncommented(tmp_path):
         ("[log]\nonly_detections = 1\n", ["log.only_detections", "true or false"]),
         ("[source]\nbackoff_initial_s = 5.0\nbackoff_max_s = 1.0\n", ["source.backoff_max_s", "backoff_initial_s"]),
         ("source = 3\n", ["source", "3", "table"]),
+        ("[tracker]\nconfirm_hits = 6\nconfirm_frames = 5\n", ["tracker.confirm_hits", "6", "confirm_frames (5)"]),
+        ("[tracker]\nlost_after_s = -1\n", ["tracker.lost_after_s", "-1", ">= 0"]),
+        ("[tracker]\nconfirm_frames = 33\n", ["tracker.confirm_frames", "33", "<= 32"]),
+        ("[events]\nupdate_every_s = -0.5\n", ["events.update_every_s", "-0.5", ">= 0"]),
+        ("[events]\nzones = { door = [[0, 0], [1, 1], [1, 0], [0, 1]] }\n",
+         ["events.zones.door", "self-intersecting", "edges 1 and 3"]),
+        ("[events]\nzones = { door = [[0, 0], [1.2, 0], [1, 1]] }\n", ["events.zones.door", "1.2", "0..1"]),
+        ("[events]\nzones = { door = [[0, 0], [1, 0]] }\n", ["events.zones.door", "3 to 64 points"]),
+        ("[events]\nzones = { door = [[0, 0], [0.5, 0.5], [1, 1]] }\n", ["events.zones.door", "self-intersecting"]),
+        ("[events]\nzones = { door = [[0, 0], [1, 0], [1, 1], [1, 1]] }\n", ["events.zones.door", "repeats"]),
+        ("[events]\nzones = { door = [[0, 0], [1, \"a\"], [1, 1]] }\n", ["events.zones.door", "not a point"]),
+        ("[events]\nzones = [[0, 0], [1, 0], [1, 1]]\n", ["events.zones", "table of name"]),
+        ("[events]\nonly_in_zones = [\"door\"]\n", ["events.only_in_zones", "'door'", "(none)"]),
+        ("[events]\nline = [[0, 0.5], [0, 0.5]]\n", ["events.line", "same point"]),
+        ("[events]\nline = [[0, 0.5], [1, 0.5], [1, 1]]\n", ["events.line", "[[x1, y1], [x2, y2]]"]),
+        ("[events]\nline = [[0, -0.5], [1, 0.5]]\n", ["events.line", "-0.5", "0..1"]),
+        ("[events]\nsnapshot_max_mb = 0\n", ["events.snapshot_max_mb", "> 0"]),
+        ("[log]\nonly_events = \"yes\"\n", ["log.only_events", "true or false"]),
     ],
 )
 def test_bad_values_are_refused_naming_key_value_and_allowed(tmp_path, toml, names):
@@ -87,6 +105,44 @@ def test_bad_values_are_refused_naming_key_value_and_allowed(tmp_path, toml, nam
     assert str(p) in message
     for part in names:
         assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_zones_line_and_tracker_settings_load(tmp_path):
+    c = load(write(tmp_path, """
+[tracker]
+confirm_hits = 2
+confirm_frames = 2
+lost_after_s = 0
+[events]
+zones = { door = [[0, 0.4], [0.3, 0.4], [0.3, 1], [0, 1]], "far side" = [[0.5, 0], [1, 0], [0.75, 0.5]] }
+only_in_zones = ["door"]
+line = [[0.5, 0], [0.5, 1]]
+"""))
+    assert (c.tracker.confirm_hits, c.tracker.confirm_frames, c.tracker.lost_after_s) == (2, 2, 0.0)
+    assert c.events.zones == {"door": ((0.0, 0.4), (0.3, 0.4), (0.3, 1.0), (0.0, 1.0)),
+                              "far side": ((0.5, 0.0), (1.0, 0.0), (0.75, 0.5))}
+    assert c.events.only_in_zones == ("door",) and c.events.line == ((0.5, 0.0), (0.5, 1.0))
+    assert from_dict({"events": {"line": []}}).events.line == ()
+
+
+@pytest.mark.parametrize("poly", [
+    [[0, 0], [1, 0], [1, 1], [0, 1]],  # square
+    [[0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.9, 0.9], [0.1, 0.9]],  # concave (an arrow)
+    [[0, 0], [1, 0], [0, 1]],
+])
+def test_simple_polygons_are_accepted(poly):
+    assert len(cfgmod.check_polygon("z", poly)) == len(poly)
+
+
+@pytest.mark.parametrize("poly", [
+    [[0, 0], [1, 1], [1, 0], [0, 1]],  # a bow tie
+    [[0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.9, 0.9], [0.1, 0.9], [0.5, 0.5]],  # touches itself at a vertex
+    [[0, 0], [1, 0], [1, 1], [0.5, 0], [0, 1]],  # a vertex on another edge
+    [[0, 0], [1, 0], [0.5, 0], [0.5, 1]],  # an edge folds back over the one before
+])
+def test_self_intersecting_polygons_are_refused(poly):
+    with pytest.raises(ConfigError, match="self-intersecting"):
+        cfgmod.check_polygon("z", poly)
 
 
 def test_not_toml_and_unreadable_files(tmp_path):

@@ -129,6 +129,30 @@ def test_bad_config_exits_78_before_the_camera_opens(name, model_path, tmp_path,
     assert not marker.exists(), "the camera was opened before the config was checked"
 
 
+BAD_TRACK_CONFIGS = {
+    "self-intersecting zone": ("[events]\nzones = { door = [[0, 0], [1, 1], [1, 0], [0, 1]] }\n",
+                               "events.zones.door"),
+    "zone out of range": ("[events]\nzones = { door = [[0, 0], [1, 0], [1, 1.5]] }\n", "events.zones.door"),
+    "N > M": ("[tracker]\nconfirm_hits = 4\nconfirm_frames = 3\n", "tracker.confirm_hits"),
+    "negative lost time": ("[tracker]\nlost_after_s = -2\n", "tracker.lost_after_s"),
+    "negative update time": ("[events]\nupdate_every_s = -1\n", "events.update_every_s"),
+    "unknown restricting zone": ("[events]\nonly_in_zones = [\"door\"]\n", "events.only_in_zones"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TRACK_CONFIGS)
+def test_bad_tracking_config_exits_78_with_one_line_naming_the_key(name, model_path, tmp_path, fake_camera):
+    make_env, marker = fake_camera
+    text, key = BAD_TRACK_CONFIGS[name]
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[source]\nspec = "picamera2"\n' + text)
+    r = run_app("--config", cfg, "--model", model_path, "--preview", "none", env=make_env())
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "configuration refused" in lines[0] and key in lines[0], r.stderr
+    assert not marker.exists(), "the camera was opened before the config was checked"
+
+
 def test_non_utf8_config_exits_78(tmp_path, fake_camera):
     make_env, marker = fake_camera
     cfg = tmp_path / "config.toml"
