@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 def export_and_evaluate(cfg: dict, out: Path, checkpoint: str, export_to, argv) -> int:
     """Binary: export OUT/CHECKPOINT.pt, set its default threshold, score the file. Float twin: score it in torch."""
     from evaluation.datasets import validation_split
-    from evaluation.score import EVAL_SCORE_THRESHOLD, evaluate
+    from evaluation.score import EVAL_SCORE_THRESHOLD, REPORT_KEYS, evaluate
     from train.report import plot_pr
 
     ckpt = out / f"{checkpoint}.pt"
@@ -137,7 +137,7 @@ def export_and_evaluate(cfg: dict, out: Path, checkpoint: str, export_to, argv) 
         m = evaluate_torch(ckpt)
         title = "float twin (torch)"
     plot_pr(m, out / "pr.png", title)
-    summary = {k: m[k] for k in ("map50", "map50_95", "images", "precision", "recall", "frames_found", "upright_found")}
+    summary = {k: m[k] for k in REPORT_KEYS}  # python -m evaluation's numbers, false boxes on empty scenes too
     (out / "metrics.json").write_text(json.dumps(summary))
     print(json.dumps(summary))
     return 0
