@@ -51,6 +51,21 @@ def _class_threshold(text: str) -> tuple[str, float]:
     return name, _float_in(0.0, 1.0)(value)
 
 
+def _points(text: str) -> list[list[float]]:
+    """'x,y x,y ...' (normalised) -> [[x, y], ...]; the config's rules then check them."""
+    try:
+        return [[float(c) for c in p.split(",")] for p in text.replace(";", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected points 'x,y x,y ...' (normalised, 0..1)") from None
+
+
+def _zone(text: str) -> tuple[str, list[list[float]]]:
+    name, sep, points = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME='x,y x,y x,y ...', e.g. door='0,0.4 0.3,0.4 0.3,1 0,1'")
+    return name, _points(points)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app",
@@ -85,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-max-mb", type=float, metavar="MB", help="rotate the log at this size (0 = never)")
     p.add_argument("--log-files", type=int, metavar="N", help="keep N log files in all")
     p.add_argument("--only-detections", action="store_true", default=None, help="log only frames with detections")
+    p.add_argument("--only-events", action="store_true", default=None,
+                   help="log only event lines (enter, update, cross, leave, outages), no frame lines")
+    p.add_argument("--no-tracks", action="store_true", help="no tracker: no track events, no snapshots")
+    p.add_argument("--update-every", type=float, metavar="S", help="an update event every S seconds per track (0 = none)")
+    p.add_argument("--zone", type=_zone, action="append", metavar="NAME='x,y x,y x,y ...'",
+                   help="a named zone, a polygon in normalised coordinates (repeatable)")
+    p.add_argument("--only-in-zones", metavar="A,B", help="only tracks seen in these zones make events")
+    p.add_argument("--line", type=_points, metavar="'x1,y1 x2,y2'", help="a counting line (normalised)")
+    p.add_argument("--snapshots", metavar="DIR", help="write enter/leave snapshots (JPEG) here")
     p.add_argument("--max-frames", type=int, default=0, metavar="N", help="stop after N processed frames (0 = never)")
     p.add_argument("--warmup-only", action="store_true", help="load the model, compile the kernels, exit 0")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +133,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log.max_mb": args.log_max_mb,
         "log.files": args.log_files,
         "log.only_detections": args.only_detections,
+        "log.only_events": args.only_events,
+        "tracker.enabled": False if args.no_tracks else None,
+        "events.update_every_s": args.update_every,
+        "events.zones": None if not args.zone else dict(args.zone),
+        "events.only_in_zones": None if args.only_in_zones is None
+        else [z.strip() for z in args.only_in_zones.split(",") if z.strip()],
+        "events.line": args.line,
+        "events.snapshot_dir": args.snapshots,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -185,26 +217,37 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
     except ValueError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", f"detector: {exc}")
 
+    t = cfg.tracker
     try:
-        keep = filter_for(detector, d.classes, d.class_thresholds)
+        keep = filter_for(detector, d.classes, d.class_thresholds, t.low_score if t.enabled else 1.0)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
 
     notifier.status("warming up")
     detector.warmup()
+    tracker = None
+    if t.enabled:
+        from app.tracker import Tracker, TrackerSettings
+
+        tracker = Tracker(TrackerSettings(confirm_hits=t.confirm_hits, confirm_frames=t.confirm_frames,
+                                          lost_after_s=t.lost_after_s, match_iou=t.match_iou,
+                                          max_tracks=t.max_tracks))
+        tracker.warmup()
     if args.warmup_only:
         log.info("model %s loaded and warmed up", getattr(detector, "path", None) or "(default)")
         notifier.ready()
         return EXIT_OK
     if stop.is_set():
         return EXIT_OK
-    return _run_pipeline(cfg, spec, args, stop, notifier, detector, keep)
+    return _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker)
 
 
-def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
+def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> int:
     from app import sinks, sources
     from app.capture import Capture
+    from app.events import Events
     from app.pipeline import Pipeline
+    from app.snapshots import NullSnapshots, SnapshotStore
 
     s = cfg.source
     kind = spec.partition(":")[0]
@@ -224,7 +267,15 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
         backoff_max_s=s.backoff_max_s,
         lossless=finite and s.fps == 0,
     )
-    log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections)
+    log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections,
+                              cfg.log.only_events)
+    e = cfg.events
+    events = None
+    if tracker is not None:
+        snapshots = (SnapshotStore(e.snapshot_dir, e.snapshot_max_files, int(e.snapshot_max_mb * 2**20))
+                     if e.snapshot_dir else NullSnapshots())
+        events = Events(tracker, log_sink.event, detector.class_names, zones=e.zones, only_in_zones=e.only_in_zones,
+                        line=e.line, update_every_s=e.update_every_s, snapshots=snapshots)
     recorder = sinks.Recorder(cfg.preview.record, cfg.preview.record_fps) if cfg.preview.record else sinks.NullRecorder()
     pipeline = Pipeline(
         capture,
@@ -234,12 +285,14 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep) -> int:
         preview=preview,
         recorder=recorder,
         notifier=notifier,
+        events=events,
         hud=cfg.preview.hud,
         max_frames=args.max_frames,
         idle_grace_s=cfg.watchdog.idle_grace_s,
         status_interval_s=cfg.watchdog.status_interval_s,
     )
-    log.info("source %s, preview %s, log %s", spec, preview.name, cfg.log.path or "(none)")
+    log.info("source %s, preview %s, log %s, tracks %s, snapshots %s", spec, preview.name, cfg.log.path or "(none)",
+             "on" if tracker is not None else "off", (e.snapshot_dir or "(none)") if tracker is not None else "(none)")
     if preview.name == "none" and not cfg.log.path and not cfg.preview.record:
         log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()

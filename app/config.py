@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from app.geometry import Point, orient, segments_meet
+
 DEFAULT_CONFIG_PATH = Path("/etc/xnorcam/config.toml")
 
 SOURCE_KINDS = ("auto", "demo", "picamera2", "images", "opencv")
@@ -77,9 +79,6 @@ class TrackerConfig:
     low_score: float = 0.5
     match_iou: float = 0.2
     max_tracks: int = 32
-
-
-Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ _RULES: dict[str, tuple[str, Any]] = {
     "tracker.confirm_hits": ("int", (1, 32)),
     "tracker.confirm_frames": ("int", (1, 32)),
     "tracker.lost_after_s": ("float", (0.0, 3600.0, False)),
-    "tracker.low_score": ("float", (0.0, 1.0, False)),
+    "tracker.low_score": ("float", (0.0, 1.0, True)),
     "tracker.match_iou": ("float", (0.0, 1.0, True)),
     "tracker.max_tracks": ("int", (1, 1000)),
     "events.update_every_s": ("float", (0.0, 86400.0, False)),
@@ -278,23 +277,6 @@ def _check_points(key: str, value: Any, least: int, most: int, what: str) -> tup
     return tuple(points)
 
 
-def _orient(a: Point, b: Point, c: Point) -> float:
-    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
-
-
-def _segments_meet(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
-    """True when the closed segments p1-p2 and q1-q2 share a point."""
-    d1, d2, d3, d4 = _orient(q1, q2, p1), _orient(q1, q2, p2), _orient(p1, p2, q1), _orient(p1, p2, q2)
-    if ((d1 > 0) != (d2 > 0) and d1 != 0 and d2 != 0) and ((d3 > 0) != (d4 > 0) and d3 != 0 and d4 != 0):
-        return True
-
-    def on(a: Point, b: Point, c: Point) -> bool:  # c on segment a-b, given collinear
-        return min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
-
-    return ((d1 == 0 and on(q1, q2, p1)) or (d2 == 0 and on(q1, q2, p2)) or (d3 == 0 and on(p1, p2, q1))
-            or (d4 == 0 and on(p1, p2, q2)))
-
-
 def check_polygon(key: str, value: Any) -> tuple[Point, ...]:
     """A zone: 3..64 points in 0..1, a simple polygon (no edge crosses or touches another) with an area."""
     what = f"a polygon of 3 to {MAX_ZONE_POINTS} points [[x, y], ...] in normalised image coordinates"
@@ -311,12 +293,12 @@ def check_polygon(key: str, value: Any) -> tuple[Point, ...]:
                 # neighbours share one end; they must not fold back over each other
                 a, b = edges[i], edges[j]
                 shared, pi, pj = (a[1], a[0], b[1]) if j == i + 1 else (a[0], a[1], b[0])
-                if _orient(shared, pi, pj) == 0 and (pi[0] - shared[0]) * (pj[0] - shared[0]) + \
+                if orient(shared, pi, pj) == 0 and (pi[0] - shared[0]) * (pj[0] - shared[0]) + \
                         (pi[1] - shared[1]) * (pj[1] - shared[1]) > 0:
                     raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
                                       f"(edges {i + 1} and {j + 1} overlap)")
                 continue
-            if _segments_meet(*edges[i], *edges[j]):
+            if segments_meet(*edges[i], *edges[j]):
                 raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
                                   f"(edges {i + 1} and {j + 1} cross)")
     area = sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n)) / 2

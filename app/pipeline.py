@@ -22,6 +22,7 @@ import numpy as np
 from app import overlay
 from app.capture import Capture
 from app.config import ConfigError
+from app.events import NullEvents
 from app.service import Notifier
 from app.sinks import NullLog, NullPreview, NullRecorder, frame_record
 
@@ -33,7 +34,9 @@ class DetectionFilter:
 
     ``base_threshold`` applies to classes without an entry in
     ``class_thresholds``. Unknown class names are a ConfigError naming them
-    and the model's classes.
+    and the model's classes. ``split`` also returns the weaker boxes of the
+    wanted classes, down to ``low_factor`` times their threshold, which the
+    tracker uses to keep tracks alive (never reported).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class DetectionFilter:
         classes: Sequence[str] = (),
         class_thresholds: dict[str, float] | None = None,
         base_threshold: float = 0.0,
+        low_factor: float = 1.0,
     ) -> None:
         names = list(class_names)
         class_thresholds = dict(class_thresholds or {})
@@ -54,28 +58,43 @@ class DetectionFilter:
                 )
         self.thresholds = np.array([class_thresholds.get(n, base_threshold) for n in names], dtype=np.float32)
         self.keep_class = np.array([not classes or n in classes for n in names], dtype=bool)
-        self.active = bool(classes) or any(t != base_threshold for t in class_thresholds.values())
+        self.low_thresholds = self.thresholds * np.float32(low_factor)
+        self.active = bool(classes) or any(t != base_threshold for t in class_thresholds.values()) or low_factor < 1
+
+    def _masks(self, detections: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cls = detections[:, 5].astype(np.int64)
+        valid = (cls >= 0) & (cls < len(self.thresholds))
+        idx = np.where(valid, cls, 0)
+        return valid & self.keep_class[idx], detections[:, 4], idx
 
     def __call__(self, detections: np.ndarray) -> np.ndarray:
         if not self.active or len(detections) == 0:
             return detections
-        cls = detections[:, 5].astype(np.int64)
-        valid = (cls >= 0) & (cls < len(self.thresholds))
-        idx = np.where(valid, cls, 0)
-        keep = valid & self.keep_class[idx] & (detections[:, 4] >= self.thresholds[idx])
-        return detections[keep]
+        wanted, score, idx = self._masks(detections)
+        return detections[wanted & (score >= self.thresholds[idx])]
+
+    def split(self, detections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(reported, weaker): the boxes ``__call__`` keeps, and the wanted ones down to the low thresholds."""
+        if not self.active or len(detections) == 0:
+            return detections, detections[:0]
+        wanted, score, idx = self._masks(detections)
+        high = score >= self.thresholds[idx]
+        return detections[wanted & high], detections[wanted & ~high & (score >= self.low_thresholds[idx])]
 
 
-def filter_for(detector: Any, classes: Sequence[str], class_thresholds: dict[str, float]) -> DetectionFilter:
+def filter_for(
+    detector: Any, classes: Sequence[str], class_thresholds: dict[str, float], low_factor: float = 1.0
+) -> DetectionFilter:
     """The filter for a loaded detector; lowers its own threshold when a per-class one is lower.
 
-    The detector must let through what the lowest per-class threshold keeps;
-    the filter then holds every other class to the detector's threshold.
+    The detector must let through what the lowest per-class threshold keeps,
+    times ``low_factor`` when the tracker takes weaker boxes too; the filter
+    then holds every class to its own threshold.
     """
     base = float(detector.score_threshold)
-    keep = DetectionFilter(detector.class_names, classes, class_thresholds, base)
-    if class_thresholds:
-        detector.score_threshold = min(base, *class_thresholds.values())
+    keep = DetectionFilter(detector.class_names, classes, class_thresholds, base, low_factor)
+    if class_thresholds or low_factor < 1:
+        detector.score_threshold = min([base, *class_thresholds.values()]) * low_factor
     return keep
 
 
@@ -87,6 +106,8 @@ class PipelineStats:
     source_errors: int = 0
     log_lines: int = 0
     log_failures: int = 0
+    events: int = 0
+    snapshot_failures: int = 0
     fps: float = 0.0
     elapsed_s: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=dict)  # summed over processed frames
@@ -98,6 +119,7 @@ class PipelineStats:
         return (
             f"processed={self.processed} captured={self.captured} dropped={self.dropped} "
             f"source_errors={self.source_errors} log_lines={self.log_lines} log_failures={self.log_failures} "
+            f"events={self.events} snapshot_failures={self.snapshot_failures} "
             f"fps={self.fps:.2f} {split} stopped_by={self.stopped_by}"
         )
 
@@ -114,6 +136,7 @@ class Pipeline:
         preview: Any = None,
         recorder: Any = None,
         notifier: Any = None,
+        events: Any = None,
         hud: bool = True,
         max_frames: int = 0,
         idle_grace_s: float = 10.0,
@@ -128,6 +151,7 @@ class Pipeline:
         self.preview = preview or NullPreview()
         self.recorder = recorder or NullRecorder()
         self.notifier = notifier or Notifier()  # no address: every call a no-op
+        self.events = events or NullEvents()
         self.hud = hud
         self.max_frames = max_frames
         self.idle_grace_s = idle_grace_s
@@ -162,29 +186,55 @@ class Pipeline:
         s.captured, s.dropped, s.source_errors = cs.captured, cs.dropped, cs.errors
         s.log_lines = getattr(self.log, "lines", 0)
         s.log_failures = getattr(self.log, "failures", 0)
+        s.events = sum(self.events.counts.values())
+        s.snapshot_failures = self.events.snapshots.failures
         s.fps = self._fps()
 
-    def _outputs(self, frame: Any, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+    def _outputs(self, frame: Any, detections: np.ndarray, hud: overlay.Hud | None,
+                 marks: overlay.Marks | None) -> None:
         """Preview and recorder: their failures are counted and contained (one warning each)."""
         try:
             canvas = None
             if self.preview.needs_canvas or self.recorder.needs_canvas:
-                canvas = overlay.render(frame.pixels, detections, self.class_names, hud)
+                canvas = overlay.render(frame.pixels, detections, self.class_names, hud, marks)
         except Exception as exc:
             self._sink_failed("overlay", exc)
             return
-        for name, call in (("preview", lambda: self.preview.show(frame, canvas, detections, hud)),
+        for name, call in (("preview", lambda: self.preview.show(frame, canvas, detections, hud, marks)),
                            ("recorder", lambda: self.recorder.write(canvas))):
             try:
                 call()
             except Exception as exc:
                 self._sink_failed(name, exc)
 
+    def _track(self, frame: Any, detections: np.ndarray) -> tuple[np.ndarray, overlay.Marks | None]:
+        """The reported boxes and the tracker's marks for the overlay; tracker failures are contained too."""
+        split = getattr(self.keep, "split", None)
+        if split is not None:
+            high, low = split(detections)
+        else:
+            high, low = (self.keep(detections) if self.keep is not None else detections), None
+        base = self.events.marks_base
+        if base is None:
+            return high, None
+        try:
+            ids = self.events.frame(frame, high, low)
+        except Exception as exc:
+            self._sink_failed("events", exc)
+            return high, base
+        return high, overlay.Marks(ids, base.zones, base.line)
+
     def _sink_failed(self, name: str, exc: Exception) -> None:
         n = self.sink_failures.get(name, 0) + 1
         self.sink_failures[name] = n
         if n == 1:
             log.warning("%s failed (%s: %s); detection continues", name, type(exc).__name__, exc)
+
+    def _events_call(self, name: str, now: float) -> None:
+        try:
+            getattr(self.events, name)(now)
+        except Exception as exc:
+            self._sink_failed("events", exc)
 
     def run(self, stop: threading.Event) -> PipelineStats:
         perf = time.perf_counter
@@ -214,6 +264,7 @@ class Pipeline:
                 # Idle but healthy (e.g. slow image playback): keep systemd happy for a grace period only.
                 if self.capture.healthy and now - last_frame_at <= self.idle_grace_s:
                     self._ping()
+                self._events_call("tick", now)
                 continue
 
             t0 = perf()
@@ -221,8 +272,7 @@ class Pipeline:
             # A model can overflow to inf/NaN; such rows would crash the overlay and the (NaN-refusing) log.
             detections = detections[np.isfinite(detections).all(axis=1)]
             t1 = perf()
-            if self.keep is not None:
-                detections = self.keep(detections)
+            detections, marks = self._track(frame, detections)
             detect_ms = (t1 - t0) * 1e3
             s.processed += 1
             done = self.clock()
@@ -232,7 +282,7 @@ class Pipeline:
             dropped = self.capture.slot.dropped
             hud = overlay.Hud(fps, detect_ms, dropped) if self.hud else None
 
-            self._outputs(frame, detections, hud)
+            self._outputs(frame, detections, hud, marks)
             t2 = perf()
             latency_ms = (done - frame.t) * 1e3
             record = frame_record(frame, detections, self.class_names, fps, latency_ms, dropped)
@@ -251,6 +301,7 @@ class Pipeline:
                 s.stopped_by = "max frames"
                 break
         s.elapsed_s = self.clock() - start
+        self._events_call("close", self.clock())
         self._drain_events()
         self.refresh_stats()
         return s

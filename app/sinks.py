@@ -77,6 +77,7 @@ class NullLog:
     lines = 0
     failures = 0
     only_detections = False
+    only_events = False
 
     def write(self, record: dict[str, Any]) -> bool:
         return False
@@ -99,11 +100,13 @@ class JsonlLog:
     line is tried again: logging never stops capture.
     """
 
-    def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False) -> None:
+    def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False,
+                 only_events: bool = False) -> None:
         self.path = path
         self.max_bytes = int(max_bytes) if path != "-" else 0
         self.files = max(1, int(files))
         self.only_detections = only_detections
+        self.only_events = only_events
         self.lines = 0
         self.failures = 0
         self.rotations = 0
@@ -190,7 +193,7 @@ class JsonlLog:
     # --- writing ---
 
     def write(self, record: dict[str, Any]) -> bool:
-        if self.only_detections and not record.get("detections"):
+        if self.only_events or (self.only_detections and not record.get("detections")):
             return False
         return self._write_line(record)
 
@@ -272,10 +275,12 @@ class JsonlLog:
         self._close_fd()
 
 
-def open_log(path: str, max_mb: float = 10.0, files: int = 5, only_detections: bool = False) -> JsonlLog | NullLog:
+def open_log(path: str, max_mb: float = 10.0, files: int = 5, only_detections: bool = False,
+             only_events: bool = False) -> JsonlLog | NullLog:
     if not path:
         return NullLog()
-    return JsonlLog(path, max_bytes=int(max_mb * 1024 * 1024), files=files, only_detections=only_detections)
+    return JsonlLog(path, max_bytes=int(max_mb * 1024 * 1024), files=files, only_detections=only_detections,
+                    only_events=only_events)
 
 
 # --- previews ----------------------------------------------------------------------
@@ -288,7 +293,8 @@ class NullPreview:
     needs_canvas = False
     stop_requested = False
 
-    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None,
+             marks: overlay.Marks | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -328,7 +334,8 @@ class WindowPreview:
         self.stop_requested = False
         self._shown = False
 
-    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None,
+             marks: overlay.Marks | None = None) -> None:
         import cv2
 
         if canvas is None:
@@ -412,12 +419,13 @@ class DrmPreview:
         if self._camera is camera:
             self._camera = None
 
-    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None) -> None:
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None,
+             marks: overlay.Marks | None = None) -> None:
         camera = self._camera
         if camera is None:
             return
         fh, fw = frame.pixels.shape[:2]
-        rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, hud, (fw, fh))
+        rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, hud, (fw, fh), marks)
         try:
             camera.set_overlay(rgba)
         except Exception as exc:  # a display unplugged mid-run must not stop detection

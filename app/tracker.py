@@ -210,12 +210,14 @@ class TrackFrame:
     ``high_ids``: for each high box, the id of the confirmed track it belongs to, or 0.
     ``entered``: tracks confirmed on this frame. ``ended``: confirmed tracks that ended.
     ``live``: every confirmed track alive after this frame (matched or not), oldest first.
+    ``improved``: live tracks, tentative ones too, whose best score was set on this frame.
     """
 
     high_ids: np.ndarray
     entered: list[Track]
     ended: list[Track]
     live: list[Track]
+    improved: list[Track]
 
 
 _NO_BOXES = np.zeros((0, 6), np.float32)
@@ -283,6 +285,8 @@ class Tracker:
         n = len(tracks)
         matched = S[:n, MATCHED].tolist()
         last_t = S[:n, T_LAST].tolist()
+        better = S[:n, IMPROVED].tolist()
+        improved: list[Track] = []
         for i, tr in enumerate(tracks):
             if i < k:  # born tracks already hold their first hit
                 tr.bits = ((tr.bits << 1) | (matched[i] > 0)) & window
@@ -298,11 +302,13 @@ class Tracker:
             elif not tr.bits:
                 continue  # not seen in the last M frames: forgotten
             keep.append(tr)
+            if better[i]:
+                improved.append(tr)
         ids = [tr.id for tr in tracks]
         high_ids = np.array([ids[r] if r >= 0 else 0 for r in taken_rows], np.int64)
         if len(keep) != n:
             self._compact(keep, ended)
-        return TrackFrame(high_ids, entered, ended, [tr for tr in keep if tr.id])
+        return TrackFrame(high_ids, entered, ended, [tr for tr in keep if tr.id], improved)
 
     def _compact(self, keep: list[Track], ended: list[Track]) -> None:
         for tr in ended:

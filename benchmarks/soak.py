@@ -94,7 +94,7 @@ class RenderingNullPreview:
         self.threads_start = self.threads_end = 0
         self.threads_seen: set[int] = set()
 
-    def show(self, frame, canvas, detections, hud) -> None:
+    def show(self, frame, canvas, detections, hud, marks=None) -> None:
         if canvas is None or canvas.ndim != 3:
             raise RuntimeError("the soak preview expects a rendered BGR canvas")
         self.shown += 1

@@ -129,7 +129,12 @@ def test_picamera2_run_shows_the_boxes_on_hdmi(tmp_path, rand_model_file, fake_p
     assert "preview drm" in r.stderr and "DRM" not in r.stderr.replace("preview drm", "")
     events = marker.read_text().splitlines()
     assert events.count("opened") == 1 and events.count("overlay") == 5  # one overlay per processed frame
-    assert len(log.read_text().splitlines()) == 5
+    assert len(frame_lines(log)) == 5
+
+
+def frame_lines(log):
+    """The frame lines of a log (track events may stand between them)."""
+    return [o for o in map(json.loads, log.read_text().splitlines()) if "event" not in o]
 
 
 def test_picamera2_run_with_drm_failure_runs_headless(tmp_path, rand_model_file, fake_pi):
@@ -140,7 +145,7 @@ def test_picamera2_run_with_drm_failure_runs_headless(tmp_path, rand_model_file,
     assert r.returncode == 0, r.stderr
     assert marker.exists()
     assert r.stderr.count("DRM preview unavailable") == 1
-    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines = frame_lines(log)
     assert len(lines) == 5 and (lines[0]["width"], lines[0]["height"]) == (320, 240)
 
 
@@ -195,5 +200,19 @@ def test_images_run_writes_one_line_per_image(tmp_path, rand_model_file):
             "--log", log)
     assert r.returncode == 0, r.stderr
     assert "stopped_by=source ended" in r.stderr
-    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines = frame_lines(log)
     assert [x["seq"] for x in lines] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--zone", "door"], "NAME="),
+    (["--zone", "door=0,0 1,1 1,0 0,1"], "events.zones.door"),
+    (["--zone", "door=0,0 1,0 x,1"], "normalised"),
+    (["--line", "0,0.5 0,0.5"], "events.line"),
+    (["--only-in-zones", "door"], "events.only_in_zones"),
+    (["--update-every", "-1"], "events.update_every_s"),
+])
+def test_bad_tracking_flags_exit_2_naming_the_setting(flags, words):
+    r = app("--source", "demo", "--max-frames", 1, *flags)
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr

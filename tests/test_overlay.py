@@ -102,3 +102,23 @@ def test_cached_text_size_matches_opencv():
 
     for text in ("person 0.87", "7.5 fps  det 120.3 ms  dropped 4127", "class12 0.19", "dog 1.00"):
         assert text_size(text, 0.4) == cv2.getTextSize(text, FONT, 0.4, 1)
+
+
+def test_marks_draw_track_ids_zones_and_the_line():
+    from app.overlay import LINE_RGB, ZONE_RGB, Marks
+
+    frame = np.zeros((240, 320), np.uint8)
+    d = dets([100, 120, 200, 220, 0.9, 0])
+    plain = render(frame, d, NAMES)
+    with_id = render(frame, d, NAMES, marks=Marks(ids=np.array([7])))
+    assert label_text(0, 0.9, NAMES, 7) == "#7 person 0.90" and label_text(0, 0.9, NAMES, 0) == "person 0.90"
+    label = (slice(90, 120), slice(95, 260))
+    assert (with_id[label] != plain[label]).any() and np.array_equal(with_id[130:], plain[130:])
+    zone = ("door", ((0.5, 0.5), (1.0, 0.5), (1.0, 1.0), (0.5, 1.0)))
+    out = render(frame, dets(), NAMES, marks=Marks(zones=(zone,), line=((0.0, 0.25), (1.0, 0.25))))
+    zone_bgr, line_bgr = ZONE_RGB[::-1], LINE_RGB[::-1]
+    assert tuple(out[round(0.75 * 239), round(0.5 * 319)]) == zone_bgr  # on the zone's left edge
+    assert tuple(out[round(0.75 * 239), 100]) == (0, 0, 0)  # outside it: untouched
+    assert tuple(out[round(0.25 * 239), 160]) == line_bgr
+    rgba = render_rgba((640, 480), dets(), NAMES, None, frame_size=(320, 240), marks=Marks(zones=(zone,)))
+    assert tuple(rgba[round(0.75 * 479), round(0.5 * 639)]) == (*ZONE_RGB, 255)  # normalised: scaled to the overlay

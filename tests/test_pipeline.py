@@ -293,3 +293,109 @@ def test_non_finite_detections_are_dropped_not_fatal(tmp_path):
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert stats.processed == 3 and log.failures == 0
     assert [len(x["detections"]) for x in lines] == [1, 1, 1]
+
+
+def tracked_pipeline(tmp_path, detections, frames, only_events=False, **events_kw):
+    from app.events import Events
+    from app.tracker import Tracker, TrackerSettings
+
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path), only_events=only_events)
+    det = FakeDetector(detections, score_threshold=0.25)
+    keep = filter_for(det, (), {}, low_factor=0.5)
+    events = Events(Tracker(TrackerSettings(lost_after_s=0.05)), log.event, det.class_names, **events_kw)
+    rec = ListRecorder()
+
+    class MarksPreview:
+        needs_canvas = False
+        stop_requested = False
+        marks: list = []
+
+        def show(self, frame, canvas, detections, hud, marks=None):
+            self.marks.append(marks)
+
+        def close(self):
+            pass
+
+    rec.preview = MarksPreview()
+    cap = Capture(lambda: FakeSource(period=0.002, shape=(120, 160)))
+    p = Pipeline(cap, det, keep=keep, log_sink=log, recorder=rec, preview=rec.preview, events=events,
+                 max_frames=frames)
+    stats = run_pipeline(cap, p)
+    log.close()
+    return stats, [json.loads(x) for x in path.read_text().splitlines()], rec, p
+
+
+def test_tracks_become_event_lines_beside_the_frame_lines(tmp_path):
+    stats, lines, rec, _ = tracked_pipeline(tmp_path, [[40, 30, 80, 110, 0.9, 0], [100, 20, 150, 60, 0.2, 0]], 12)
+    frames = [x for x in lines if "event" not in x]
+    events = [x for x in lines if "event" in x]
+    assert len(frames) == 12 and all(len(f["detections"]) == 1 for f in frames)  # the weak box is not reported
+    assert [(e["event"], e["track"]) for e in events] == [("enter", 1), ("leave", 1)]
+    assert events[1]["reason"] == "stop" and all(e["v"] == 1 for e in events)
+    seqs = [x.get("seq") for x in lines]
+    assert seqs.index(None) == 2  # confirmed on the third frame: its enter line comes just before that frame's line
+    assert stats.events == 2
+
+
+def test_only_events_writes_no_frame_lines(tmp_path):
+    _, lines, _, _ = tracked_pipeline(tmp_path, BOX, 8, only_events=True)
+    assert [x["event"] for x in lines] == ["enter", "leave"]
+
+
+def test_the_overlay_shows_track_ids_and_zones(tmp_path):
+    zone = {"left": ((0.0, 0.0), (0.4, 0.0), (0.4, 1.0), (0.0, 1.0))}
+    _, _, rec, _ = tracked_pipeline(tmp_path, [[40, 30, 80, 110, 0.9, 0]], 6, zones=zone)
+    plain, _, rec_plain, _ = tracked_pipeline(tmp_path, [[40, 30, 80, 110, 0.9, 0]], 6)
+    from app.overlay import ZONE_RGB
+
+    zone_bgr = np.array(ZONE_RGB[::-1])
+    last = rec.canvases[-1]
+    assert (np.abs(last.astype(int) - zone_bgr).sum(axis=2) == 0).any()  # the zone is drawn
+    assert not (np.abs(rec_plain.canvases[-1].astype(int) - zone_bgr).sum(axis=2) == 0).any()
+    # the preview is handed the track id of each box once its track is confirmed, and the zones
+    marks = rec.preview.marks
+    assert [m.ids.tolist() for m in marks] == [[0], [0], [1], [1], [1], [1]]
+    assert marks[-1].zones == tuple(zone.items()) and rec_plain.preview.marks[-1].zones == ()
+
+
+def test_a_failing_tracker_does_not_stop_detection(tmp_path, caplog):
+    class Broken:
+        marks_base = None
+        counts: dict = {}
+
+        class snapshots:
+            failures = 0
+
+        def frame(self, *a):
+            raise RuntimeError("tracker bug")
+
+        def tick(self, now):
+            raise RuntimeError("tracker bug")
+
+        close = tick
+
+    from app.overlay import Marks
+
+    Broken.marks_base = Marks()
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(str(path))
+    cap = Capture(lambda: FakeSource(period=0.002))
+    p = Pipeline(cap, FakeDetector(BOX), log_sink=log, events=Broken(), max_frames=5)
+    stats = run_pipeline(cap, p)
+    log.close()
+    assert stats.processed == 5 and len(path.read_text().splitlines()) == 5
+    assert p.sink_failures["events"] >= 5 and caplog.text.count("tracker bug") == 1
+
+
+def test_the_filter_splits_reported_and_weaker_boxes():
+    det = FakeDetector(score_threshold=0.4, class_names=("person", "dog"))
+    keep = filter_for(det, ("person",), {}, low_factor=0.5)
+    assert det.score_threshold == pytest.approx(0.2)  # the detector lets the weaker boxes through
+    d = np.array([[0, 0, 1, 1, 0.9, 0], [0, 0, 1, 1, 0.3, 0], [0, 0, 1, 1, 0.1, 0], [0, 0, 1, 1, 0.9, 1]], np.float32)
+    high, low = keep.split(d)
+    assert high[:, 4].tolist() == pytest.approx([0.9]) and low[:, 4].tolist() == pytest.approx([0.3])
+    assert np.array_equal(keep(d), high)
+    plain = filter_for(FakeDetector(score_threshold=0.4), (), {})
+    h, lo = plain.split(d[:3])
+    assert len(h) == 3 and len(lo) == 0 and not plain.active

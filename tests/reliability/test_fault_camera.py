@@ -55,7 +55,7 @@ class StopWhen:
     def __init__(self, counting, n):
         self.counting, self.n, self.counted = counting, n, 0
 
-    def show(self, frame, canvas, detections, hud):
+    def show(self, frame, canvas, detections, hud, marks=None):
         self.counted += bool(self.counting())
         self.stop_requested = self.counted >= self.n
 

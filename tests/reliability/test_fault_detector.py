@@ -27,7 +27,7 @@ class RenderingPreview:
     def __init__(self):
         self.canvases = 0
 
-    def show(self, frame, canvas, detections, hud):
+    def show(self, frame, canvas, detections, hud, marks=None):
         assert canvas is not None and canvas.ndim == 3
         self.canvases += 1
 

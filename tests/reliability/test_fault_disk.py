@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 
@@ -29,7 +30,7 @@ class FrameHook:
     def __init__(self, hook, frames):
         self.hook, self.frames, self.n = hook, frames, 0
 
-    def show(self, frame, canvas, detections, hud):
+    def show(self, frame, canvas, detections, hud, marks=None):
         self.n += 1
         self.hook(self.n)
         self.stop_requested = self.n >= self.frames
@@ -173,7 +174,9 @@ def test_app_logging_to_a_full_disk_keeps_detecting_and_warns_once(model_path):
     r = run_app("--source", "demo", "--fps", "0", "--model", model_path, "--preview", "none",
                 "--log", "/dev/full", "--max-frames", 30)
     assert r.returncode == 0, r.stderr
-    assert "processed=30" in r.stderr and "log_lines=0 log_failures=30" in r.stderr
+    # every frame line and every track event line failed, and nothing else
+    failures, events = (int(re.search(rf" {k}=(\d+)", r.stderr).group(1)) for k in ("log_failures", "events"))
+    assert "processed=30" in r.stderr and "log_lines=0 " in r.stderr and failures == 30 + events
     assert r.stderr.count("write failed") == 1, r.stderr
 
 
@@ -208,4 +211,4 @@ def test_unwritable_recording_path_does_not_stop_detection(tmp_path, model_path)
                 "--record", not_a_dir / "rec.mp4", "--max-frames", 10)
     assert r.returncode == 0, r.stderr
     assert "processed=10" in r.stderr and r.stderr.count("not recording") == 1
-    assert len(read_log(log, allow_torn_tail=False)[0]) == 10
+    assert len(frames_and_events(read_log(log, allow_torn_tail=False)[0])[0]) == 10
