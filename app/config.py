@@ -73,8 +73,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class TrackerConfig:
     enabled: bool = True
-    confirm_hits: int = 3
-    confirm_frames: int = 5
+    confirm_hits: int = 5
+    confirm_frames: int = 7
     lost_after_s: float = 2.0
     low_score: float = 0.5
     match_iou: float = 0.2

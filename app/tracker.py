@@ -56,8 +56,8 @@ NCOLS = 25
 
 @dataclass(frozen=True)
 class TrackerSettings:
-    confirm_hits: int = 3
-    confirm_frames: int = 5
+    confirm_hits: int = 5
+    confirm_frames: int = 7
     lost_after_s: float = 2.0
     match_iou: float = 0.2
     low_match_iou: float = 0.5

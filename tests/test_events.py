@@ -33,7 +33,7 @@ def arr(rows):
 
 def make(settings=None, **kw):
     out = []
-    ev = Events(Tracker(settings or TrackerSettings(lost_after_s=1.0)), out.append, ["person", "dog"],
+    ev = Events(Tracker(settings or TrackerSettings(confirm_hits=3, confirm_frames=5, lost_after_s=1.0)), out.append, ["person", "dog"],
                 wall_clock=lambda: 1_800_000_000.0, mono_clock=lambda: 0.0, **kw)
     return ev, out
 

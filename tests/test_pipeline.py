@@ -303,7 +303,8 @@ def tracked_pipeline(tmp_path, detections, frames, only_events=False, **events_k
     log = JsonlLog(str(path), only_events=only_events)
     det = FakeDetector(detections, score_threshold=0.25)
     keep = filter_for(det, (), {}, low_factor=0.5)
-    events = Events(Tracker(TrackerSettings(lost_after_s=0.05)), log.event, det.class_names, **events_kw)
+    events = Events(Tracker(TrackerSettings(confirm_hits=3, confirm_frames=5, lost_after_s=0.05)), log.event,
+                    det.class_names, **events_kw)
     rec = ListRecorder()
 
     class MarksPreview:

@@ -70,7 +70,7 @@ def test_an_id_survives_a_two_frame_gap():
 
 def test_crossing_paths_keep_their_ids():
     """Two people walk towards each other and cross; each id follows its walker."""
-    tr = Tracker()
+    tr = Tracker(TrackerSettings(confirm_hits=3, confirm_frames=5))
     frames = []
     for i in range(40):
         a = box(40 + 6 * i, 120, score=0.9)  # walks right
@@ -89,7 +89,7 @@ def test_crossing_paths_keep_their_ids():
 
 def test_occlusion_at_the_crossing_keeps_both_ids():
     """The farther walker is hidden behind the nearer one for three frames at the crossing."""
-    tr = Tracker()
+    tr = Tracker(TrackerSettings(confirm_hits=3, confirm_frames=5))
     frames = []
     for i in range(40):
         front = box(40 + 6 * i, 130, w=50, h=120, score=0.9)
