@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 from datetime import datetime
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -218,3 +220,64 @@ def test_the_null_roles_do_nothing():
     n.close(2.0)
     assert n.counts == {} and n.marks_base is None and NullSnapshots().save("x", np.zeros((2, 2), np.uint8)) is None
     assert set(EVENT_KINDS) == {"enter", "update", "cross", "leave"}
+
+
+# --- the documented schema -------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "events"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def check_event_line(e: dict, zones: bool, snapshots: bool) -> None:
+    """The schema (version 1) of a track event line, as README.md documents it."""
+    extra = {"enter": set(), "update": set(), "cross": {"direction", "in", "out"}, "leave": {"duration_s", "reason"}}
+    keys = {"v", "time"} | COMMON | extra[e["event"]]
+    keys |= {"zones"} if zones else set()
+    keys |= {"snapshot"} if snapshots and e["event"] in ("enter", "leave") else set()
+    assert set(e) == keys, set(e) ^ keys
+    assert e["v"] == 1 and ISO.match(e["time"]) and ISO.match(e["first_seen"]) and ISO.match(e["last_seen"])
+    assert seconds(e["first_seen"]) <= seconds(e["last_seen"])
+    assert isinstance(e["mono_ms"], float) and isinstance(e["track"], int) and e["track"] >= 1
+    assert isinstance(e["label"], str) and 0 < e["score"] <= 1
+    x1, y1, x2, y2 = e["box"]
+    assert x1 <= x2 and y1 <= y2
+    if zones:
+        assert isinstance(e["zones"], list) and all(isinstance(z, str) for z in e["zones"])
+    if e["event"] == "cross":
+        assert e["direction"] in ("in", "out") and e[e["direction"]] >= 1
+    if e["event"] == "leave":
+        assert e["reason"] in ("lost", "stop") and e["duration_s"] >= 0
+        assert e["duration_s"] == pytest.approx(seconds(e["last_seen"]) - seconds(e["first_seen"]), abs=2e-3)
+    if "snapshot" in e:
+        assert e["snapshot"] is None or NAME_RE.match(os.path.basename(e["snapshot"]))
+
+
+def test_events_written_by_the_app_follow_the_schema(tmp_path):
+
+    from app.sinks import JsonlLog
+
+    log = JsonlLog(str(tmp_path / "log.jsonl"))
+    ev = Events(Tracker(TrackerSettings(confirm_hits=3, confirm_frames=5, lost_after_s=1.0)), log.event, ["person"],
+                zones=ZONES, line=LINE, update_every_s=1.0, snapshots=SnapshotStore(str(tmp_path / "s")))
+    walk = [[box(260 - 10 * i, 120)] for i in range(20)] + [[box(70 + 10 * i, 120)] for i in range(20)]
+    play(ev, walk + [[]] * 12)
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {e["event"] for e in lines} == set(EVENT_KINDS)
+    for e in lines:
+        check_event_line(e, zones=True, snapshots=True)
+
+
+def test_the_readme_example_is_real_and_follows_the_schema():
+
+    lines = (EXAMPLES / "example.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines]
+    assert [e["event"] for e in events] == ["enter", "update", "cross", "leave"]
+    for e in events:
+        check_event_line(e, zones=True, snapshots=True)
+    readme = README.read_text()
+    for line in lines:
+        assert line in readme, f"README.md does not show the example line {line[:60]}..."
+    assert "tests/fixtures/events/snapshot-example.jpg" in readme
+    shot = cv2.imread(str(EXAMPLES / "snapshot-example.jpg"))
+    assert shot.shape == (240, 320, 3) and os.path.basename(events[-1]["snapshot"]) == "20261204T171116.813Z-track2-leave.jpg"
