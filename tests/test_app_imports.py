@@ -1,4 +1,4 @@
-"""`app` is the Pi runtime: it imports only what the Pi has (the standard library, numpy, numba, opencv).
+"""`app` is the Pi runtime: it imports only what the Pi has (the standard library, numpy, numba, opencv, paho-mqtt).
 
 torch, pycocotools and the rest of the development tools are never installed on the Pi, and the
 layers point one way (app <- evaluation <- train). Every app module is imported, and the CLI's
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PI_PACKAGES = {"numpy", "numba", "llvmlite", "cv2", "app"}
+PI_PACKAGES = {"numpy", "numba", "llvmlite", "cv2", "paho", "app"}
 
 GUARD = r"""
 import importlib.abc, sys

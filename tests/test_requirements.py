@@ -23,7 +23,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("requirements.txt", "requirements-dev.txt", "requirements-train.txt")
-RUNTIME = {"numpy", "numba", "llvmlite", "opencv-python-headless"}
+RUNTIME = {"numpy", "numba", "llvmlite", "opencv-python-headless", "paho-mqtt"}
 PI_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 # What Raspberry Pi OS ships as python3-numpy (used from the venv through
 # --system-site-packages, so the pins must match it exactly).
