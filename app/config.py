@@ -9,7 +9,9 @@ never silently fall back to a default on an unattended camera.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -93,6 +95,32 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """MQTT and Home Assistant discovery (app/mqtt.py): off unless enabled."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 1883
+    client_id: str = ""  # "" = xnorcam-<hostname>
+    topic_prefix: str = ""  # "" = xnorcam/<hostname>
+    keepalive_s: int = 60
+    qos: int = 1
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    status_interval_s: float = 10.0
+    presence_hold_s: float = 3.0
+    queue_max: int = 1000
+    snapshots: bool = True
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class WatchdogConfig:
     idle_grace_s: float = 10.0
     status_interval_s: float = 1.0
@@ -107,6 +135,7 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -117,6 +146,7 @@ _SECTIONS: dict[str, type] = {
     "watchdog": WatchdogConfig,
     "tracker": TrackerConfig,
     "events": EventsConfig,
+    "mqtt": MqttConfig,
 }
 
 
@@ -169,9 +199,34 @@ _RULES: dict[str, tuple[str, Any]] = {
     "events.snapshot_dir": ("str", None),
     "events.snapshot_max_files": ("int", (1, 1_000_000)),
     "events.snapshot_max_mb": ("float", (0.0, 1e6, True)),
+    "mqtt.enabled": ("bool", None),
+    "mqtt.host": ("host", None),
+    "mqtt.port": ("int", (1, 65535)),
+    "mqtt.client_id": ("clientid", None),
+    "mqtt.topic_prefix": ("topic", None),
+    "mqtt.keepalive_s": ("int", (5, 3600)),
+    "mqtt.qos": ("int", (0, 2)),
+    "mqtt.username": ("str", None),
+    "mqtt.password_file": ("str", None),
+    "mqtt.ca_file": ("str", None),
+    "mqtt.cert_file": ("str", None),
+    "mqtt.key_file": ("str", None),
+    "mqtt.discovery": ("bool", None),
+    "mqtt.discovery_prefix": ("topic", None),
+    "mqtt.status_interval_s": ("float", (0.0, 86400.0, True)),
+    "mqtt.presence_hold_s": ("float", (0.0, 3600.0, False)),
+    "mqtt.queue_max": ("int", (1, 100_000)),
+    "mqtt.snapshots": ("bool", None),
+    "mqtt.reconnect_min_s": ("float", (0.0, 3600.0, True)),
+    "mqtt.reconnect_max_s": ("float", (0.0, 3600.0, True)),
 }
 
 MAX_ZONES = 32
+# A host name (RFC 1123 labels) or an IP address; no scheme, port or path.
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+# Keys whose value is never echoed in a message, whatever section they are found in.
+_SECRET_KEY_RE = re.compile(r"pass|secret|token|credential", re.I)
 MAX_ZONE_POINTS = 64
 
 
@@ -234,6 +289,15 @@ def _check(key: str, value: Any) -> Any:
         return value
     if kind == "sourcespec":
         return check_source_spec(key, value)
+    if kind == "host":
+        return check_host(key, value)
+    if kind == "topic":
+        return check_topic_prefix(key, value)
+    if kind == "clientid":
+        if not isinstance(value, str) or len(value) > 128 or any(ord(c) < 32 or c in "+#/" for c in value):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected up to 128 printable characters "
+                              f"without '/', '+' or '#' (\"\" = xnorcam-<hostname>)")
+        return value
     if kind == "names":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key} = {value!r} is not allowed: expected a list of class names, e.g. [\"person\"]")
@@ -260,6 +324,38 @@ def _check(key: str, value: Any) -> Any:
             out[str(name)] = _check_number(f"{key}.{name}", thr, 0.0, 1.0, True, integer=False)
         return out
     raise AssertionError(kind)  # a rule kind without a checker is a bug here
+
+
+def check_host(key: str, value: Any) -> str:
+    """A broker host: a DNS name or an IP address, with no scheme, port or path (\"\" = none)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected a host name or an IP address")
+    if value == "":
+        return value
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(value) or value.replace(".", "").isdigit():
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected a host name or an IP address, "
+                          f"e.g. \"homeassistant.local\" or \"192.168.1.10\" (no scheme, port or path; the port is "
+                          f"{key.rsplit('.', 1)[0]}.port)")
+    return value
+
+
+def check_topic_prefix(key: str, value: Any) -> str:
+    """An MQTT topic prefix: levels joined by '/', none empty, no wildcard, no leading '$' (\"\" = the default)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected a topic such as \"xnorcam/garden\"")
+    if value == "":
+        return value
+    bad = (len(value.encode()) > 200 or any(c in value for c in "+#\0") or value.startswith("$")
+           or any(level == "" for level in value.split("/")) or any(ord(c) < 32 for c in value))
+    if bad:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected topic levels joined by '/', none empty, "
+                          f"without '+', '#' or control characters, not starting with '$', at most 200 bytes")
+    return value
 
 
 def _check_points(key: str, value: Any, least: int, most: int, what: str) -> tuple[Point, ...]:
@@ -324,6 +420,11 @@ def from_dict(data: dict[str, Any], where: str = "config") -> Config:
         values = {}
         for key, value in body.items():
             if key not in allowed:
+                if _SECRET_KEY_RE.search(key):  # a secret typed into the file: never echo it
+                    hint = (" (a password goes in a file of its own, readable only by the service user, named by "
+                            "mqtt.password_file)" if name == "mqtt" else "")
+                    raise ConfigError(f"{where}: unknown key {name}.{key} (value not shown){hint}; allowed keys in "
+                                      f"[{name}]: {', '.join(allowed)}")
                 raise ConfigError(
                     f"{where}: unknown key {name}.{key} (value {value!r}); allowed keys in [{name}]: {', '.join(allowed)}"
                 )
@@ -353,6 +454,7 @@ def _check_cross(config: Config) -> None:
             f"tracker.confirm_hits = {t.confirm_hits} is out of range: a track is confirmed after N hits in the "
             f"last M frames, so expected <= tracker.confirm_frames ({t.confirm_frames})"
         )
+    _check_mqtt(config.mqtt)
     e = config.events
     unknown = [z for z in e.only_in_zones if z not in e.zones]
     if unknown:
@@ -360,6 +462,24 @@ def _check_cross(config: Config) -> None:
             f"events.only_in_zones: unknown zone(s) {', '.join(map(repr, unknown))}; zones in events.zones: "
             f"{', '.join(map(repr, e.zones)) or '(none)'}"
         )
+
+
+def _check_mqtt(m: MqttConfig) -> None:
+    if m.reconnect_max_s < m.reconnect_min_s:
+        raise ConfigError(f"mqtt.reconnect_max_s = {m.reconnect_max_s:g} is out of range: expected >= "
+                          f"mqtt.reconnect_min_s ({m.reconnect_min_s:g})")
+    if not m.enabled:
+        return
+    if not m.host:
+        raise ConfigError("mqtt.host = '' is not allowed while mqtt.enabled = true: expected the broker's host name "
+                          "or IP address")
+    if m.password_file and not m.username:
+        raise ConfigError("mqtt.password_file is set but mqtt.username = '': a password needs a user name")
+    if (m.cert_file or m.key_file) and not m.ca_file:
+        raise ConfigError("mqtt.cert_file and mqtt.key_file need mqtt.ca_file: TLS is on when mqtt.ca_file names the "
+                          "CA that signed the broker's certificate")
+    if m.key_file and not m.cert_file:
+        raise ConfigError("mqtt.key_file is set but mqtt.cert_file = '': the client key goes with a client certificate")
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KB
