@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -185,8 +186,14 @@ def run(argv: list[str]) -> int:
     try:
         spec = sources.resolve_spec(cfg.source.spec)
         sources.preflight(spec)
+        mqtt_login = None
+        if cfg.mqtt.enabled:  # the password file and the TLS files, checked before the camera opens
+            from app.mqtt import prepare
+
+            mqtt_login = prepare(cfg.mqtt)
     except configmod.ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    args.mqtt_login = mqtt_login
 
     notifier = Notifier.from_env()
     try:
@@ -269,6 +276,13 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> i
     )
     log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections,
                               cfg.log.only_events)
+    from app.mqtt import open_mqtt
+
+    # MQTT reads the frame and event lines the log is given; it never waits on the network.
+    mqtt = open_mqtt(cfg.mqtt, list(cfg.detector.classes) or detector.class_names, getattr(args, "mqtt_login", None),
+                     stop=stop, tracks=tracker is not None, snapshots=tracker is not None and bool(cfg.events.snapshot_dir),
+                     model=os.path.basename(str(getattr(detector, "path", "") or "person.xnc")))
+    log_sink = mqtt.tee(log_sink)
     e = cfg.events
     events = None
     if tracker is not None:
@@ -307,8 +321,11 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> i
             except Exception:
                 log.debug("closing a sink failed", exc_info=True)
         pipeline.refresh_stats()
+        mqtt.close()
         log_sink.close()
     log.info("stopped: %s", stats.summary())
+    if mqtt.fatal:
+        return _fail(EXIT_CONFIG, "configuration refused", mqtt.fatal)
     return EXIT_OK
 
 
