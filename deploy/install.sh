@@ -31,6 +31,9 @@ readonly CONF_DIR=/etc/xnorcam
 readonly CONF=$CONF_DIR/config.toml
 readonly UNIT_NAME=xnorcam.service
 readonly UNIT_DST=/etc/systemd/system/$UNIT_NAME
+# The network for [mqtt]: a drop-in present only while the config turns MQTT on.
+readonly MQTT_DROPIN_SRC=systemd/mqtt-network.conf
+readonly MQTT_DROPIN=$UNIT_DST.d/mqtt.conf
 readonly CACHE_DIR=/var/cache/xnorcam
 readonly NUMBA_CACHE=$CACHE_DIR/numba
 readonly STATE_DIR=/var/lib/xnorcam
@@ -281,8 +284,30 @@ install_config() {
     run install -m 0640 -o root -g "$SERVICE_USER" "$SRC/deploy/config.example.toml" "$CONF"
 }
 
+# Whether the config the service will read (the installed one, else the example about to be
+# installed) says enabled = true in its [mqtt] table.
+mqtt_enabled() {
+    local conf=$CONF
+    [[ -e $conf ]] || conf=$SRC/deploy/config.example.toml
+    [[ -r $conf ]] || return 1
+    awk '
+        /^[[:space:]]*\[/ { section = $0; gsub(/[[:space:]]|#.*/, "", section); next }
+        section == "[mqtt]" && /^[[:space:]]*enabled[[:space:]]*=[[:space:]]*true[[:space:]]*(#.*)?$/ { on = 1 }
+        END { exit !on }' "$conf"
+}
+
 install_unit() {
     run install -m 0644 -o root -g root "$SRC/systemd/$UNIT_NAME" "$UNIT_DST"
+    if mqtt_enabled; then
+        say "[mqtt] is on: the service gets the home network ($MQTT_DROPIN)"
+        run install -d -m 0755 -o root -g root "$(dirname "$MQTT_DROPIN")"
+        run install -m 0644 -o root -g root "$SRC/$MQTT_DROPIN_SRC" "$MQTT_DROPIN"
+    else
+        say "[mqtt] is off: the service has no network"
+        if [[ -e $MQTT_DROPIN ]]; then
+            run rm -f "$MQTT_DROPIN"
+        fi
+    fi
     run systemctl daemon-reload
 }
 
@@ -315,7 +340,7 @@ start_service() {
 
 check_sources() {
     local f
-    for f in "$SRC/requirements.txt" "$SRC/systemd/$UNIT_NAME"; do
+    for f in "$SRC/requirements.txt" "$SRC/systemd/$UNIT_NAME" "$SRC/$MQTT_DROPIN_SRC"; do
         [[ -f $f ]] || die "$f is missing: run install.sh from a complete copy of the project"
     done
     if [[ ! -f $SRC/deploy/config.example.toml && ! -e $CONF ]]; then
@@ -343,7 +368,7 @@ do_install() {
 do_uninstall() {
     if [[ -e $UNIT_DST ]] || ((DRY_RUN)); then
         run systemctl disable --now "$UNIT_NAME"
-        run rm -f "$UNIT_DST"
+        run rm -f "$UNIT_DST" "$MQTT_DROPIN"
         run systemctl daemon-reload
     fi
     run rm -rf "$PREFIX" "$CACHE_DIR" "$STATE_DIR"
