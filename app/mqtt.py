@@ -25,7 +25,8 @@ was made. One thread of this module owns the paho client: it connects (backing o
 ``WINDOW`` messages unacknowledged, and after every (re)connect republishes discovery, availability
 and the retained state. With QoS 1 (the default) paho keeps an unacknowledged message and sends it
 again after a reconnect, so a broker restart loses nothing beyond the counted overflow. A broker that
-stops answering is dropped by paho's keepalive (1.5 times ``keepalive_s``) and reconnected.
+closes the connection is noticed at once; one that goes silent (a power cut) within about twice
+``keepalive_s`` (paho's ping goes unanswered), then the connection is dropped and made again.
 
 A refused login before the first successful connection is a configuration error: the app stops with
 exit 78 and one line. After one, it is logged and retried like any failure. The password is read from
