@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-in-zones", metavar="A,B", help="only tracks seen in these zones make events")
     p.add_argument("--line", type=_points, metavar="'x1,y1 x2,y2'", help="a counting line (normalised)")
     p.add_argument("--snapshots", metavar="DIR", help="write enter/leave snapshots (JPEG) here")
+    p.add_argument("--mqtt-clear", action="store_true",
+                   help="remove this camera from Home Assistant: delete its discovery and retained topics on the "
+                   "[mqtt] broker (also with mqtt.enabled = false), then exit")
     p.add_argument("--max-frames", type=int, default=0, metavar="N", help="stop after N processed frames (0 = never)")
     p.add_argument("--warmup-only", action="store_true", help="load the model, compile the kernels, exit 0")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,12 +197,43 @@ def run(argv: list[str]) -> int:
     except configmod.ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
     args.mqtt_login = mqtt_login
+    if args.mqtt_clear:
+        return _mqtt_clear(cfg)
 
     notifier = Notifier.from_env()
     try:
         return _run_with(cfg, spec, args, stop, notifier)
     finally:
         notifier.stopping()
+
+
+def _mqtt_clear(cfg) -> int:
+    """``--mqtt-clear``: what the camera published is deleted from the broker (deploy/install.sh runs it when
+    MQTT is turned off)."""
+    from app.config import ConfigError
+    from app.modelfile import ModelFormatError
+    from app.mqtt import clear_published, prepare
+
+    m = cfg.mqtt
+    if not m.host:
+        return _fail(EXIT_CONFIG, "configuration refused", "mqtt.host = '': no broker to clear")
+    try:
+        login = prepare(m)
+        if cfg.detector.classes:
+            names = list(cfg.detector.classes)
+        else:
+            from app.detector import Detector
+
+            names = Detector(cfg.detector.model or None).class_names
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    except ModelFormatError as exc:
+        return _fail(EXIT_MODEL, "model file refused", str(exc))
+    problem = clear_published(m, names, login)
+    if problem:
+        return _fail(EXIT_FAILURE, "mqtt clear failed", problem)
+    log.info("mqtt: removed this camera's discovery and retained topics from %s:%d", m.host, m.port)
+    return EXIT_OK
 
 
 def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, notifier) -> int:

@@ -418,6 +418,7 @@ class MqttPublisher:
         self._zero_since: dict[str, float | None] = dict.fromkeys(self.labels.values())
         self._status = {"fps": 0.0, "dropped": 0, "detect_sum": 0.0, "detect_n": 0, "processed": 0}
         self._started_at = clock()
+        self._detect_ms: float | None = None
         self._next_status = 0.0
         self._inflight = 0
         self._ever_connected = False
@@ -454,6 +455,9 @@ class MqttPublisher:
         for label in self.labels.values():
             self.outbox.put_state(self.topics.count(label), b"0")
             self.outbox.put_state(self.topics.presence(label), OFF.encode())
+        return self._launch()
+
+    def _launch(self) -> MqttPublisher:
         self._thread = threading.Thread(target=self._run, name="xnorcam-mqtt", daemon=True)
         self._thread.start()
         return self
@@ -643,9 +647,11 @@ class MqttPublisher:
     def _status_payload(self, now: float) -> bytes:
         s = self._status
         n, total = s["detect_n"], s["detect_sum"]
-        s["detect_n"], s["detect_sum"] = 0, 0.0
+        if n:  # the mean over the frames since the last status line; without frames, the last one stays
+            s["detect_n"], s["detect_sum"] = 0, 0.0
+            self._detect_ms = round(total / n, 1)
         return json.dumps({
-            "fps": round(float(s["fps"]), 2), "detect_ms": round(total / n, 1) if n else None,
+            "fps": round(float(s["fps"]), 2), "detect_ms": self._detect_ms,
             "dropped": s["dropped"], "processed": s["processed"], "uptime_s": round(now - self._started_at, 1),
             "mqtt_queued": self.outbox.queued_events(), "mqtt_dropped": self.outbox.dropped,
             "mqtt_reconnects": max(0, self.connects - 1),
@@ -673,9 +679,10 @@ class MqttPublisher:
     def _finish(self) -> None:
         """Stopping: presence off, offline, what is queued flushed for a moment, then a clean disconnect."""
         c = self._client
-        with self._lock:
-            self._end_presence(self.clock(), force=True)
-        self.outbox.put_state(self.topics.availability, OFFLINE.encode())
+        if not self.retiring:
+            with self._lock:
+                self._end_presence(self.clock(), force=True)
+            self.outbox.put_state(self.topics.availability, OFFLINE.encode())
         deadline = self.clock() + self._close_budget
         while self.clock() < deadline and (self.outbox.pending() or self._inflight):
             self._pump()
@@ -687,6 +694,7 @@ class MqttPublisher:
                 break
 
     _close_budget = CLOSE_TIMEOUT_S
+    retiring = False  # clear_published: nothing is said at the end
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Stop the thread after flushing for at most ``timeout`` seconds (never blocks longer than that and a bit)."""
@@ -699,6 +707,31 @@ class MqttPublisher:
     def summary(self) -> str:
         return (f"mqtt connects={self.connects} failures={self.connect_failures} published={self.published} "
                 f"events={self.outbox.events_in} dropped={self.outbox.dropped}")
+
+
+def clear_published(cfg: MqttConfig, class_names: Sequence[str], login: Login | None = None,
+                    timeout_s: float = 10.0) -> str | None:
+    """Remove what this camera leaves on the broker: its discovery (Home Assistant drops the device and its
+    entities) and every retained topic. None when the broker acknowledged it all, else why not."""
+    pub = MqttPublisher(cfg, class_names, login, snapshots=True, connect_timeout_s=min(timeout_s, CONNECT_TIMEOUT_S))
+    pub.retiring = True
+    topics = [t for t, _ in discovery_messages(cfg, class_names, snapshots=True)] + [pub.topics.availability]
+    for label in pub.labels.values():
+        topics += [pub.topics.count(label), pub.topics.presence(label), pub.topics.snapshot(label)]
+    for topic in topics:
+        pub.outbox.put_state(topic, b"")  # an empty retained message deletes the retained one
+    pub._launch()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and pub.fatal is None and (
+            not pub.connected.is_set() or pub.outbox.pending() or pub._inflight):
+        time.sleep(0.02)
+    done = pub.connects > 0 and not pub.outbox.pending() and not pub._inflight
+    pub.close(1.0)
+    if pub.fatal is not None:
+        return pub.fatal
+    if pub.connects == 0:
+        return f"mqtt: cannot reach the broker {cfg.host}:{cfg.port} ({pub.last_error or 'no answer'})"
+    return None if done else "mqtt: the broker did not acknowledge every deletion in time"
 
 
 class MqttTee:

@@ -305,6 +305,11 @@ install_unit() {
     else
         say "[mqtt] is off: the service has no network"
         if [[ -e $MQTT_DROPIN ]]; then
+            # It was on: take the camera out of Home Assistant (discovery and retained topics) while
+            # the broker is still named in the config.
+            run runuser -u "$SERVICE_USER" -- env -C "$APP_DIR" PYTHONDONTWRITEBYTECODE=1 \
+                "$VENV/bin/python" -m app --config "$CONF" --mqtt-clear ||
+                say "warning: could not clear the camera's MQTT topics (see above); delete the device in Home Assistant"
             run rm -f "$MQTT_DROPIN"
         fi
     fi

@@ -288,6 +288,7 @@ def test_a_scripted_scene_arrives_in_order_with_counts_presence_and_retained_sta
         tracks = [(e["event"], e["track"]) for e in events_of(lis)]
         assert tracks == [("enter", 1), ("enter", 2), ("leave", 1), ("leave", 2)]
         assert all(e["v"] == 1 and e["label"] == "person" and "time" in e for e in events_of(lis))
+        time.sleep(0.6)  # a status line after the frames stopped keeps their numbers
         status = json.loads(lis.last(f"{PREFIX}/status"))
         assert status["fps"] == 10.0 and status["detect_ms"] == 30.0 and status["uptime_s"] >= 0
         # A late subscriber (Home Assistant after a restart) gets the retained state and discovery.
@@ -517,3 +518,26 @@ def test_a_stalled_broker_never_holds_up_detection(tmp_path):
         got = [(e["event"], e["track"]) for e in events_of(lis)]
         assert got[-1] == ("leave", 1000)
         pub.close()
+
+
+@needs_mosquitto
+def test_mqtt_clear_takes_the_camera_out_of_home_assistant(tmp_path):
+    with Broker(tmp_path / "b") as broker:
+        pub = publisher(broker.port, snapshots=True).start()
+        pub.tee(NullLog()).event({"event": "enter", "label": "person", "track": 1})
+        assert wait_for(lambda: pub.connected.is_set() and pub.outbox.pending() == 0 and pub._inflight == 0)
+        pub.close()
+        with Listener(broker.port, (f"{PREFIX}/#", f"{DISC}/#")) as lis:
+            assert lis.wait(lambda x: len(x.messages) >= 4 + 3)  # discovery, availability, count, presence
+        # MQTT turned off, the broker still named: python -m app --mqtt-clear (what install.sh runs)
+        conf = write_config(tmp_path / "c.toml", {"enabled": False, "host": "127.0.0.1", "port": broker.port,
+                                                  "topic_prefix": PREFIX, "client_id": "cam-test"})
+        r = subprocess.run(app_cmd(conf, "--mqtt-clear"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        with Listener(broker.port, (f"{PREFIX}/#", f"{DISC}/#")) as lis:
+            time.sleep(0.5)
+            assert lis.messages == []  # nothing retained is left
+        broker.stop()
+        r = subprocess.run(app_cmd(conf, "--mqtt-clear"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+            "xnorcam: mqtt clear failed: mqtt: cannot reach the broker 127.0.0.1:")

@@ -104,8 +104,14 @@ def test_the_installer_writes_the_dropin_only_while_mqtt_is_on(staged):  # noqa:
     assert dropin.read_text() == DROPIN.read_text()
     assert calls.index("systemctl daemon-reload") > 0
     conf.write_text('[mqtt]\nenabled = false\nhost = "homeassistant.local"\n')
-    result, _ = run("--no-start")
+    result, calls = run("--no-start")
     assert result.returncode == 0 and not dropin.exists()
+    # turned off: the camera is taken out of Home Assistant first, as the service user
+    clear = [c for c in calls if c.startswith("python") and c.endswith("--mqtt-clear")]
+    assert len(clear) == 1 and clear[0].endswith("-m app --config " + str(conf) + " --mqtt-clear")
+    assert any(c.startswith("runuser -u xnorcam") and c.endswith("--mqtt-clear") for c in calls)
+    result, calls = run("--no-start")
+    assert not [c for c in calls if "--mqtt-clear" in c]  # once only: the drop-in is gone
     conf.write_text('[mqtt]\nenabled = true\nhost = "homeassistant.local"\n')
     run("--no-start")
     assert dropin.exists()
