@@ -24,8 +24,15 @@ from app.detector import Detector  # noqa: E402
 from evaluation.metrics import coco_metrics  # noqa: E402
 from evaluation.score import EVAL_SCORE_THRESHOLD  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.data import LoadReport, cached_split, load_packed, pack_cache, shrink_cache  # noqa: E402
-from train.pack import CARRY_LIMIT, CODE_ALLOWANCE  # noqa: E402
+from train.data import (  # noqa: E402
+    LoadReport,
+    cached_split,
+    load_packed,
+    pack_cache,
+    repo_root,  # noqa: E402
+    shrink_cache,
+)
+from train.pack import CARRY_LIMIT, WHEEL_ALLOWANCE, tree_bytes  # noqa: E402
 
 
 def map50(det, cache) -> float:
@@ -54,7 +61,7 @@ def main(argv=None) -> int:
                 rows.append({"long_side": side, "quality": q, "mib": round(size / 2**20, 1),
                              "map50_raw": round(raw, 4), "map50_packed": round(back, 4)})
                 print(f"long side {side}  quality {q}: {size / 2**20:5.1f} MiB  val mAP@0.5 {raw:.4f} -> {back:.4f}")
-    print(f"budget beside the code: {(CARRY_LIMIT - CODE_ALLOWANCE) / 2**20:.0f} MiB")
+    print(f"budget beside the tracked files: {(CARRY_LIMIT - tree_bytes(repo_root()) - WHEEL_ALLOWANCE) / 2**20:.1f} MiB")
     print(json.dumps(rows))
     return 0
 

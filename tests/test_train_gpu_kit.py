@@ -259,3 +259,16 @@ def test_kept_freed_memory_stops_the_page_faults_of_every_step():
     # A few rounds while the heap settles (0 to 4 measured, whatever the count of allocations), not one
     # per allocation: with 20 allocations the bound of a fifth failed at random, so the probe makes 60.
     assert kept < default / 5
+
+
+def test_the_carry_budget_counts_the_tracked_files(tmp_path):
+    import subprocess
+
+    from train.pack import CODE_ALLOWANCE, tree_bytes
+
+    assert tree_bytes(tmp_path) == CODE_ALLOWANCE  # not a git checkout: the fixed allowance
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.bin").write_bytes(b"x" * 3000)
+    (tmp_path / "untracked.bin").write_bytes(b"x" * 5000)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "a.bin"], check=True)
+    assert tree_bytes(tmp_path) == 3000

@@ -18,7 +18,20 @@ from pathlib import Path
 from train.data import ConfigError, LoadReport, cached_split, pack_cache, repo_root, shrink_cache, split_key
 
 CARRY_LIMIT = 64 * 2**20  # what one transfer to the GPU machine holds, working tree included
-CODE_ALLOWANCE = 8 * 2**20  # the repo's tracked files travel too
+CODE_ALLOWANCE = 8 * 2**20  # the repo's tracked files travel too (when git cannot say how much they are)
+WHEEL_ALLOWANCE = 2**20  # the pycocotools wheel in .whl/
+
+
+def tree_bytes(root) -> int:
+    """Bytes of the files git tracks under ``root`` (code, docs, the model and the teacher's weights)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return CODE_ALLOWANCE
+    files = [Path(root) / f for f in out.decode().split("\0") if f]
+    return sum(f.stat().st_size for f in files if f.is_file()) or CODE_ALLOWANCE
 
 
 def main(argv=None) -> int:
@@ -45,8 +58,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)
         return 78
-    budget = CARRY_LIMIT - CODE_ALLOWANCE
-    print(f"total {total / 2**20:.1f} MiB of the {budget / 2**20:.0f} MiB left beside the code")
+    code = tree_bytes(repo_root())
+    budget = CARRY_LIMIT - code - WHEEL_ALLOWANCE
+    print(f"total {total / 2**20:.1f} MiB of the {budget / 2**20:.1f} MiB left beside the tracked files "
+          f"({code / 2**20:.1f} MiB) and a wheel")
     if total > budget:
         print(f"pack: too big to carry; lower --quality (now {args.quality})", file=sys.stderr)
         return 78
