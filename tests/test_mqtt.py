@@ -377,7 +377,8 @@ def test_a_wrong_password_stops_the_app_with_exit_78_and_one_line(tmp_path):
         pw.chmod(0o600)
         conf = write_config(tmp_path / "c.toml", {"enabled": True, "host": "127.0.0.1", "port": broker.port,
                                                   "username": "cam", "password_file": str(pw)})
-        r = subprocess.run(app_cmd(conf, "--source", "demo"), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        # the login comes after the model is loaded and the kernels are compiled (minutes on a cold cache)
+        r = subprocess.run(app_cmd(conf, "--source", "demo"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 78, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("xnorcam: configuration refused: mqtt: the broker 127.0.0.1:") and "user 'cam'" in last
@@ -412,9 +413,9 @@ def test_the_last_will_says_offline_when_the_app_is_killed(tmp_path):
         conf = write_config(tmp_path / "c.toml", {"enabled": True, "host": "127.0.0.1", "port": broker.port,
                                                   "topic_prefix": PREFIX, "keepalive_s": 30})
         proc = subprocess.Popen(app_cmd(conf, "--source", "demo"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.DEVNULL)
         try:
-            assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online"], 120), proc.stderr
+            assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online"], 600)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             # kill -9: no clean disconnect, the broker publishes the will at once (the socket closed).
@@ -422,16 +423,21 @@ def test_the_last_will_says_offline_when_the_app_is_killed(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-            proc.stderr.close()
+                proc.wait(10)
     with Broker(tmp_path / "b2") as broker, Listener(broker.port, (f"{PREFIX}/availability",)) as lis:
         conf = write_config(tmp_path / "c2.toml", {"enabled": True, "host": "127.0.0.1", "port": broker.port,
                                                    "topic_prefix": PREFIX})
         proc = subprocess.Popen(app_cmd(conf, "--source", "demo"), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online"], 120)
-        proc.send_signal(signal.SIGTERM)  # a clean stop says offline itself
-        assert proc.wait(30) == 0
-        assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online", b"offline"], 10)
+        try:
+            assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online"], 600)
+            proc.send_signal(signal.SIGTERM)  # a clean stop says offline itself
+            assert proc.wait(30) == 0
+            assert lis.wait(lambda x: x.on(f"{PREFIX}/availability") == [b"online", b"offline"], 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def numbered(listener: Listener) -> list[int]:
