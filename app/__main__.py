@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-in-zones", metavar="A,B", help="only tracks seen in these zones make events")
     p.add_argument("--line", type=_points, metavar="'x1,y1 x2,y2'", help="a counting line (normalised)")
     p.add_argument("--snapshots", metavar="DIR", help="write enter/leave snapshots (JPEG) here")
+    p.add_argument("--web", metavar="HOST:PORT",
+                   help="serve the web preview there (e.g. 127.0.0.1:8080; another address needs web.auth in the config)")
     p.add_argument("--mqtt-clear", action="store_true",
                    help="remove this camera from Home Assistant: delete its discovery and retained topics on the "
                    "[mqtt] broker (also with mqtt.enabled = false), then exit")
@@ -145,6 +147,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         else [z.strip() for z in args.only_in_zones.split(",") if z.strip()],
         "events.line": args.line,
         "events.snapshot_dir": args.snapshots,
+        "web.enabled": True if args.web else None,
+        "web.listen": args.web,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -194,8 +198,14 @@ def run(argv: list[str]) -> int:
             from app.mqtt import prepare
 
             mqtt_login = prepare(cfg.mqtt)
+        secret = ""
+        if cfg.web.enabled and cfg.web.auth != "none":
+            from app.web import read_secret
+
+            secret = read_secret(cfg.web.secret_file)
     except configmod.ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    args.web_secret = secret
     args.mqtt_login = mqtt_login
     if args.mqtt_clear:
         return _mqtt_clear(cfg)
@@ -264,6 +274,29 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
 
+    web = None
+    if cfg.web.enabled and not args.warmup_only:
+        # Listening before the warm-up: a port in use is said at once, and the URL comes first.
+        from app.web import WebPreview, describe
+
+        e = cfg.events
+        web = WebPreview(cfg.web, detector.class_names, secret=args.web_secret,
+                         snapshot_dir=e.snapshot_dir if t.enabled else "",
+                         info={"model": str(getattr(detector, "path", None) or "(default)"), "source": spec})
+        try:
+            web.bind()
+        except ConfigError as exc:
+            return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+        log.info("%s", describe(web))
+    try:
+        return _warm_and_run(cfg, spec, args, stop, notifier, detector, keep, web)
+    finally:
+        if web is not None:
+            web.close()
+
+
+def _warm_and_run(cfg, spec, args, stop, notifier, detector, keep, web) -> int:
+    t = cfg.tracker
     notifier.status("warming up")
     detector.warmup()
     tracker = None
@@ -280,10 +313,10 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
         return EXIT_OK
     if stop.is_set():
         return EXIT_OK
-    return _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker)
+    return _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
 
 
-def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> int:
+def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web) -> int:
     from app import sinks, sources
     from app.capture import Capture
     from app.events import Events
@@ -317,6 +350,10 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> i
                      stop=stop, tracks=tracker is not None, snapshots=tracker is not None and bool(cfg.events.snapshot_dir),
                      model=os.path.basename(str(getattr(detector, "path", "") or "person.xnc")))
     log_sink = mqtt.tee(log_sink)
+    if web is not None:
+        from app.web import EventTee
+
+        log_sink = EventTee(log_sink, web)  # the page lists the event lines too
     e = cfg.events
     events = None
     if tracker is not None:
@@ -332,6 +369,7 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> i
         log_sink=log_sink,
         preview=preview,
         recorder=recorder,
+        web=web,
         notifier=notifier,
         events=events,
         hud=cfg.preview.hud,
@@ -339,9 +377,13 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker) -> i
         idle_grace_s=cfg.watchdog.idle_grace_s,
         status_interval_s=cfg.watchdog.status_interval_s,
     )
-    log.info("source %s, preview %s, log %s, tracks %s, snapshots %s", spec, preview.name, cfg.log.path or "(none)",
+    log.info("source %s, preview %s, web %s, log %s, tracks %s, snapshots %s", spec, preview.name,
+             web.url if web is not None else "off", cfg.log.path or "(none)",
              "on" if tracker is not None else "off", (e.snapshot_dir or "(none)") if tracker is not None else "(none)")
-    if preview.name == "none" and not cfg.log.path and not cfg.preview.record:
+    if web is not None:
+        web.status_source = pipeline.status
+        web.start()
+    if preview.name == "none" and web is None and not cfg.log.path and not cfg.preview.record:
         log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()
     capture.start()

@@ -23,6 +23,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/xnorcam/config.toml")
 
 SOURCE_KINDS = ("auto", "demo", "picamera2", "images", "opencv")
 PREVIEW_MODES = ("auto", "drm", "window", "none")
+WEB_AUTH = ("none", "token", "basic")
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,22 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web preview (app/web.py): off unless enabled; beyond the loopback only with a secret."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8080"
+    auth: str = "none"
+    secret_file: str = ""
+    user: str = "xnorcam"
+    fps: float = 5.0
+    width: int = 320
+    quality: int = 70
+    max_clients: int = 4
+    events: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -136,6 +153,7 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -147,13 +165,15 @@ _SECTIONS: dict[str, type] = {
     "tracker": TrackerConfig,
     "events": EventsConfig,
     "mqtt": MqttConfig,
+    "web": WebConfig,
 }
 
 
 # --- per-key rules -----------------------------------------------------------
 # Each rule: (kind, detail). Kinds: "float" (lo, hi, lo_open), "int" (lo, hi),
 # "bool", "str", "choice" (values), "optfloat" (lo, hi, lo_open), "classmap",
-# "names", "zones" (name = polygon), "line" (two points). Ranges are inclusive unless lo_open.
+# "names", "zones" (name = polygon), "line" (two points), "listen" (HOST:PORT), "username".
+# Ranges are inclusive unless lo_open.
 
 _RULES: dict[str, tuple[str, Any]] = {
     "source.spec": ("sourcespec", None),
@@ -219,6 +239,16 @@ _RULES: dict[str, tuple[str, Any]] = {
     "mqtt.snapshots": ("bool", None),
     "mqtt.reconnect_min_s": ("float", (0.0, 3600.0, True)),
     "mqtt.reconnect_max_s": ("float", (0.0, 3600.0, True)),
+    "web.enabled": ("bool", None),
+    "web.listen": ("listen", None),
+    "web.auth": ("choice", WEB_AUTH),
+    "web.secret_file": ("str", None),
+    "web.user": ("username", None),
+    "web.fps": ("float", (0.0, 30.0, True)),
+    "web.width": ("int", (64, 4096)),
+    "web.quality": ("int", (10, 100)),
+    "web.max_clients": ("int", (1, 64)),
+    "web.events": ("int", (1, 500)),
 }
 
 MAX_ZONES = 32
@@ -266,6 +296,33 @@ _SPEC_FORMS = ("auto", "demo", "picamera2", "images:<dir or glob>", "opencv:<fil
 _SPEC_EXAMPLE = {"images": "images:photos/ or images:'photos/*.jpg'", "opencv": "opencv:0 or opencv:clip.mp4"}
 
 
+def parse_listen(key: str, value: Any) -> tuple[str, int]:
+    """'HOST:PORT' ('[::1]:8080' for IPv6) -> (host, port); port 0 = any free port."""
+    what = "HOST:PORT, e.g. \"127.0.0.1:8080\", \"0.0.0.0:8080\" or \"[::1]:8080\""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # a bare IPv6 address: its port is ambiguous
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in " /[]"):
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8, ::1: only this machine can reach a server bound there."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, treat it as reachable
+
+
 def _check(key: str, value: Any) -> Any:
     kind, detail = _RULES[key]
     if kind == "float":
@@ -297,6 +354,13 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, str) or len(value) > 128 or any(ord(c) < 32 or c in "+#/" for c in value):
             raise ConfigError(f"{key} = {value!r} is not allowed: expected up to 128 printable characters "
                               f"without '/', '+' or '#' (\"\" = xnorcam-<hostname>)")
+        return value
+    if kind == "listen":
+        parse_listen(key, value)
+        return value
+    if kind == "username":
+        if not isinstance(value, str) or not value or ":" in value or not value.isprintable():
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a user name without ':'")
         return value
     if kind == "names":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
@@ -462,6 +526,16 @@ def _check_cross(config: Config) -> None:
             f"events.only_in_zones: unknown zone(s) {', '.join(map(repr, unknown))}; zones in events.zones: "
             f"{', '.join(map(repr, e.zones)) or '(none)'}"
         )
+    w = config.web
+    if w.enabled:
+        host, _ = parse_listen("web.listen", w.listen)
+        if w.auth == "none" and not is_loopback(host):
+            raise ConfigError(
+                f"web.listen = {w.listen!r} is not allowed without authentication: beyond the loopback set "
+                f"web.auth = \"token\" or \"basic\" and web.secret_file (a file readable only by the service user)"
+            )
+        if w.auth != "none" and not w.secret_file:
+            raise ConfigError(f"web.secret_file is not set: web.auth = {w.auth!r} needs the file holding the secret")
 
 
 def _check_mqtt(m: MqttConfig) -> None:

@@ -135,6 +135,7 @@ class Pipeline:
         log_sink: Any = None,
         preview: Any = None,
         recorder: Any = None,
+        web: Any = None,
         notifier: Any = None,
         events: Any = None,
         hud: bool = True,
@@ -150,6 +151,7 @@ class Pipeline:
         self.log = log_sink or NullLog()
         self.preview = preview or NullPreview()
         self.recorder = recorder or NullRecorder()
+        self.web = web or NullPreview()  # the web preview (app/web.py): takes the newest frame, draws on its own
         self.notifier = notifier or Notifier()  # no address: every call a no-op
         self.events = events or NullEvents()
         self.hud = hud
@@ -161,6 +163,21 @@ class Pipeline:
         self._done_times: collections.deque[float] = collections.deque(maxlen=30)
         self.watchdog_pings = 0
         self.sink_failures: dict[str, int] = {}
+        self.last_detect_ms = 0.0
+
+    def status(self) -> dict[str, Any]:
+        """The numbers the web preview's /status shows; safe to call from another thread."""
+        slot = self.capture.slot
+        return {
+            "fps": round(self._fps(), 2),
+            "detect_ms": round(self.last_detect_ms, 2),
+            "dropped": slot.dropped,
+            "captured": slot.captured,
+            "processed": self.stats.processed,
+            "source_errors": self.capture.stats().errors,
+            "outage": bool(self.capture.outage),
+            "events": self.stats.events,  # as of the last status refresh (once a second)
+        }
 
     def _fps(self) -> float:
         t = self._done_times
@@ -201,7 +218,8 @@ class Pipeline:
             self._sink_failed("overlay", exc)
             return
         for name, call in (("preview", lambda: self.preview.show(frame, canvas, detections, hud, marks)),
-                           ("recorder", lambda: self.recorder.write(canvas))):
+                           ("recorder", lambda: self.recorder.write(canvas)),
+                           ("web", lambda: self.web.show(frame, canvas, detections, hud, marks))):
             try:
                 call()
             except Exception as exc:
@@ -274,6 +292,7 @@ class Pipeline:
             t1 = perf()
             detections, marks = self._track(frame, detections)
             detect_ms = (t1 - t0) * 1e3
+            self.last_detect_ms = detect_ms
             s.processed += 1
             done = self.clock()
             last_frame_at = done
