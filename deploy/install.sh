@@ -34,6 +34,9 @@ readonly UNIT_DST=/etc/systemd/system/$UNIT_NAME
 # The network for [mqtt]: a drop-in present only while the config turns MQTT on.
 readonly MQTT_DROPIN_SRC=systemd/mqtt-network.conf
 readonly MQTT_DROPIN=$UNIT_DST.d/mqtt.conf
+# The network for the web preview ([web]): a drop-in present only while the config turns it on.
+readonly WEB_DROPIN_SRC=systemd/web-network.conf
+readonly WEB_DROPIN=$UNIT_DST.d/web.conf
 readonly CACHE_DIR=/var/cache/xnorcam
 readonly NUMBA_CACHE=$CACHE_DIR/numba
 readonly STATE_DIR=/var/lib/xnorcam
@@ -296,6 +299,18 @@ mqtt_enabled() {
         END { exit !on }' "$conf"
 }
 
+# Whether the config the service will read (the installed one, else the example about to be
+# installed) says enabled = true in its [web] table.
+web_enabled() {
+    local conf=$CONF
+    [[ -e $conf ]] || conf=$SRC/deploy/config.example.toml
+    [[ -r $conf ]] || return 1
+    awk '
+        /^[[:space:]]*\[/ { section = $0; gsub(/[[:space:]]|#.*/, "", section); next }
+        section == "[web]" && /^[[:space:]]*enabled[[:space:]]*=[[:space:]]*true[[:space:]]*(#.*)?$/ { on = 1 }
+        END { exit !on }' "$conf"
+}
+
 install_unit() {
     run install -m 0644 -o root -g root "$SRC/systemd/$UNIT_NAME" "$UNIT_DST"
     if mqtt_enabled; then
@@ -312,6 +327,14 @@ install_unit() {
                 say "warning: could not clear the camera's MQTT topics (see above); delete the device in Home Assistant"
             run rm -f "$MQTT_DROPIN"
         fi
+    fi
+    if web_enabled; then
+        say "[web] is on: the service gets the home network ($WEB_DROPIN)"
+        run install -d -m 0755 -o root -g root "$(dirname "$WEB_DROPIN")"
+        run install -m 0644 -o root -g root "$SRC/$WEB_DROPIN_SRC" "$WEB_DROPIN"
+    else
+        say "[web] is off: no web preview"
+        run rm -f "$WEB_DROPIN"
     fi
     run systemctl daemon-reload
 }
@@ -345,7 +368,7 @@ start_service() {
 
 check_sources() {
     local f
-    for f in "$SRC/requirements.txt" "$SRC/systemd/$UNIT_NAME" "$SRC/$MQTT_DROPIN_SRC"; do
+    for f in "$SRC/requirements.txt" "$SRC/systemd/$UNIT_NAME" "$SRC/$MQTT_DROPIN_SRC" "$SRC/$WEB_DROPIN_SRC"; do
         [[ -f $f ]] || die "$f is missing: run install.sh from a complete copy of the project"
     done
     if [[ ! -f $SRC/deploy/config.example.toml && ! -e $CONF ]]; then
@@ -373,7 +396,7 @@ do_install() {
 do_uninstall() {
     if [[ -e $UNIT_DST ]] || ((DRY_RUN)); then
         run systemctl disable --now "$UNIT_NAME"
-        run rm -f "$UNIT_DST" "$MQTT_DROPIN"
+        run rm -f "$UNIT_DST" "$MQTT_DROPIN" "$WEB_DROPIN"
         run systemctl daemon-reload
     fi
     run rm -rf "$PREFIX" "$CACHE_DIR" "$STATE_DIR"
