@@ -734,7 +734,7 @@ PAGE = """<!doctype html>
   header { padding: 8px 12px; background: #222; display: flex; justify-content: space-between; }
   header b { color: #7fd; }
   main { display: flex; flex-wrap: wrap; gap: 12px; padding: 12px; }
-  #view { flex: 1 1 480px; max-width: 960px; }
+  #view { flex: 1 1 480px; max-width: min(960px, calc((100vh - 80px) * 4 / 3)); }
   #stream { width: 100%; background: #000; display: block; image-rendering: auto; min-height: 120px; }
   #note { color: #fa6; min-height: 1.4em; }
   aside { flex: 0 1 320px; }
