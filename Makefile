@@ -28,7 +28,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables: PYTHON=$(PYTHON) ARGS='...' (run) PYTEST_ARGS='...' (test) HOST=user@host (deploy)"
+	@echo "Variables: PYTHON=$(PYTHON) ARGS='...' WEB=$(WEB) (run) PYTEST_ARGS='...' (test) HOST=user@host (deploy)"
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
@@ -48,8 +48,11 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt requirements-train.txt $(VEN
 setup: $(RUNTIME_STAMP) ## create .venv and install the runtime requirements
 setup-dev: $(DEV_STAMP) ## create .venv with runtime, test and training requirements
 
-run: setup ## run the demo source with the shipped model (window if a display exists, log on stdout); ARGS="..." adds flags
-	$(PY) -m app --source demo --preview auto --log - $(ARGS)
+# make run's web preview: the page with the live picture, the status and the events (127.0.0.1: this machine only).
+WEB ?= 127.0.0.1:8080
+DEMO_SNAPSHOTS ?= $(or $(TMPDIR),/tmp)/xnorcam-demo-snapshots
+run: setup ## run the demo with the shipped model: the picture in the desktop's browser (or a window), else at the printed URL; events on stdout; ARGS="..." adds flags
+	$(PY) -m app --source demo --preview auto --web $(WEB) --snapshots $(DEMO_SNAPSHOTS) --log - --only-events $(ARGS)
 
 test: setup-dev ## run the test suite (no tests collected is a failure)
 	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \

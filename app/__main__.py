@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nms-iou", type=_float_in(0.0, 1.0), metavar="IOU", help="NMS IoU (0..1]")
     p.add_argument("--classes", metavar="A,B", help="report only these classes (comma separated)")
-    p.add_argument("--preview", choices=("auto", "drm", "window", "none"), help="live preview")
+    p.add_argument("--preview", choices=("auto", "drm", "window", "browser", "none"),
+                   help="live preview: auto (HDMI with the Pi camera, else a window or the web preview in the desktop's "
+                   "browser when a display exists), drm, window (needs OpenCV with GUI), browser (needs --web), none")
     p.add_argument("--no-hud", action="store_true", help="do not draw fps/latency/drops")
     p.add_argument("--record", metavar="FILE.mp4", help="also write the annotated video")
     p.add_argument("--log", metavar="FILE", help="JSON Lines log ('-' = stdout)")
@@ -193,6 +195,17 @@ def run(argv: list[str]) -> int:
     try:
         spec = sources.resolve_spec(cfg.source.spec)
         sources.preflight(spec)
+    except configmod.ConfigError as exc:
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    from app.sinks import check_preview_mode
+
+    try:
+        check_preview_mode(cfg.preview.mode, spec.partition(":")[0], cfg.web.enabled)
+    except configmod.ConfigError as exc:  # one line naming the fix: 2 for the flag, 78 for the file
+        if args.preview is not None:
+            return _fail(EXIT_USAGE, "bad command line", str(exc))
+        return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    try:
         mqtt_login = None
         if cfg.mqtt.enabled:  # the password file and the TLS files, checked before the camera opens
             from app.mqtt import prepare
@@ -325,7 +338,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
 
     s = cfg.source
     kind = spec.partition(":")[0]
-    preview = sinks.make_preview(cfg.preview.mode, kind, detector.class_names)
+    preview = sinks.make_preview(cfg.preview.mode, kind, detector.class_names,
+                                 web_url=web.url if web is not None else None)
     # DRM is shown by picamera2 itself: the preview is attached to each camera the factory opens.
     drm = preview if isinstance(preview, sinks.DrmPreview) else None
     factory = sources.make_factory(spec, s, drm)
@@ -383,6 +397,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
     if web is not None:
         web.status_source = pipeline.status
         web.start()
+        if isinstance(preview, sinks.BrowserPreview):
+            preview.open()
     if preview.name == "none" and web is None and not cfg.log.path and not cfg.preview.record:
         log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()

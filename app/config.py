@@ -22,7 +22,7 @@ from app.geometry import Point, orient, segments_meet
 DEFAULT_CONFIG_PATH = Path("/etc/xnorcam/config.toml")
 
 SOURCE_KINDS = ("auto", "demo", "picamera2", "images", "opencv")
-PREVIEW_MODES = ("auto", "drm", "window", "none")
+PREVIEW_MODES = ("auto", "drm", "window", "browser", "none")
 WEB_AUTH = ("none", "token", "basic")
 
 

@@ -442,37 +442,108 @@ class DrmPreview:
                 pass
 
 
-def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None) -> str:
-    """Resolve ``auto`` and fall back (with one warning) when the wanted preview cannot work.
+GUI_FIX = ("use the web preview instead (--web 127.0.0.1:8080, then open it in a browser; `make run` does), "
+           "or put OpenCV with GUI support in place of the headless one: "
+           "pip uninstall opencv-python-headless && pip install opencv-python")
 
-    ``drm`` is only decided for real when the camera opens: if picamera2
-    cannot start its DRM preview, ``DrmPreview`` warns once and the camera
-    runs headless.
+
+def check_preview_mode(mode: str, source_kind: str, web: bool) -> None:
+    """Refuse, before anything opens, a preview that cannot work here: ConfigError naming the fix."""
+    from app.config import ConfigError
+
+    if mode == "window" and not cv2_has_gui():
+        raise ConfigError(f"preview 'window' needs OpenCV with GUI support, and this one has none "
+                          f"(opencv-python-headless): {GUI_FIX}")
+    if mode == "browser" and not web:
+        raise ConfigError("preview 'browser' opens the web preview in the desktop's browser: turn the web preview "
+                          "on as well (--web 127.0.0.1:8080, or [web] enabled = true)")
+
+
+def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None,
+                        web: bool = False) -> tuple[str, str]:
+    """Resolve ``auto``: (mode, why). ``drm`` falls back to headless (with one warning) off picamera2.
+
+    ``auto`` is ``drm`` with the Pi camera; on a desktop (``$DISPLAY`` or ``$WAYLAND_DISPLAY``) an
+    OpenCV window when OpenCV has GUI support, else the web preview in the desktop's browser when
+    the web preview is on; otherwise ``none``. ``drm`` is only decided for real when the camera
+    opens: if picamera2 cannot start its DRM preview, ``DrmPreview`` warns once and runs headless.
     """
     if mode == "auto":
         if source_kind == "picamera2":
-            return "drm"
-        if display_available(environ) and cv2_has_gui():
-            return "window"
-        return "none"
+            return "drm", "the Pi camera: boxes on HDMI"
+        if not display_available(environ):
+            why = "no display ($DISPLAY and $WAYLAND_DISPLAY are unset)"
+            return "none", why + ("; the picture is on the web preview" if web else
+                                  "; to see the picture, add --web 127.0.0.1:8080 and open it in a browser")
+        if cv2_has_gui():
+            return "window", "a display, and OpenCV with GUI support"
+        if web:
+            return "browser", "a display, but this OpenCV has no GUI (opencv-python-headless): the web preview " \
+                              "in the desktop's browser"
+        return "none", f"a display, but this OpenCV has no GUI (opencv-python-headless); {GUI_FIX}"
     if mode == "drm" and source_kind != "picamera2":
         log.warning("preview 'drm' needs the picamera2 source (source is %s); running headless", source_kind)
-        return "none"
+        return "none", "drm needs the picamera2 source"
     if mode == "window" and not cv2_has_gui():
-        log.warning("preview 'window': this OpenCV has no GUI support (opencv-python-headless?); running headless")
-        return "none"
-    return mode
+        # check_preview_mode refuses this before the app starts; a caller that skipped it gets headless
+        log.warning("preview 'window': this OpenCV has no GUI support (opencv-python-headless); running headless")
+        return "none", "no GUI in this OpenCV"
+    return mode, "as configured"
+
+
+class BrowserPreview:
+    """The web preview opened in the desktop's browser (Python's ``webbrowser``: $BROWSER, xdg-open, ...)."""
+
+    name = "browser"
+    needs_canvas = False
+    stop_requested = False
+
+    def __init__(self, url: str, opener: Any = None) -> None:
+        self.url = url
+        self._opener = opener
+        self.opened: bool | None = None
+
+    def open(self) -> None:
+        """Ask the desktop to open the page, once, without waiting for the browser."""
+        import threading
+
+        def go() -> None:
+            try:
+                if self._opener is not None:
+                    self.opened = bool(self._opener(self.url))
+                else:
+                    import webbrowser
+
+                    self.opened = webbrowser.open(self.url, new=1)
+            except Exception as exc:
+                log.debug("opening a browser failed: %s", exc)
+                self.opened = False
+            if not self.opened:
+                log.warning("could not open a browser here: open %s yourself", self.url)
+
+        threading.Thread(target=go, name="open-browser", daemon=True).start()
+
+    def show(self, frame: Frame, canvas: np.ndarray | None, detections: np.ndarray, hud: overlay.Hud | None,
+             marks: overlay.Marks | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def make_preview(
-    mode: str, source_kind: str, class_names: Sequence[str], environ: dict[str, str] | None = None
-) -> NullPreview | WindowPreview | DrmPreview:
-    """The preview for the configured ``mode`` (``auto`` resolved) and a source kind; ``name`` says which it is.
+    mode: str, source_kind: str, class_names: Sequence[str], environ: dict[str, str] | None = None,
+    web_url: str | None = None,
+) -> NullPreview | WindowPreview | DrmPreview | BrowserPreview:
+    """The preview for the configured ``mode`` (``auto`` resolved and said once) and a source kind.
 
-    A ``DrmPreview`` must also be handed to the source's factory: the camera
-    is shown by picamera2 itself.
+    ``name`` says which it is. A ``DrmPreview`` must also be handed to the source's factory (the
+    camera is shown by picamera2 itself); a ``BrowserPreview`` is opened once the web preview serves.
     """
-    mode = choose_preview_mode(mode, source_kind, environ)
+    wanted = mode
+    mode, why = choose_preview_mode(mode, source_kind, environ, web=web_url is not None)
+    if wanted == "auto":
+        log.info("preview: %s (%s)", mode, why)
     if mode == "window":
         try:
             return WindowPreview()
@@ -481,6 +552,8 @@ def make_preview(
             return NullPreview()
     if mode == "drm":
         return DrmPreview(class_names)
+    if mode == "browser" and web_url is not None:
+        return BrowserPreview(web_url)
     return NullPreview()
 
 

@@ -278,6 +278,8 @@ class WebPreview:
             self._server = server_cls((host, port), self)
         except OSError as exc:
             hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = "; pick another port (--web 127.0.0.1:8081, or make run WEB=127.0.0.1:8081)"
             if exc.errno in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES) and os.environ.get("INVOCATION_ID"):
                 hint = ("; under systemd the unit needs the network drop-in "
                         "(systemd/xnorcam-network.conf: run deploy/install.sh again)")

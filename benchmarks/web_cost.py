@@ -1,12 +1,12 @@
 """What the web preview costs on the Pi Zero 2 W: aarch64 instructions per frame under the meter
 (../shared/tools/armcost), with nobody watching and with one viewer, and the memory (RSS) it adds.
 
-    python benchmarks/web_cost.py [--no-rss]
+    python benchmarks/web_cost.py [--no-rss | --no-meter]
 
 The meter's part runs benchmarks/_arm_web.py in the emulated Cortex-A53 (skipped, saying so, when the
 meter is absent). The RSS part runs ``python -m app --source demo`` here three times, for 20 s each:
 without the web preview, with it and nobody watching, with it and one viewer reading the stream, and
-reads VmRSS at the end. The last line is one JSON object.
+reads VmRSS (and its anonymous and file-backed parts) at the end. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def meter() -> dict | None:
             "per_sent_frame_1_viewer": viewer, "guest": stdout.strip().splitlines()[-1:]}
 
 
-def rss_of(args: list[str], viewer: bool, seconds: float = 20.0) -> float:
+def rss_of(args: list[str], viewer: bool, seconds: float = 20.0) -> tuple[float, float, float]:
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -84,22 +84,27 @@ def rss_of(args: list[str], viewer: bool, seconds: float = 20.0) -> float:
     stop.set()
     proc.terminate()
     proc.wait(timeout=30)
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    def kb(key: str) -> float:
+        return int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024
+
+    return kb("VmRSS"), kb("RssAnon"), kb("RssFile")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-rss", action="store_true", help="only the meter")
+    ap.add_argument("--no-meter", action="store_true", help="only the RSS")
     args = ap.parse_args()
-    out: dict = {"meter": meter()}
+    out: dict = {"meter": None if args.no_meter else meter()}
     if not args.no_rss:
         web = ["--web", "127.0.0.1:0"]
         rss = {"off": rss_of([], False), "on_0_viewers": rss_of(web, False), "on_1_viewer": rss_of(web, True)}
-        for k, v in rss.items():
-            print(f"RSS {k}: {v:.1f} MiB")
-        print(f"RSS added: {rss['on_0_viewers'] - rss['off']:+.1f} MiB with nobody watching, "
-              f"{rss['on_1_viewer'] - rss['off']:+.1f} MiB with one viewer")
-        out["rss_mib"] = {k: round(v, 1) for k, v in rss.items()}
+        for k, (total, anon, file) in rss.items():
+            print(f"RSS {k}: {total:.1f} MiB ({anon:.1f} anonymous, {file:.1f} mapped files: code and libraries)")
+        for k, what in (("on_0_viewers", "with nobody watching"), ("on_1_viewer", "with one viewer")):
+            added = [a - b for a, b in zip(rss[k], rss["off"], strict=True)]
+            print(f"RSS added {what}: {added[0]:+.1f} MiB ({added[1]:+.1f} anonymous, {added[2]:+.1f} mapped files)")
+        out["rss_mib"] = {k: [round(x, 1) for x in v] for k, v in rss.items()}
     print(json.dumps(out))
     return 0
 

@@ -6,13 +6,14 @@ import errno
 import json
 import os
 import sys
+import time
 
 import cv2
 import numpy as np
 import pytest
 
 from app import sinks
-from app.config import SourceConfig
+from app.config import ConfigError, SourceConfig
 from app.sinks import (
     DrmPreview,
     JsonlLog,
@@ -268,19 +269,84 @@ def test_torn_last_line_that_cannot_be_cut_is_not_glued_onto(tmp_path, monkeypat
 # --- previews ---------------------------------------------------------------------------------
 
 
+def mode_of(*args, **kwargs) -> str:
+    return choose_preview_mode(*args, **kwargs)[0]
+
+
 def test_choose_preview_mode(caplog, monkeypatch):
-    assert choose_preview_mode("auto", "picamera2", {}) == "drm"
-    assert choose_preview_mode("none", "picamera2", {}) == "none"
-    assert choose_preview_mode("auto", "demo", {}) == "none"
+    assert mode_of("auto", "picamera2", {}) == "drm"
+    assert mode_of("none", "picamera2", {}) == "none"
+    mode, why = choose_preview_mode("auto", "demo", {})
+    assert mode == "none" and "no display" in why and "--web 127.0.0.1:8080" in why
+    assert "the picture is on the web preview" in choose_preview_mode("auto", "demo", {}, web=True)[1]
     monkeypatch.setattr(sinks, "cv2_has_gui", lambda: True)
-    assert choose_preview_mode("auto", "demo", {"DISPLAY": ":0"}) == "window"
+    assert mode_of("auto", "demo", {"DISPLAY": ":0"}) == "window"
+    assert mode_of("auto", "demo", {"WAYLAND_DISPLAY": "wayland-0"}, web=True) == "window"
     monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
-    assert choose_preview_mode("auto", "demo", {"DISPLAY": ":0"}) == "none"
+    mode, why = choose_preview_mode("auto", "demo", {"DISPLAY": ":0"})
+    assert mode == "none" and "opencv-python-headless" in why and "pip install opencv-python" in why
+    assert mode_of("auto", "demo", {"DISPLAY": ":0"}, web=True) == "browser"
+    assert mode_of("browser", "demo", {}, web=True) == "browser"
     caplog.clear()
-    assert choose_preview_mode("window", "demo", {"DISPLAY": ":0"}) == "none"
+    assert mode_of("window", "demo", {"DISPLAY": ":0"}) == "none"
     assert caplog.text.count("no GUI support") == 1
-    assert choose_preview_mode("drm", "images:x", {}) == "none"
+    assert mode_of("drm", "images:x", {}) == "none"
     assert "needs the picamera2 source" in caplog.text
+
+
+def test_a_preview_that_cannot_work_is_refused_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        sinks.check_preview_mode("window", "demo", web=False)
+    text = str(e.value)
+    assert "\n" not in text and "opencv-python-headless" in text and "--web 127.0.0.1:8080" in text
+    assert "pip install opencv-python" in text
+    with pytest.raises(ConfigError, match="--web 127.0.0.1:8080"):
+        sinks.check_preview_mode("browser", "demo", web=False)
+    for mode in ("auto", "none", "drm"):
+        sinks.check_preview_mode(mode, "demo", web=False)
+    sinks.check_preview_mode("browser", "demo", web=True)
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: True)
+    sinks.check_preview_mode("window", "demo", web=False)
+
+
+def test_auto_says_once_what_it_chose_and_why(caplog, monkeypatch):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
+    p = make_preview("auto", "demo", NAMES, {"DISPLAY": ":0"}, web_url="http://127.0.0.1:8080/")
+    assert p.name == "browser" and p.url == "http://127.0.0.1:8080/"
+    lines = [r for r in caplog.records if r.message.startswith("preview:")]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    assert "browser" in lines[0].message and "opencv-python-headless" in lines[0].message
+    caplog.clear()
+    make_preview("none", "demo", NAMES, {"DISPLAY": ":0"})
+    assert not [r for r in caplog.records if r.message.startswith("preview:")]  # only auto is explained
+
+
+def test_browser_preview_opens_the_page_once(caplog):
+    import threading
+
+    opened = []
+    done = threading.Event()
+
+    def opener(url):
+        opened.append(url)
+        done.set()
+        return True
+
+    p = sinks.BrowserPreview("http://127.0.0.1:9/", opener=opener)
+    p.open()
+    assert done.wait(5) and opened == ["http://127.0.0.1:9/"]
+    p.show(None, None, np.zeros((0, 6), np.float32), None)
+    p.close()
+    done.clear()
+    q = sinks.BrowserPreview("http://127.0.0.1:9/", opener=lambda url: done.set() or False)
+    q.open()
+    assert done.wait(5)
+    deadline = time.monotonic() + 5
+    while "open http://127.0.0.1:9/ yourself" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "open http://127.0.0.1:9/ yourself" in caplog.text
 
 
 def test_headless_opencv_is_detected():
@@ -298,6 +364,8 @@ def test_make_preview_resolves_the_mode_and_names_what_it_made(monkeypatch):
     assert make_preview("none", "picamera2", NAMES, {}).name == "none"
     monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
     assert make_preview("auto", "demo", NAMES, {"DISPLAY": ":0"}).name == "none"
+    assert make_preview("auto", "demo", NAMES, {"DISPLAY": ":0"}, web_url="http://x/").name == "browser"
+    assert make_preview("auto", "demo", NAMES, {}, web_url="http://x/").name == "none"
 
 
 def test_window_that_cannot_open_falls_back_to_null(monkeypatch, caplog):

@@ -5,7 +5,7 @@ Checked on screenshots and on the page: the stream shows a moving picture (two s
 stream element differ), the boxes are drawn where the detector put them (pixels of the box colour
 inside the boxes the log reports for those moments), the status panel shows a non-zero fps, and an
 event's snapshot thumbnail appears. Screenshots go to the test's temporary folder;
-XNORCAM_DOCS_SCREENSHOT=1 also writes docs/web-preview.png (the README's picture).
+XNORCAM_DOCS_SCREENSHOT=1 also writes docs/web-preview.jpg (the README's picture).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_the_page_shows_the_live_boxes_the_status_and_event_thumbnails(tmp_path,
             whole = page.screenshot()
             (tmp_path / f"page-{source}.png").write_bytes(whole)
             if source == "demo" and os.environ.get("XNORCAM_DOCS_SCREENSHOT") == "1":
-                (ROOT / "docs" / "web-preview.png").write_bytes(whole)
+                cv2.imwrite(str(ROOT / "docs" / "web-preview.jpg"), decode(whole), [cv2.IMWRITE_JPEG_QUALITY, 88])
             assert "fps" in status_text and "model" in status_text
     finally:
         stop_app(proc)
