@@ -318,7 +318,7 @@ install_unit() {
         run install -d -m 0755 -o root -g root "$(dirname "$MQTT_DROPIN")"
         run install -m 0644 -o root -g root "$SRC/$MQTT_DROPIN_SRC" "$MQTT_DROPIN"
     else
-        say "[mqtt] is off: the service has no network"
+        say "[mqtt] is off: no network for MQTT"
         if [[ -e $MQTT_DROPIN ]]; then
             # It was on: take the camera out of Home Assistant (discovery and retained topics) while
             # the broker is still named in the config.

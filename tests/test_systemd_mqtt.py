@@ -97,7 +97,7 @@ def test_the_installer_writes_the_dropin_only_while_mqtt_is_on(staged):  # noqa:
     conf = root / "etc/xnorcam/config.toml"
     result, _ = run("--no-start")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not dropin.exists() and "[mqtt] is off: the service has no network" in result.stdout
+    assert not dropin.exists() and "[mqtt] is off: no network for MQTT" in result.stdout
     conf.write_text('[mqtt]\nenabled = true\nhost = "homeassistant.local"\n')
     result, calls = run("--no-start")
     assert result.returncode == 0, result.stdout + result.stderr
