@@ -83,6 +83,9 @@ class _Seen:
     side_point: Point | None = None  # where the feet last were on that side
 
 
+_EDGE = 1.0 - 1e-6  # the largest normalised coordinate a point in the frame is given
+
+
 class Events:
     def __init__(
         self,
@@ -170,7 +173,9 @@ class Events:
     def _feet(self, tr: Track) -> Point:
         x1, _, x2, y2 = tr.box
         w, h = self._size
-        return (x1 + x2) * 0.5 / w, y2 / h
+        # Just inside the frame: feet cut off by its bottom edge are in a zone drawn to that edge (a point on a
+        # polygon's far edge counts as outside).
+        return min((x1 + x2) * 0.5 / w, _EDGE), min(y2 / h, _EDGE)
 
     def _zones_of(self, tr: Track) -> list[str]:
         x, y = self._feet(tr)

@@ -112,6 +112,16 @@ def test_events_name_the_zones_of_the_feet():
     assert out[0]["zones"] == ["door", "all"] and out[-1]["zones"] == ["all"]
 
 
+def test_feet_cut_off_by_the_frame_edge_are_in_a_zone_drawn_to_that_edge():
+    """A person close to the camera has no feet in view: the box ends on the frame's bottom (or right) edge."""
+    ev, out = make(zones=ZONES)
+    play(ev, [[[10.0, 120.0, 60.0, float(H), 0.9, 0]]] * 8 + [[]] * 12)  # y2 = 240, the bottom row's edge
+    assert out[0]["zones"] == ["door", "all"] and out[-1]["zones"] == ["door", "all"]
+    ev, out = make(zones=ZONES)
+    play(ev, [[[250.0, 20.0, float(W) + 80, 200.0, 0.9, 0]]] * 8 + [[]] * 12)  # clipped wider than the frame
+    assert out[0]["zones"] == ["all"]
+
+
 def test_only_in_zones_holds_events_until_the_track_is_inside():
     ev, out = make(zones=ZONES, only_in_zones=["door"])
     # walks from the right (outside the door zone) into it, then stays
