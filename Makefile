@@ -76,16 +76,19 @@ train: setup-dev ## train the person detector: its float twin, then the binary n
 	$(PY) -m train.train --config train/configs/person.toml --float-twin
 	$(PY) -m train.train --config train/configs/person.toml
 
-# The shipped models/person.xnc came from ten stages, each from an earlier one (models/README.md, "Training
-# and how to reproduce"; docs/experiments.md says why), plus the large twin that teaches the distillation stage.
-# train-shipped replays them: about 16 hours on 2 CPU cores. The ternary stage starts from the distillation
-# stage's exported model file (train.from_model), so the lineage does not depend on kept checkpoints.
+# The shipped models/person.xnc came from twelve stages, each from an earlier one (models/README.md, "Training
+# and how to reproduce"; docs/experiments.md says why), plus the large twin that teaches the distillation stage
+# and the twin of the last data, its yardstick. The first ten trained on the person sets (person-sets.toml), the
+# last two on person.toml's mix of everyday scenes and person-free images. train-shipped replays them: about
+# 20 hours on 2 CPU cores. The ternary stage starts from the distillation stage's exported model file and the
+# mix stage from the ternary one's (train.from_model), so the lineage does not depend on kept checkpoints.
 LINEAGE ?= runs/lineage
-TRAIN := $(PY) -m train.train --config train/configs/person.toml
+TRAIN := $(PY) -m train.train --config train/configs/person-sets.toml
+TRAIN_MIX := $(PY) -m train.train --config train/configs/person.toml
 L := $(LINEAGE)
 LARGE_PEOPLE := --augment mosaic=0.1 --augment copy_paste=0.3 --augment scale_min=0.75
 BF16_EMA := --set train.precision=bf16 --set train.ema=0.999
-train-shipped: setup-dev ## replay the ten training stages of the shipped model and its teacher (hours on a CPU; exports models/person.xnc)
+train-shipped: setup-dev ## replay the twelve training stages of the shipped model and its twins (hours on a CPU; exports models/person.xnc)
 	$(TRAIN) --float-twin --set train.minutes=40 --no-export --out $(L)/1-float
 	$(TRAIN) --set train.init_from=$(L)/1-float/best.pt --set train.teacher=$(L)/1-float/best.pt \
 		--set train.minutes=85 --no-export --out $(L)/2-binary
@@ -114,7 +117,19 @@ train-shipped: setup-dev ## replay the ten training stages of the shipped model 
 	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --set train.init_from=$(L)/9-ternary/last.pt \
 		--set train.distill=0 $(LARGE_PEOPLE) --set train.lr=3e-4 $(BF16_EMA) --set train.compile=true --set train.threads=2 \
 		--set train.val_every_minutes=10 --set train.minutes=20 --no-export --out $(L)/10-ternary
-	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --eval-only --checkpoint best --out $(L)/10-ternary
+	$(TRAIN) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --eval-only --checkpoint best --out $(L)/10-ternary \
+		--export-to $(L)/10-ternary/person.xnc
+	$(PY) -m train.from_model $(L)/10-ternary/person.xnc $(L)/10-imported/last.pt
+	$(TRAIN_MIX) --float-twin --set model.res_blocks=3 --set train.lr=2e-3 $(LARGE_PEOPLE) $(BF16_EMA) \
+		--set train.compile=true --set train.threads=1 --set train.val_every_minutes=20 --set train.minutes=100 \
+		--no-export --out $(L)/twin-mix
+	$(TRAIN_MIX) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --set train.init_from=$(L)/10-imported/last.pt \
+		--set train.distill=0 $(LARGE_PEOPLE) --set train.lr=1e-3 $(BF16_EMA) --set train.compile=true --set train.threads=1 \
+		--set train.val_every_minutes=15 --set train.minutes=70 --no-export --out $(L)/11-mix
+	$(TRAIN_MIX) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --set train.init_from=$(L)/11-mix/last.pt \
+		--set train.distill=0 $(LARGE_PEOPLE) --set train.lr=5e-4 $(BF16_EMA) --set train.compile=true --set train.threads=1 \
+		--set train.val_every_minutes=20 --set train.minutes=100 --no-export --out $(L)/12-mix
+	$(TRAIN_MIX) --set model.res_blocks=3 --set 'model.ternary=[2,4]' --eval-only --checkpoint last --out $(L)/12-mix
 
 bench-train: setup-dev ## training steps: default, glibc keeping freed memory, bf16 forwards, and compiled, same run (last line: JSON)
 	$(PY) benchmarks/bench_train_step.py

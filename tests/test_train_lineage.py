@@ -51,8 +51,9 @@ def test_every_stage_starts_from_checkpoints_made_by_an_earlier_stage():
     """
     steps = _steps()
     stages = [argv for module, argv in steps if module == "train.train"]
-    # ten training stages and the large twin; the distillation stage exported for from_model, the last exported
-    assert len(stages) == 13 and sum(m == "train.from_model" for m, _ in steps) == 1
+    # twelve training stages and two twins; the distillation and ternary stages exported for from_model, the last
+    # exported
+    assert len(stages) == 17 and sum(m == "train.from_model" for m, _ in steps) == 2
     made: list[str] = []
     exported: list[str] = []
     for module, argv in steps:
