@@ -1,6 +1,6 @@
 """Pack a config's train and val caches for a GPU machine: JPEG pixels, under the 64 MiB it can carry.
 
-    python -m train.pack [--config train/configs/person.toml] [--out runs/carry] [--quality 80]
+    python -m train.pack [--config train/configs/person.toml] [--out runs/carry] [--quality 70]
 
 Writes OUT/train.npz and OUT/val.npz (see :func:`train.data.pack_cache`), the
 images shrunk to ``data.pack_long_side`` (the network's input size). On the
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.pack", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="train/configs/person.toml")
     ap.add_argument("--out", default="runs/carry", help="folder for train.npz and val.npz")
-    ap.add_argument("--quality", type=int, default=80, help="JPEG quality, 50..100")
+    ap.add_argument("--quality", type=int, default=70, help="JPEG quality, 50..100 (70: benchmarks/pack_quality.py)")
     args = ap.parse_args(argv)
     from train.config import load_config
 
