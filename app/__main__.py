@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 65
+EXIT_NO_CAMERA = 69
 EXIT_CONFIG = 78
 
 # systemd's start timeout is extended by this much while the model loads and numba compiles.
@@ -193,10 +194,17 @@ def run(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, "bad command line", str(exc))
 
     try:
-        spec = sources.resolve_spec(cfg.source.spec)
+        spec = sources.resolve_spec(cfg.source.spec, wait_s=sources.CAMERA_WAIT_S)
         sources.preflight(spec)
     except configmod.ConfigError as exc:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    if cfg.source.spec == "auto" and spec == "demo" and sources.picamera2_importable():
+        args.no_camera = f"no Pi camera found in {sources.CAMERA_WAIT_S:g} s: running the demo, not the camera"
+        log.warning("%s (check the ribbon cable and `rpicam-hello --list-cameras`, then restart)", args.no_camera)
+    if spec == "picamera2":
+        problem = _no_camera_problem()
+        if problem:
+            return _fail(EXIT_NO_CAMERA, "no camera", problem)
     from app.sinks import check_preview_mode
 
     try:
@@ -228,6 +236,18 @@ def run(argv: list[str]) -> int:
         return _run_with(cfg, spec, args, stop, notifier)
     finally:
         notifier.stopping()
+
+
+def _no_camera_problem() -> str:
+    """Why the picamera2 source cannot work here (after waiting for the camera), or ''."""
+    from app import sources
+
+    if not sources.picamera2_importable():
+        return "source picamera2: picamera2 does not import here (on Raspberry Pi OS: apt install python3-picamera2)"
+    if sources.wait_for_camera(sources.CAMERA_WAIT_S):
+        return ""
+    return (f"source picamera2: libcamera lists no Pi camera after {sources.CAMERA_WAIT_S:g} s (USB webcams are "
+            "opencv:<index>); check the ribbon cable and `rpicam-hello --list-cameras`")
 
 
 def _mqtt_clear(cfg) -> int:
@@ -342,12 +362,15 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
                                  web_url=web.url if web is not None else None)
     # DRM is shown by picamera2 itself: the preview is attached to each camera the factory opens.
     drm = preview if isinstance(preview, sinks.DrmPreview) else None
-    factory = sources.make_factory(spec, s, drm)
+    # The camera delivers the network input's size (at the preview's aspect): the letterbox need not resize.
+    factory = sources.make_factory(spec, s, drm, network_size=detector.input_size)
     probe = factory()
     finite = bool(getattr(probe, "finite", False))
     paced = kind in ("demo", "images") or (kind == "opencv" and finite)
     # A paced source sleeps inside read(): that is not a hang.
     hang = max(s.hang_timeout_s, 2.0 / s.fps + 1.0) if paced and s.fps > 0 else s.hang_timeout_s
+    if kind == "picamera2":
+        hang += 1.0  # its captures time out after hang_timeout_s themselves; the watchdog is the backstop
     capture = Capture(
         factory,
         hang_timeout_s=hang,
@@ -390,6 +413,7 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
         max_frames=args.max_frames,
         idle_grace_s=cfg.watchdog.idle_grace_s,
         status_interval_s=cfg.watchdog.status_interval_s,
+        status_note=getattr(args, "no_camera", ""),
     )
     log.info("source %s, preview %s, web %s, log %s, tracks %s, snapshots %s", spec, preview.name,
              web.url if web is not None else "off", cfg.log.path or "(none)",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from app.sources import Frame, Source
+from app.sources import Frame, Source, SourceTimeout
 
 log = logging.getLogger("xnorcam.capture")
 
@@ -130,8 +130,10 @@ class Capture:
         lossless: bool = False,
         max_events: int = 1000,
         poll_s: float = 0.1,
+        close_timeout_s: float = 5.0,
     ) -> None:
         self.factory = factory
+        self.close_timeout_s = close_timeout_s
         self.hang_timeout_s = hang_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -146,6 +148,7 @@ class Capture:
         self._last_progress = time.monotonic()
         self._in_read = False
         self._supervisor: threading.Thread | None = None
+        self._closing: threading.Thread | None = None  # a hung source being closed aside
         self.errors = 0
         self.reopens = 0
         self.invalid = 0
@@ -203,6 +206,14 @@ class Capture:
         while not self._stop.is_set():
             if opened_before:
                 self.reopens += 1
+            if not self._await_close():
+                if self._stop.is_set():
+                    break
+                self._error("open", f"the hung source is still closing after {self.close_timeout_s:g} s", backoff)
+                if self._stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self.backoff_max_s)
+                continue
             source = None
             try:
                 source = self.factory()
@@ -263,7 +274,8 @@ class Capture:
                     self._in_read = False
             if hung:
                 # Closing may unblock the read, or may block too (a wedged driver): do it aside.
-                threading.Thread(target=self._close, args=(source,), name="xnorcam-close", daemon=True).start()
+                self._closing = threading.Thread(target=self._close, args=(source,), name="xnorcam-close", daemon=True)
+                self._closing.start()
                 return ("worked" if result.get("got_any") else "failed"), "hang", f"no frame for {stalled:.1f} s"
         with self._lock:
             self._source = None
@@ -282,7 +294,9 @@ class Capture:
             except Exception as exc:
                 with self._lock:
                     self._in_read = False
-                result.update(outcome="failed", stage="read", message=f"{type(exc).__name__}: {exc}")
+                # A source that timed its own read out hung just as much as one the watchdog finds.
+                stage = "hang" if isinstance(exc, SourceTimeout) else "read"
+                result.update(outcome="failed", stage=stage, message=f"{type(exc).__name__}: {exc}")
                 return
             now = time.monotonic()
             with self._lock:
@@ -314,6 +328,24 @@ class Capture:
                     if generation == self._generation:
                         self._last_progress = time.monotonic()
         result["outcome"] = "stopped"
+
+    def _await_close(self) -> bool:
+        """Wait, at most ``close_timeout_s``, for a source closed aside after a hang; False if it still closes.
+
+        Opening the next one first is a race: picamera2's late clean-up of the old
+        camera deletes the camera manager's entry for that index, the new
+        camera's, and the new camera then never gets a frame.
+        """
+        closing = self._closing
+        if closing is None:
+            return True
+        deadline = time.monotonic() + self.close_timeout_s
+        while closing.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+            closing.join(0.05)
+        if closing.is_alive():
+            return False
+        self._closing = None
+        return True
 
     @staticmethod
     def _close(source: Source | None) -> None:

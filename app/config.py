@@ -512,6 +512,13 @@ def _check_cross(config: Config) -> None:
             f"source.backoff_max_s = {s.backoff_max_s:g} is out of range: expected >= source.backoff_initial_s "
             f"({s.backoff_initial_s:g})"
         )
+    if s.spec in ("auto", "picamera2") and (s.width > s.preview_width or s.height > s.preview_height):
+        # picamera2 refuses it ("lores stream dimensions may not exceed main stream") at every reopen.
+        raise ConfigError(
+            f"source.width x source.height = {s.width}x{s.height} is out of range: the Pi camera's detection "
+            f"stream may not exceed its main stream, source.preview_width x source.preview_height = "
+            f"{s.preview_width}x{s.preview_height}"
+        )
     t = config.tracker
     if t.confirm_hits > t.confirm_frames:
         raise ConfigError(

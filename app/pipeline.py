@@ -143,6 +143,7 @@ class Pipeline:
         idle_grace_s: float = 10.0,
         status_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        status_note: str = "",
     ) -> None:
         self.capture = capture
         self.detector = detector
@@ -159,6 +160,7 @@ class Pipeline:
         self.idle_grace_s = idle_grace_s
         self.status_interval_s = status_interval_s
         self.clock = clock
+        self.status_note = status_note  # put first in every STATUS= (e.g. the demo standing in for a camera)
         self.stats = PipelineStats(stage_ms={"detect": 0.0, "overlay": 0.0, "log": 0.0})
         self._done_times: collections.deque[float] = collections.deque(maxlen=30)
         self.watchdog_pings = 0
@@ -271,7 +273,8 @@ class Pipeline:
             if now >= next_status:
                 self.refresh_stats()
                 self.notifier.status(
-                    f"fps={s.fps:.1f} dropped={s.dropped} processed={s.processed} source_errors={s.source_errors}"
+                    (f"{self.status_note}; " if self.status_note else "")
+                    + f"fps={s.fps:.1f} dropped={s.dropped} processed={s.processed} source_errors={s.source_errors}"
                     + (" (source outage)" if self.capture.outage else "")
                 )
                 next_status = now + self.status_interval_s

@@ -8,10 +8,12 @@ work falls back to nothing with one warning.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -357,6 +359,29 @@ class WindowPreview:
             pass
 
 
+DRM_SYSFS = "/sys/class/drm"
+#: the HUD (fps, detect time) on HDMI is refreshed this often; the boxes whenever they change
+HUD_REFRESH_S = 0.5
+
+
+def connected_displays(root: str = DRM_SYSFS) -> list[str]:
+    """The DRM connectors (``card1-HDMI-A-1``...) whose ``status`` reads ``connected``.
+
+    kms++ reserves no connector when none is connected, and picamera2's DRM
+    preview then fails at its first frame, inside its own thread.
+    """
+    found = []
+    for status in sorted(glob.glob(os.path.join(root, "card*-*", "status"))):
+        try:
+            with open(status) as fh:
+                state = fh.read().strip()
+        except OSError:
+            continue
+        if state == "connected":
+            found.append(os.path.basename(os.path.dirname(status)))
+    return found
+
+
 class DrmPreview:
     """Boxes on HDMI: picamera2 shows the camera itself via DRM and we lay an RGBA overlay on top.
 
@@ -366,23 +391,34 @@ class DrmPreview:
     displayed stream, ``attach`` starts picamera2's ``Preview.DRM`` on the
     configured, not yet started camera, and ``detach`` forgets a camera that is
     closing. The first DRM failure (no display attached, or a desktop owns the
-    DRM master) is warned about once; every later camera then runs headless.
+    DRM master: ``attach`` raising, or the source's ``give_up`` when no frame
+    came with DRM on) is warned about once; every later camera then runs headless.
 
     The capture thread attaches and detaches; ``show`` runs on the pipeline
     thread and draws on whichever camera is attached now. During an outage
-    there is none, and nothing is drawn.
+    there is none, and nothing is drawn. Each ``set_overlay`` allocates a DRM
+    buffer and waits for the display's refresh under a lock picamera2's camera
+    loop also takes, so the overlay is only set when the drawing changes: the
+    boxes, or the HUD every ``HUD_REFRESH_S``.
     """
 
     name = "drm"
     needs_canvas = False
     stop_requested = False
 
-    def __init__(self, class_names: Sequence[str], overlay_size: tuple[int, int] | None = None) -> None:
+    def __init__(self, class_names: Sequence[str], overlay_size: tuple[int, int] | None = None,
+                 hud_refresh_s: float = HUD_REFRESH_S) -> None:
         self.class_names = list(class_names)
         self.overlay_size = overlay_size
+        self.hud_refresh_s = hud_refresh_s
         self.failed = False
         self.failures = 0
+        self.overlays_set = 0
+        self.overlays_skipped = 0
         self._camera: Any = None
+        self._drawn: tuple | None = None  # (camera, what was drawn) of the overlay on screen
+        self._hud: overlay.Hud | None = None
+        self._hud_t = -1e9
 
     @property
     def wanted(self) -> bool:
@@ -403,16 +439,26 @@ class DrmPreview:
 
         try:
             camera.start_preview(Preview.DRM, x=0, y=0, width=size[0], height=size[1])
-        except Exception as exc:  # no display attached, or a desktop owns the DRM master
-            self.failed = True
-            log.warning("DRM preview unavailable (%s); running headless", exc)
+        except Exception as exc:  # no DRM device, or it is not ours to open
+            self._fail(str(exc))
             try:
                 camera.stop_preview()
             except Exception:
                 pass
             return False
         self._camera = camera
+        self._drawn = None
         return True
+
+    def give_up(self, camera: Any, reason: str) -> None:
+        """``camera`` got no frame with DRM on: run every later camera headless."""
+        self.detach(camera)
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        if not self.failed:
+            log.warning("DRM preview unavailable (%s); running headless", reason)
+        self.failed = True
 
     def detach(self, camera: Any) -> None:
         """``camera`` is closing. A camera closed late (after a hang) never takes the newer one's place."""
@@ -425,9 +471,20 @@ class DrmPreview:
         if camera is None:
             return
         fh, fw = frame.pixels.shape[:2]
-        rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, hud, (fw, fh), marks)
+        now = time.monotonic()
+        if hud is not None and (self._hud is None or now - self._hud_t >= self.hud_refresh_s):
+            self._hud, self._hud_t = hud, now
+        shown_hud = self._hud if hud is not None else None
+        drawing = (camera, _drawing_key(detections, marks, (fw, fh)), shown_hud)
+        if drawing == self._drawn:
+            self.overlays_skipped += 1
+            return
+        rgba = overlay.render_rgba(self.overlay_size or (fw, fh), detections, self.class_names, shown_hud, (fw, fh),
+                                   marks)
         try:
             camera.set_overlay(rgba)
+            self.overlays_set += 1
+            self._drawn = drawing
         except Exception as exc:  # a display unplugged mid-run must not stop detection
             self.failures += 1
             if self.failures == 1:
@@ -440,6 +497,14 @@ class DrmPreview:
                 camera.set_overlay(None)
             except Exception:
                 pass
+
+
+def _drawing_key(detections: np.ndarray, marks: overlay.Marks | None, frame_size: tuple[int, int]) -> tuple:
+    """What an overlay shows, as overlay.render_rgba draws it: whole-pixel boxes, scores to 2 places, ids."""
+    dets = np.asarray(detections, dtype=np.float32).reshape(-1, 6)
+    ids = None if marks is None or marks.ids is None else np.asarray(marks.ids).tobytes()
+    return (frame_size, np.rint(dets[:, :4]).astype(np.int32).tobytes(), np.rint(dets[:, 4] * 100).astype(np.int32).tobytes(),
+            dets[:, 5].astype(np.int32).tobytes(), ids, None if marks is None else (marks.zones, marks.line))
 
 
 GUI_FIX = ("use the web preview instead (--web 127.0.0.1:8080, then open it in a browser; `make run` does), "
@@ -460,18 +525,37 @@ def check_preview_mode(mode: str, source_kind: str, web: bool) -> None:
 
 
 def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None,
-                        web: bool = False) -> tuple[str, str]:
+                        web: bool = False, drm_root: str = DRM_SYSFS) -> tuple[str, str]:
     """Resolve ``auto``: (mode, why). ``drm`` falls back to headless (with one warning) off picamera2.
 
-    ``auto`` is ``drm`` with the Pi camera; on a desktop (``$DISPLAY`` or ``$WAYLAND_DISPLAY``) an
-    OpenCV window when OpenCV has GUI support, else the web preview in the desktop's browser when
-    the web preview is on; otherwise ``none``. ``drm`` is only decided for real when the camera
-    opens: if picamera2 cannot start its DRM preview, ``DrmPreview`` warns once and runs headless.
+    ``auto`` is ``drm`` with the Pi camera when a display is connected (a connector under
+    ``drm_root`` reads ``connected``) and no desktop holds it; on a desktop (``$DISPLAY`` or
+    ``$WAYLAND_DISPLAY``) an OpenCV window when OpenCV has GUI support, else the web preview in the
+    desktop's browser when the web preview is on; otherwise ``none``. ``drm`` is only decided for
+    real when the camera opens: if picamera2 cannot start its DRM preview, or no frame comes with
+    it on, ``DrmPreview`` warns once and runs headless.
     """
+    desktop = display_available(environ)
+    if source_kind == "picamera2" and mode in ("auto", "drm"):
+        screens = connected_displays(drm_root)
+        if desktop:
+            why = ("a desktop holds the display ($DISPLAY or $WAYLAND_DISPLAY is set): picamera2's DRM preview "
+                   "would show nothing, and its failed display commits are not reported")
+        elif not screens:
+            why = f"no display connected (no connector under {drm_root} reads 'connected')"
+        else:
+            why = ""
+        if mode == "drm" and why:
+            log.warning("preview 'drm': %s; trying it anyway", why)
+        if mode == "auto":
+            if not why:
+                return "drm", f"the Pi camera and {screens[0]}: boxes on HDMI"
+            if not desktop:
+                return "none", why + ("; the picture is on the web preview" if web else
+                                      "; to see the picture, add --web 127.0.0.1:8080 and open it in a browser")
+            log.info("preview: not drm: %s", why)
     if mode == "auto":
-        if source_kind == "picamera2":
-            return "drm", "the Pi camera: boxes on HDMI"
-        if not display_available(environ):
+        if not desktop:
             why = "no display ($DISPLAY and $WAYLAND_DISPLAY are unset)"
             return "none", why + ("; the picture is on the web preview" if web else
                                   "; to see the picture, add --web 127.0.0.1:8080 and open it in a browser")
@@ -533,7 +617,7 @@ class BrowserPreview:
 
 def make_preview(
     mode: str, source_kind: str, class_names: Sequence[str], environ: dict[str, str] | None = None,
-    web_url: str | None = None,
+    web_url: str | None = None, drm_root: str = DRM_SYSFS,
 ) -> NullPreview | WindowPreview | DrmPreview | BrowserPreview:
     """The preview for the configured ``mode`` (``auto`` resolved and said once) and a source kind.
 
@@ -541,7 +625,7 @@ def make_preview(
     camera is shown by picamera2 itself); a ``BrowserPreview`` is opened once the web preview serves.
     """
     wanted = mode
-    mode, why = choose_preview_mode(mode, source_kind, environ, web=web_url is not None)
+    mode, why = choose_preview_mode(mode, source_kind, environ, web=web_url is not None, drm_root=drm_root)
     if wanted == "auto":
         log.info("preview: %s (%s)", mode, why)
     if mode == "window":

@@ -277,16 +277,75 @@ class OpenCVSource(Source):
 # --- picamera2 ---------------------------------------------------------------
 
 
+class SourceTimeout(SourceError):
+    """No frame came within the source's own read timeout: reported as a hang, like one the capture thread finds."""
+
+
+def csi_cameras(picamera2_class) -> list[dict]:
+    """The cameras libcamera lists, without USB webcams (their Id contains ``/usb``: use ``opencv:<index>``).
+
+    picamera2's ``global_camera_info`` lists USB cameras last, so a Pi camera's
+    index is the same in both lists.
+    """
+    return [c for c in picamera2_class.global_camera_info() if "/usb" not in str(c.get("Id", ""))]
+
+
 def picamera2_available() -> bool:
-    """True when picamera2 imports and libcamera lists at least one camera."""
+    """True when picamera2 imports and libcamera lists at least one Pi camera (USB webcams do not count)."""
     try:
         from picamera2 import Picamera2
     except Exception:  # ImportError off a Pi; libcamera errors on a broken install
         return False
     try:
-        return len(Picamera2.global_camera_info()) > 0
+        return len(csi_cameras(Picamera2)) > 0
     except Exception:
         return False
+
+
+def lores_size(network: tuple[int, int] | None, main: tuple[int, int], most: tuple[int, int]) -> tuple[int, int]:
+    """The lores (detection) stream's size: the network input's fit at ``main``'s aspect.
+
+    On the VC4 both ISP outputs scale one crop, chosen for ``main``'s aspect, so
+    a lores of another aspect would be squashed: the frame keeps ``main``'s
+    aspect, and at the network's width or height the letterbox only pads it
+    (no resize). Never larger than ``most`` (the configured size) nor than
+    ``main`` (picamera2 refuses a lores larger than main); even sizes, which
+    YUV420 needs (picamera2 ``check_stream_config``).
+    """
+    mw, mh = main
+    bw, bh = most
+    if network is not None:
+        bw, bh = min(bw, network[0]), min(bh, network[1])
+    scale = min(bw / mw, bh / mh, 1.0)
+    w, h = max(2, int(mw * scale + 1e-6)), max(2, int(mh * scale + 1e-6))
+    return w - w % 2, h - h % 2
+
+
+def full_view_mode(modes: list[dict], main: tuple[int, int], fps: float) -> dict | None:
+    """The sensor mode to ask for: the whole field of view, the fewest pixels that cover ``main``, fast enough.
+
+    picamera2 otherwise picks the mode nearest ``main``'s size, which on a
+    Camera Module 2 is a binned 640x480 centre crop (39 % of the width). A mode
+    shows the full field of view when its ``crop_limits`` cover (95 % of) the
+    largest crop any mode has.
+    """
+    modes = [m for m in modes if m.get("size") and m.get("crop_limits")]
+    if not modes:
+        return None
+    widest = max(m["crop_limits"][2] * m["crop_limits"][3] for m in modes)
+    full = [m for m in modes if m["crop_limits"][2] * m["crop_limits"][3] >= 0.95 * widest]
+
+    def cost(m: dict) -> tuple:
+        w, h = m["size"]
+        covers = w >= main[0] and h >= main[1]
+        fast = fps <= 0 or m.get("fps", 0) >= fps
+        return (not covers, not fast, w * h if covers else -w * h)
+
+    return min(full, key=cost)
+
+
+# (camera Id, main size, fps) -> the chosen mode: sensor_modes reconfigures the camera once per mode, so once only
+_MODES: dict[tuple, dict | None] = {}
 
 
 class Picamera2Source(Source):
@@ -297,6 +356,12 @@ class Picamera2Source(Source):
     opens (``attach``, between ``configure`` and ``start``) and closes
     (``detach``); the preview starts picamera2's DRM preview and sets the
     overlay itself. We never copy the preview frame.
+
+    Every capture waits at most ``timeout_s``: picamera2 completes a capture
+    only after its preview thread has rendered the frame, and a DRM preview
+    whose render fails (nothing on HDMI) kills that thread, so an unbounded
+    capture would wait for ever. A timeout before the first frame with DRM on
+    turns DRM off for every later camera.
     """
 
     name = "picamera2"
@@ -308,38 +373,93 @@ class Picamera2Source(Source):
         preview_size: tuple[int, int] = (640, 480),
         camera_num: int = 0,
         drm: DrmPreview | None = None,
+        network_size: tuple[int, int] | None = None,
+        fps: float = 0.0,
+        timeout_s: float = 5.0,
     ) -> None:
         self.size = (int(width), int(height))
         self.preview_size = (int(preview_size[0]), int(preview_size[1]))
         self.camera_num = camera_num
         self.drm = drm
+        self.network_size = network_size
+        self.fps = float(fps)
+        self.timeout_s = float(timeout_s)
         self.camera = None
-        self._lores_size = self.size
+        self.shown = False
+        self.frames = 0
+        self.mode: dict | None = None
+        self._lores_size = lores_size(network_size, self.preview_size, self.size)
 
     def open(self) -> None:
         from picamera2 import Picamera2  # only on a Pi
 
+        cameras = csi_cameras(Picamera2)
+        if self.camera_num >= len(cameras):
+            # Checked before Picamera2(): it indexes the list (IndexError) after opening a pipe it then leaks.
+            usb = len(Picamera2.global_camera_info()) - len(cameras)
+            raise SourceError(f"picamera2: no Pi camera number {self.camera_num} (libcamera lists {len(cameras)}"
+                              + (f", and {usb} USB webcam(s): use opencv:<index> for those)" if usb else ")"))
         camera = Picamera2(self.camera_num)
         self.camera = camera
+        cam_id = str(cameras[self.camera_num].get("Id", self.camera_num))
+        key = (cam_id, self.preview_size, self.fps)
+        if key not in _MODES:
+            try:
+                _MODES[key] = full_view_mode(list(camera.sensor_modes), self.preview_size, self.fps)
+            except Exception as exc:  # a camera without raw modes: let picamera2 choose
+                log.debug("picamera2 sensor_modes failed: %s", exc)
+                _MODES[key] = None
+        self.mode = _MODES[key]
+        controls: dict = {}
+        if self.fps > 0:
+            # Not faster than detection needs: the default lets the frame rate run as fast as the mode allows.
+            top = self.mode.get("fps") if self.mode else None
+            controls["FrameRate"] = min(self.fps, top) if top else self.fps
+        if "AfMode" in getattr(camera, "camera_controls", {}):
+            controls["AfMode"] = 2  # libcamera AfModeEnum.Continuous (Camera Module 3)
+        sensor = {"output_size": tuple(self.mode["size"]), "bit_depth": self.mode["bit_depth"]} \
+            if self.mode and self.mode.get("bit_depth") else {}
         show = self.drm is not None and self.drm.wanted
         config = camera.create_preview_configuration(
             main={"size": self.preview_size, "format": "XBGR8888"},
-            lores={"size": self.size, "format": "YUV420"},
+            lores={"size": self._lores_size, "format": "YUV420"},
             display="main" if show else None,
             buffer_count=4,
+            controls=controls,
+            sensor=sensor,
         )
         camera.configure(config)
-        if show:
-            self.drm.attach(camera, self.preview_size)
+        self.shown = bool(show and self.drm.attach(camera, self.preview_size))
         camera.start()
         # picamera2 may align the requested size; crop to what was configured.
         actual = camera.camera_configuration()["lores"]
         self._lores_size = tuple(actual["size"])
+        log.info("camera %s: %s, main %dx%d, lores %dx%d%s", cam_id, self.describe_mode(camera),
+                     *self.preview_size, *self._lores_size, f", {controls['FrameRate']:g} fps" if self.fps > 0 else "")
+
+    def describe_mode(self, camera) -> str:
+        mode = self.mode
+        if not mode:
+            return "sensor mode chosen by picamera2"
+        crop = mode["crop_limits"]
+        full = camera.camera_properties.get("PixelArraySize") or (crop[2], crop[3])
+        return (f"sensor mode {mode['size'][0]}x{mode['size'][1]} ({100 * crop[2] / full[0]:.0f} % of the sensor's "
+                f"width, up to {mode.get('fps', 0):g} fps)")
 
     def read(self) -> np.ndarray:
-        if self.camera is None:
+        import concurrent.futures
+
+        camera = self.camera
+        if camera is None:
             raise SourceError("picamera2: not open")
-        yuv = self.camera.capture_array("lores")
+        try:
+            yuv = camera.capture_array("lores", wait=self.timeout_s)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            if self.shown and self.frames == 0 and self.drm is not None:
+                self.drm.give_up(camera, f"no frame within {self.timeout_s:g} s with the DRM preview on (nothing "
+                                         "on HDMI, or the display refused it)")
+            raise SourceTimeout(f"picamera2: no frame for {self.timeout_s:.1f} s") from None
+        self.frames += 1
         w, h = self._lores_size
         # A YUV420 array is (h*3/2, stride): Y rows first, then U and V; the row
         # stride may be padded past the width.
@@ -353,7 +473,8 @@ class Picamera2Source(Source):
             return
         if self.drm is not None:
             self.drm.detach(camera)
-        for step in ("stop_preview", "stop", "close"):
+        # A timed-out capture is still queued: cancel it first (picamera2: "so that the camera can be closed").
+        for step in ("cancel_all_and_flush", "stop_preview", "stop", "close"):
             try:
                 getattr(camera, step)()
             except Exception:
@@ -363,10 +484,47 @@ class Picamera2Source(Source):
 # --- spec strings ------------------------------------------------------------
 
 
-def resolve_spec(spec: str, probe: Callable[[], bool] = picamera2_available) -> str:
-    """``auto`` becomes ``picamera2`` when a camera is there, else ``demo``."""
+#: how long a start waits for libcamera to list the Pi camera (drivers still loading at boot)
+CAMERA_WAIT_S = 15.0
+
+
+def picamera2_importable() -> bool:
+    try:
+        import picamera2  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def wait_for_camera(wait_s: float, probe: Callable[[], bool] = picamera2_available,
+                    sleep: Callable[[float], None] = time.sleep, every_s: float = 1.0) -> bool:
+    """Probe for the Pi camera until it is listed or ``wait_s`` has passed; True when it is there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if probe():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sleep(min(every_s, left))
+
+
+def resolve_spec(spec: str, probe: Callable[[], bool] = picamera2_available, wait_s: float = 0.0,
+                 importable: Callable[[], bool] = picamera2_importable) -> str:
+    """``auto`` becomes ``picamera2`` when a camera is there, else ``demo``.
+
+    Where picamera2 is installed (a Pi), the camera is probed for ``wait_s``
+    first: at boot its drivers may still be loading, and a demo chosen then
+    would stay for good.
+    """
     if spec == "auto":
-        return "picamera2" if probe() else "demo"
+        if probe():
+            return "picamera2"
+        if wait_s > 0 and importable():
+            log.info("no Pi camera listed yet; probing for up to %g s", wait_s)
+            if wait_for_camera(wait_s, probe):
+                return "picamera2"
+        return "demo"
     return spec
 
 
@@ -383,11 +541,13 @@ def preflight(spec: str) -> None:
         raise ConfigError(f"source.spec = 'demo': the bundled photos are missing from {DEMO_DIR}")
 
 
-def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None) -> Callable[[], Source]:
+def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None,
+                 network_size: tuple[int, int] | None = None) -> Callable[[], Source]:
     """A function that makes a fresh, unopened source for a resolved spec.
 
     ``drm``, the DRM preview (``app.sinks.DrmPreview``), is handed to every
-    picamera2 source it makes; None keeps the camera headless.
+    picamera2 source it makes; None keeps the camera headless. ``network_size``
+    (W,H), the detector's input, sizes the camera's detection stream.
     """
     kind, _, arg = spec.partition(":")
     if kind == "demo":
@@ -398,6 +558,7 @@ def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None) ->
         return lambda: OpenCVSource(arg, loop=cfg.loop, fps=cfg.fps)
     if kind == "picamera2":
         return lambda: Picamera2Source(
-            cfg.width, cfg.height, (cfg.preview_width, cfg.preview_height), cfg.camera_num, drm
+            cfg.width, cfg.height, (cfg.preview_width, cfg.preview_height), cfg.camera_num, drm,
+            network_size=network_size, fps=cfg.fps, timeout_s=cfg.hang_timeout_s,
         )
     raise ConfigError(f"source.spec = {spec!r} is not allowed")

@@ -124,11 +124,14 @@ def test_warmup_only_never_opens_camera_or_log(tmp_path, rand_model_file, fake_p
 def test_picamera2_run_shows_the_boxes_on_hdmi(tmp_path, rand_model_file, fake_pi):
     env, marker = fake_pi
     log = tmp_path / "log.jsonl"
-    r = app("run", "--source", "picamera2", "--model", rand_model_file, "--log", log, "--max-frames", 5, env=env)
+    # --preview drm: auto asks for DRM only when /sys/class/drm shows a connected display, which CI has not.
+    r = app("run", "--source", "picamera2", "--model", rand_model_file, "--preview", "drm", "--log", log,
+            "--max-frames", 5, env=env)
     assert r.returncode == 0, r.stderr
     assert "preview drm" in r.stderr and "DRM" not in r.stderr.replace("preview drm", "")
     events = marker.read_text().splitlines()
-    assert events.count("opened") == 1 and events.count("overlay") == 5  # one overlay per processed frame
+    # The overlay is set when the drawing changes (boxes, the HUD twice a second): at least once, at most a frame.
+    assert events.count("opened") == 1 and 1 <= events.count("overlay") <= 5
     assert len(frame_lines(log)) == 5
 
 
@@ -141,12 +144,14 @@ def test_picamera2_run_with_drm_failure_runs_headless(tmp_path, rand_model_file,
     env, marker = fake_pi
     env = {**env, "FAKE_DRM_OK": "0"}
     log = tmp_path / "log.jsonl"
-    r = app("run", "--source", "picamera2", "--model", rand_model_file, "--log", log, "--max-frames", 5, env=env)
+    r = app("run", "--source", "picamera2", "--model", rand_model_file, "--preview", "drm", "--log", log,
+            "--max-frames", 5, env=env)
     assert r.returncode == 0, r.stderr
     assert marker.exists()
     assert r.stderr.count("DRM preview unavailable") == 1
     lines = frame_lines(log)
-    assert len(lines) == 5 and (lines[0]["width"], lines[0]["height"]) == (320, 240)
+    # The camera delivers the network's 192x192 input at the preview's 4:3: the letterbox only pads it.
+    assert len(lines) == 5 and (lines[0]["width"], lines[0]["height"]) == (192, 144)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -220,7 +220,9 @@ def test_picamera2_with_drm_overlay_per_frame(fake_cam):
     assert stats.processed == 8
     assert all(shape == (240, 320) for shape in det.seen_shapes)  # the cropped Y plane
     overlays = [o for o in fake_cam.state.overlays if o is not None]
-    assert len(overlays) == 8 and overlays[0].shape == (240, 320, 4)
+    # The same box on every frame: set once, then only for the HUD twice a second (DrmPreview.show).
+    assert 1 <= len(overlays) <= 4 and overlays[0].shape == (240, 320, 4)
+    assert preview.overlays_set + preview.overlays_skipped == 8
     assert overlays[0][100, 40, 3] == 255 and overlays[0][100, 80, 3] == 0
 
 
@@ -228,14 +230,12 @@ def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
     from app.config import SourceConfig
     from app.sinks import DrmPreview
     from app.sources import make_factory
+    from tests.fakes.fake_picamera2 import STALL
 
     state = fake_cam.state
 
     def on_capture(n):
-        if n == 3:
-            state.hang_event.clear()
-            state.hang_event.wait(30)  # the driver stalls until the camera is closed
-        return None
+        return STALL if n == 3 else None  # no frame more until the camera is closed
 
     state.on_capture = on_capture
     path = tmp_path / "log.jsonl"
@@ -249,7 +249,7 @@ def test_picamera2_hang_is_reported_and_the_camera_reopened(fake_cam, tmp_path):
     assert len(state.opened) >= 2 and state.opened[0].closed
     # The boxes follow the camera: the reopened one is on HDMI and gets the overlays after the hang.
     assert 1 <= len(state.opened[0].overlays) <= 3  # the frames before the hang
-    assert len(state.opened[-1].overlays) >= 7
+    assert len(state.opened[-1].overlays) >= 1  # drawn again on the new camera, then when the drawing changes
     assert preview.camera is None  # every camera closed on stop
     events = [json.loads(x) for x in path.read_text().splitlines() if '"event"' in x]
     assert [e["event"] for e in events][:2] == ["source_error", "source_recovered"]

@@ -273,8 +273,21 @@ def mode_of(*args, **kwargs) -> str:
     return choose_preview_mode(*args, **kwargs)[0]
 
 
-def test_choose_preview_mode(caplog, monkeypatch):
-    assert mode_of("auto", "picamera2", {}) == "drm"
+def drm_sysfs(tmp_path, **connectors):
+    """A /sys/class/drm with connectors' status files: drm_sysfs(tmp_path, HDMI_A_1="connected")."""
+    root = tmp_path / "drm"
+    root.mkdir(exist_ok=True)
+    (root / "card1").mkdir(exist_ok=True)  # the card itself has no status file
+    for name, status in connectors.items():
+        d = root / f"card1-{name.replace('_', '-')}"
+        d.mkdir(exist_ok=True)
+        (d / "status").write_text(status + "\n")
+    return str(root)
+
+
+def test_choose_preview_mode(caplog, monkeypatch, tmp_path):
+    hdmi = drm_sysfs(tmp_path, HDMI_A_1="connected", Writeback_1="unknown")
+    assert mode_of("auto", "picamera2", {}, drm_root=hdmi) == "drm"
     assert mode_of("none", "picamera2", {}) == "none"
     mode, why = choose_preview_mode("auto", "demo", {})
     assert mode == "none" and "no display" in why and "--web 127.0.0.1:8080" in why
@@ -357,9 +370,10 @@ def test_headless_opencv_is_detected():
     assert sinks.cv2_has_gui() == has_gui
 
 
-def test_make_preview_resolves_the_mode_and_names_what_it_made(monkeypatch):
-    assert make_preview("auto", "picamera2", NAMES, {}).name == "drm"
-    assert isinstance(make_preview("drm", "picamera2", NAMES, {}), DrmPreview)
+def test_make_preview_resolves_the_mode_and_names_what_it_made(monkeypatch, tmp_path):
+    hdmi = drm_sysfs(tmp_path, HDMI_A_1="connected")
+    assert make_preview("auto", "picamera2", NAMES, {}, drm_root=hdmi).name == "drm"
+    assert isinstance(make_preview("drm", "picamera2", NAMES, {}, drm_root=hdmi), DrmPreview)
     assert make_preview("drm", "demo", NAMES, {}).name == "none"  # DRM is picamera2's own preview
     assert make_preview("none", "picamera2", NAMES, {}).name == "none"
     monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)
@@ -434,19 +448,24 @@ def test_drm_failure_warns_once_and_every_camera_runs_headless(fake_cam, caplog)
 
 
 def test_drm_preview_follows_a_reopened_camera(fake_cam):
-    # After a hang the old camera is closed aside, possibly after the new one opened:
-    # its late close must not take the new camera off the screen.
+    # A camera closed late (after a hang) must not take the newer one off the screen.
+    class Cam:
+        def __init__(self):
+            self.overlays = []
+
+        def start_preview(self, *a, **k):
+            pass
+
+        def set_overlay(self, rgba):
+            self.overlays.append(rgba)
+
     preview = DrmPreview(NAMES)
-    factory = make_factory("picamera2", SourceConfig(), preview)
-    old, new = factory(), factory()
-    old.open()
-    old_cam = fake_cam.state.opened[-1]
-    new.open()
-    new_cam = fake_cam.state.opened[-1]
-    old.close()
+    old_cam, new_cam = Cam(), Cam()
+    assert preview.attach(old_cam, (640, 480)) and preview.attach(new_cam, (640, 480))
+    preview.detach(old_cam)
     assert preview.camera is new_cam
-    preview.show(Frame(new.read(), 0, 0.0), None, DETS, None)
-    new.close()
+    preview.show(Frame(np.zeros((240, 320), np.uint8), 0, 0.0), None, DETS, None)
+    preview.detach(new_cam)
     assert old_cam.overlays == [] and len(new_cam.overlays) == 1
     assert preview.camera is None
 

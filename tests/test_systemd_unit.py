@@ -99,7 +99,7 @@ def test_notify_watchdog_and_restart_policy(unit):
     watchdog = unit["WatchdogSec"][0]
     assert re.fullmatch(r"\d+s?", watchdog) and int(watchdog.rstrip("s")) >= 10
     assert unit["Restart"] == ["on-failure"]
-    assert unit["RestartPreventExitStatus"][0].split() == ["2", "65", "78"]
+    assert unit["RestartPreventExitStatus"][0].split() == ["2", "65", "69", "78"]
     assert int(unit["TimeoutStartSec"][0]) >= 60
 
 

@@ -95,7 +95,7 @@ FAKE_PICAMERA2 = textwrap.dedent(
 
     import numpy as np
 
-    from tests.fakes.fake_picamera2 import make_module
+    from tests.fakes.fake_picamera2 import STALL, make_module
 
     _m = make_module()
     Preview = _m.Preview
@@ -111,8 +111,7 @@ FAKE_PICAMERA2 = textwrap.dedent(
         if action == "raise":
             raise RuntimeError(f"fake camera: capture {n} failed (device lost)")
         if action == "hang":
-            state.hang_event.clear()
-            state.hang_event.wait(60)  # a stuck driver call: returns when the camera is closed
+            return STALL  # no more frames (a loose cable) until the camera is closed
         if action == "garbage":
             return np.zeros((360, 384), np.float32)
         if action == "badshape":

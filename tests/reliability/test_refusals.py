@@ -18,8 +18,9 @@ EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG = 2, 65, 78
 def test_unit_prevents_restart_on_exactly_the_refusal_codes():
     from app import __main__ as cli
 
-    assert unit_restart_prevent_codes() == {EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG}
+    assert unit_restart_prevent_codes() == {EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG, cli.EXIT_NO_CAMERA}
     assert (cli.EXIT_USAGE, cli.EXIT_MODEL, cli.EXIT_CONFIG) == (EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG)
+    assert cli.EXIT_NO_CAMERA == 69  # EX_UNAVAILABLE: no Pi camera after waiting for one
 
 
 def truncated(raw: bytes) -> bytes:
