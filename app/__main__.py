@@ -340,6 +340,9 @@ def _warm_and_run(cfg, spec, args, stop, notifier, detector, keep, web) -> int:
                                           lost_after_s=t.lost_after_s, match_iou=t.match_iou,
                                           max_tracks=t.max_tracks))
         tracker.warmup()
+        from app.memory import release_compiler_pages
+
+        release_compiler_pages()  # LLVM's code again, if the tracker's kernels were compiled
     if args.warmup_only:
         log.info("model %s loaded and warmed up", getattr(detector, "path", None) or "(default)")
         notifier.ready()

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -215,9 +217,31 @@ def _median_ms(fn, frames: int) -> float:
     return statistics.median(times)
 
 
+APP_RSS_FRAMES = 60
+
+
+def app_peak_rss_mib(frames: int = APP_RSS_FRAMES) -> float | None:
+    """Peak RSS (MiB) of ``python -m app --source demo --preview none`` over ``frames`` frames, run as a child.
+
+    The app's own start (imports, model, warm-up from numba's cache as it stands, the
+    pipeline), not this benchmark's, which also holds the float twin. None if it failed.
+    """
+    cmd = [sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--fps", "0",
+           "--max-frames", str(frames)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-2000:])
+        return None
+    # The largest resident set of any waited-for child: this one (the benchmark starts no other before it).
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+
+
 def run_bench(model_path=None, frames: int = 50) -> dict:
     from app.detector import STAGES, Detector
+    from app.memory import peak_rss_mib
 
+    app_rss = app_peak_rss_mib()
     cv2.setNumThreads(1)
     model, model_note = load_bench_model(model_path)
     frame, frame_note = bench_frame()
@@ -252,6 +276,8 @@ def run_bench(model_path=None, frames: int = 50) -> dict:
         "binary_gbinops": round(ops / (stages["body"] * 1e-3) / 1e9, 1),
         "stages_ms": stages,
         "detections": int(len(det.detect(frame))),
+        "app_peak_rss_mib": app_rss,
+        "bench_peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
@@ -271,6 +297,8 @@ def main(argv=None) -> int:
         print(f"float cv2.dnn twin: {r['float_ms_per_frame']:.3f} ms/frame   speedup x{r['speedup_vs_float']:.2f}")
         print("stages (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items()))
         print(f"binary body: {r['binary_binops_per_frame'] / 1e6:.1f} M binops/frame, {r['binary_gbinops']:.0f} Gbinop/s")
+        print(f"peak RSS: python -m app --source demo --preview none ({APP_RSS_FRAMES} frames) "
+              f"{r['app_peak_rss_mib']} MiB; this benchmark (with the float twin) {r['bench_peak_rss_mib']} MiB")
     print(json.dumps(r))
     return 0
 

@@ -110,6 +110,7 @@ def test_runs_the_installed_app_as_its_own_user(unit):
     assert set(unit["SupplementaryGroups"][0].split()) == {"video", "render"}
     env = " ".join(unit["Environment"])
     assert "NUMBA_CACHE_DIR=/var/cache/xnorcam/numba" in env
+    assert "MALLOC_ARENA_MAX=2" in env.split()  # a 512 MB board: no arena per thread
     assert unit["CacheDirectory"] == ["xnorcam"]
     assert unit["LogsDirectory"] == ["xnorcam"]
     assert unit["StateDirectory"] == ["xnorcam"]
