@@ -15,8 +15,10 @@ open/close cycle; the capture thread asks its factory for a fresh one to reopen.
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -417,8 +419,12 @@ class Picamera2Source(Source):
             controls["FrameRate"] = min(self.fps, top) if top else self.fps
         if "AfMode" in getattr(camera, "camera_controls", {}):
             controls["AfMode"] = 2  # libcamera AfModeEnum.Continuous (Camera Module 3)
-        sensor = {"output_size": tuple(self.mode["size"]), "bit_depth": self.mode["bit_depth"]} \
-            if self.mode and self.mode.get("bit_depth") else {}
+        mode_args: dict = {}
+        if self.mode and self.mode.get("bit_depth"):
+            if "sensor" in inspect.signature(camera.create_preview_configuration).parameters:
+                mode_args["sensor"] = {"output_size": tuple(self.mode["size"]), "bit_depth": self.mode["bit_depth"]}
+            else:  # picamera2 before 0.3.13: the raw stream's size and format pick the sensor mode
+                mode_args["raw"] = {"size": tuple(self.mode["size"]), "format": str(self.mode["format"])}
         show = self.drm is not None and self.drm.wanted
         config = camera.create_preview_configuration(
             main={"size": self.preview_size, "format": "XBGR8888"},
@@ -426,7 +432,7 @@ class Picamera2Source(Source):
             display="main" if show else None,
             buffer_count=4,
             controls=controls,
-            sensor=sensor,
+            **mode_args,
         )
         camera.configure(config)
         self.shown = bool(show and self.drm.attach(camera, self.preview_size))
@@ -447,14 +453,16 @@ class Picamera2Source(Source):
                 f"width, up to {mode.get('fps', 0):g} fps)")
 
     def read(self) -> np.ndarray:
-        import concurrent.futures
-
         camera = self.camera
         if camera is None:
             raise SourceError("picamera2: not open")
-        try:
-            yuv = camera.capture_array("lores", wait=self.timeout_s)
-        except (TimeoutError, concurrent.futures.TimeoutError):
+        # capture_array(wait=<seconds>) only bounds the wait from picamera2 0.3.17 (Bookworm shipped 0.3.12,
+        # where a number means "wait for ever"): every version signals a job it was given a function for.
+        done = threading.Event()
+        job = camera.capture_array("lores", signal_function=lambda _job: done.set())
+        if done.wait(self.timeout_s):
+            yuv = camera.wait(job)
+        else:
             if self.shown and self.frames == 0 and self.drm is not None:
                 self.drm.give_up(camera, f"no frame within {self.timeout_s:g} s with the DRM preview on (nothing "
                                          "on HDMI, or the display refused it)")

@@ -91,6 +91,24 @@ def test_drm_with_nothing_plugged_in_times_out_and_reopens_headless(fake_cam, ca
     assert first.closed and not first._jobs
 
 
+def test_bookworms_first_picamera2_is_bounded_too(monkeypatch):
+    # picamera2 0.3.12: capture_array(wait=5.0) waits for ever, no sensor=, no cancel_all_and_flush.
+    module = fake_picamera2.make_module(version=(0, 3, 12))
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    monkeypatch.setattr(sources, "_MODES", {}, raising=False)
+    module.state.display = "none"
+    drm = DrmPreview(NAMES)
+    cap = Capture(make_factory("picamera2", SourceConfig(hang_timeout_s=0.4, fps=15.0), drm),
+                  hang_timeout_s=1.4, backoff_initial_s=0.01).start()
+    try:
+        got = frames_within(cap, 5, 15.0)
+    finally:
+        cap.stop(2.0)
+    assert len(got) == 5 and drm.failed
+    later = module.state.opened[-1]
+    assert later.camera_configuration()["raw"]["size"] == (1640, 1232) and later.mode["size"] == (1640, 1232)
+
+
 # --- 2. lores larger than main ---------------------------------------------------------------------
 
 

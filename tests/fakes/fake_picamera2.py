@@ -185,16 +185,34 @@ def _yuv420(width: int, height: int, stride: int, n: int) -> np.ndarray:
     return arr
 
 
-def make_module(cameras: int = 1, drm_ok: bool = True, sensor: str = "imx219") -> types.ModuleType:
-    """A module object to install as ``sys.modules["picamera2"]``; its ``state`` holds the knobs."""
+def make_module(cameras: int = 1, drm_ok: bool = True, sensor: str = "imx219",
+                version: tuple[int, int, int] = (0, 3, 36)) -> types.ModuleType:
+    """A module object to install as ``sys.modules["picamera2"]``; its ``state`` holds the knobs.
+
+    ``version`` older than (0, 3, 17): ``capture_array(wait=<number>)`` waits for ever (``dispatch_functions``
+    then only tested ``wait`` for truth); older than (0, 3, 13): ``create_preview_configuration`` has no
+    ``sensor``; older than (0, 3, 20): no ``cancel_all_and_flush``. Raspberry Pi OS Bookworm shipped 0.3.12.
+    """
     state = FakeState(cameras, drm_ok, sensor)
     module = types.ModuleType("picamera2")
     module.__doc__ = "FAKE picamera2 for tests (tests/fakes/fake_picamera2.py)"
     module.state = state
     module.Preview = Preview
+    state.version = version
 
     class Picamera2(FakePicamera2):
         _state = state
+
+        if version < (0, 3, 13):
+            def create_preview_configuration(self, main=None, lores=None, raw=_UNSET, transform=None,
+                                             colour_space=None, buffer_count=4, controls=None, display="main",
+                                             encode="main", queue=True):
+                return FakePicamera2.create_preview_configuration(
+                    self, main, lores, raw, transform, colour_space, buffer_count, controls, display, encode, queue,
+                    sensor=None)
+
+        if version < (0, 3, 20):
+            cancel_all_and_flush = property(doc="not in picamera2 before 0.3.20")  # AttributeError on access
 
     module.Picamera2 = Picamera2
     return module
@@ -203,8 +221,9 @@ def make_module(cameras: int = 1, drm_ok: bool = True, sensor: str = "imx219") -
 class _Job:
     """job.py ``Job``: functions returning (done, result), a Future the caller waits on."""
 
-    def __init__(self, function) -> None:
+    def __init__(self, function, signal_function=None) -> None:
         self.function = function
+        self.signal_function = signal_function
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()
         self.done = False
@@ -223,6 +242,8 @@ class _Job:
     def signal(self) -> None:
         if not self.future.done():
             self.future.set_result(self.result)
+        if self.signal_function:
+            self.signal_function(self)
 
     def cancel(self) -> None:
         if not self.future.done():
@@ -479,13 +500,25 @@ class FakePicamera2:
         for job in finished:
             job.signal()
 
-    def _dispatch(self, function, wait, immediate=False):
-        job = _Job(function)
+    def _dispatch(self, function, wait, signal_function=None, immediate=False):
+        # dispatch_functions: wait None means "wait unless given a signal_function"; a number is a timeout
+        # (from 0.3.17), False returns the job to pass to wait()
+        if wait is None:
+            wait = signal_function is None
+        if wait is not True and wait and getattr(self._state, "version", (0, 3, 36)) < (0, 3, 17):
+            wait = True  # before 0.3.17 a number only meant "wait"
+        job = _Job(function, signal_function)
         job.immediate = immediate
         with self.lock:
             self._jobs.append(job)
-        timeout = None if wait is None or wait is True else wait
+        if not wait:
+            return job
+        timeout = None if wait is True else wait
         return job.future.result(timeout=timeout)  # concurrent.futures.TimeoutError is TimeoutError
+
+    def wait(self, job, timeout=None):
+        """Picamera2.wait: the finished job's result (or its exception)."""
+        return job.future.result(timeout=timeout)
 
     def start(self, config=None, show_preview=False) -> None:
         self.calls.append("start")
@@ -504,7 +537,7 @@ class FakePicamera2:
         if not self.started:
             return
         if self._preview is not None:  # the event loop stops the camera: a job (immediate)
-            self._dispatch(self._stop_, wait=True, immediate=True)
+            self._dispatch(self._stop_, True, immediate=True)
         else:
             self._stop_()
 
@@ -542,8 +575,8 @@ class FakePicamera2:
 
     # --- capture -------------------------------------------------------------------------
 
-    def capture_array(self, name: str = "main", wait=None):
-        return self._dispatch(lambda: self._capture_array_(name), wait)
+    def capture_array(self, name: str = "main", wait=None, signal_function=None):
+        return self._dispatch(lambda: self._capture_array_(name), wait, signal_function)
 
     def _capture_array_(self, name):
         if not self._frame_ready:
