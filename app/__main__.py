@@ -6,8 +6,10 @@
 Scoring a model on labelled images is ``python -m evaluation`` (off the Pi).
 
 Exit codes: 0 normal stop (also SIGINT/SIGTERM), 2 bad command line,
-65 model file refused, 78 configuration refused, 1 anything else. Model and
-configuration problems are found before the camera is opened.
+65 model file refused or a source's data unusable (a video file OpenCV cannot
+decode, a folder without one usable image), 78 configuration refused (also a
+source this machine cannot run, e.g. picamera2 not installed), 1 anything else.
+Model and configuration problems are found before the camera is opened.
 """
 
 from __future__ import annotations
@@ -443,6 +445,9 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
         mqtt.close()
         log_sink.close()
     log.info("stopped: %s", stats.summary())
+    if capture.failure is not None:  # permanent: the file is bad (65) or this machine cannot run the source (78)
+        code, message = capture.failure
+        return _fail(code, "source refused", message)
     if mqtt.fatal:
         return _fail(EXIT_CONFIG, "configuration refused", mqtt.fatal)
     return EXIT_OK

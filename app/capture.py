@@ -6,11 +6,21 @@ counted). Every captured frame ends up either taken (``taken``) or dropped
 (``dropped``), so ``captured == taken + dropped`` once capture has stopped
 and the slot is drained.
 
-A source that raises, hangs (no frame for ``hang_timeout_s``) or returns
-garbage is closed, reported as an event, and reopened from its factory after an
-exponential backoff. A hung read cannot be interrupted in Python, so its
-reader thread is abandoned (a daemon) and whatever it returns later is thrown
-away: frames carry the generation of the reader that made them.
+A live source (a camera, a stream) that raises, hangs (no frame for
+``hang_timeout_s``, in ``open()`` as in ``read()``) or returns garbage is closed,
+reported as an event, and reopened from its factory after an exponential
+backoff. A hung call cannot be interrupted in Python, so its reader thread is
+left behind and whatever it returns later is thrown away (frames carry the
+generation of the reader that made them); but no new reader starts until it has
+returned, so two decodes or two opens of one device never overlap. A driver that
+never returns keeps the outage on, the watchdog pings stop, and systemd restarts
+the service: that is the cure for a wedged driver.
+
+A finite source (files) is never reopened: its reads are waited for, however
+slow (a file is not a camera outage), the files it skips are reported as
+``source_skip`` events, and an error it cannot get past ends it with
+``failure`` set. So does a ``PermanentSourceError`` from any source (a missing
+module, a file that is not a video): retrying cannot mend those.
 """
 
 from __future__ import annotations
@@ -23,9 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from app.sources import Frame, Source, SourceTimeout
+from app.sources import Frame, PermanentSourceError, Source, SourceTimeout, frame_problem, one_line
 
 log = logging.getLogger("xnorcam.capture")
 
@@ -84,21 +92,6 @@ class LatestFrameSlot:
         return 0 if self._frame is None else 1
 
 
-def frame_problem(pixels: Any) -> str | None:
-    """Why ``pixels`` is not a usable frame, or None when it is."""
-    if not isinstance(pixels, np.ndarray):
-        return f"not an array ({type(pixels).__name__})"
-    if pixels.dtype != np.uint8:
-        return f"dtype {pixels.dtype}, expected uint8"
-    if pixels.ndim == 3 and pixels.shape[2] == 3:
-        pass
-    elif pixels.ndim != 2:
-        return f"shape {pixels.shape}, expected (H,W) or (H,W,3)"
-    if pixels.shape[0] < 2 or pixels.shape[1] < 2:
-        return f"empty image (shape {pixels.shape})"
-    return None
-
-
 @dataclass
 class CaptureStats:
     captured: int
@@ -110,6 +103,7 @@ class CaptureStats:
     invalid: int
     outage: bool
     ended: bool
+    skipped: int = 0
 
 
 class Capture:
@@ -148,12 +142,15 @@ class Capture:
         self._last_progress = time.monotonic()
         self._in_read = False
         self._supervisor: threading.Thread | None = None
-        self._closing: threading.Thread | None = None  # a hung source being closed aside
+        self._left_behind: list[threading.Thread] = []  # a hung reader and its closer, until they return
         self.errors = 0
         self.reopens = 0
         self.invalid = 0
+        self.skipped = 0
         self.outage = False
         self.ended = False
+        #: (exit code, message) once a permanent error has ended the source, else None
+        self.failure: tuple[int, str] | None = None
         self.last_frame_t: float | None = None
 
     # --- public ---------------------------------------------------------------
@@ -185,9 +182,8 @@ class Capture:
 
     def stats(self) -> CaptureStats:
         s = self.slot
-        return CaptureStats(
-            s.captured, s.taken, s.dropped, s.pending, self.errors, self.reopens, self.invalid, self.outage, self.ended
-        )
+        return CaptureStats(s.captured, s.taken, s.dropped, s.pending, self.errors, self.reopens, self.invalid,
+                            self.outage, self.ended, self.skipped)
 
     # --- the capture thread ---------------------------------------------------
 
@@ -200,38 +196,46 @@ class Capture:
         log.warning("source %s: %s (retrying in %.3g s)", stage, message, retry_in_s)
         self._event("source_error", stage=stage, message=message, retry_in_s=round(retry_in_s, 3))
 
+    def _fail(self, stage: str, message: str, code: int) -> None:
+        """A permanent error: reported once (``permanent: true``, no retry), and the source ends."""
+        self.errors += 1
+        self.failure = (code, message)
+        log.error("source %s: %s (permanent: not retried)", stage, message)
+        self._event("source_error", stage=stage, message=message, permanent=True)
+        self.ended = True
+
     def _supervise(self) -> None:
         backoff = self.backoff_initial_s
         opened_before = False
         while not self._stop.is_set():
             if opened_before:
                 self.reopens += 1
-            if not self._await_close():
+            if not self._await_left_behind():
                 if self._stop.is_set():
                     break
-                self._error("open", f"the hung source is still closing after {self.close_timeout_s:g} s", backoff)
-                if self._stop.wait(backoff):
-                    break
-                backoff = min(backoff * 2, self.backoff_max_s)
-                continue
-            source = None
-            try:
-                source = self.factory()
-                source.open()
-            except Exception as exc:  # contain: a camera that will not open is an outage, not a crash
-                self._close(source)
-                self._error("open", f"{type(exc).__name__}: {exc}", backoff)
-                opened_before = True
+                self._error("open", f"the hung source has not returned or closed after {self.close_timeout_s:g} s",
+                            backoff)
                 if self._stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
             opened_before = True
-            outcome, stage, message = self._run_reader(source)
+            source = None
+            try:
+                source = self.factory()
+            except Exception as exc:  # contain: a camera that will not open is an outage, not a crash
+                outcome, stage, message, code = "failed", "open", one_line(exc), _permanent_code(exc)
+            else:
+                outcome, stage, message, code = self._run_reader(source)
             if outcome in ("ended", "stopped"):
                 if outcome == "ended":
                     self.ended = True  # not an outage: no event line
                     log.info("source ended")
+                break
+            if code is None and getattr(source, "finite", False):
+                code = 65  # a file that failed fails again: reopening it would replay what was read
+            if code is not None:
+                self._fail(stage, message, code)
                 break
             if outcome == "worked":
                 backoff = self.backoff_initial_s  # it ran fine for a while: start the backoff over
@@ -243,47 +247,97 @@ class Capture:
             source, self._source = self._source, None
         self._close(source)
 
-    def _run_reader(self, source: Source) -> tuple[str, str, str]:
-        """Read on a child thread until it ends, fails, hangs or we stop.
+    def _await_left_behind(self) -> bool:
+        """Wait, at most ``close_timeout_s``, for a hung reader and its closer to return; False if one still runs.
 
-        Returns (outcome, stage, message); outcome is 'ended', 'stopped',
-        'failed' (no good frame this time) or 'worked' (failed after good frames).
+        Never two readers at once: a new open while the old call still runs
+        overlaps two decodes (memory) or two opens of one device. With
+        picamera2, the old camera's late clean-up deletes the camera manager's
+        entry for that index, the new camera's, and the new camera then never
+        gets a frame.
+        """
+        deadline = time.monotonic() + self.close_timeout_s
+        while True:
+            self._left_behind = [t for t in self._left_behind if t.is_alive()]
+            if not self._left_behind:
+                return True
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return False
+            self._left_behind[0].join(0.05)
+
+    def _run_reader(self, source: Source) -> tuple[str, str, str, int | None]:
+        """Open and read on a child thread until it ends, fails, hangs or we stop.
+
+        Returns (outcome, stage, message, permanent exit code or None); outcome
+        is 'ended', 'stopped', 'failed' (no good frame this time) or 'worked'
+        (failed after good frames). A finite source is never declared hung.
         """
         with self._lock:
             self._generation += 1
             generation = self._generation
-            self._source = source
             self._last_progress = time.monotonic()
+            self._in_read = True  # open() counts: a stream that never answers is hung
         result: dict[str, Any] = {}
         reader = threading.Thread(
-            target=self._read_loop, args=(source, generation, result), name="xnorcam-reader", daemon=True
+            target=self._reader_main, args=(source, generation, result), name="xnorcam-reader", daemon=True
         )
         reader.start()
+        finite = bool(getattr(source, "finite", False))
         while reader.is_alive():
             reader.join(self._poll_s)
             if self._stop.is_set():
                 self._close(source)
                 reader.join(0.5)
-                return "stopped", "", ""
+                return "stopped", "", "", None
             with self._lock:
                 stalled = time.monotonic() - self._last_progress
-                hung = reader.is_alive() and stalled > self.hang_timeout_s
+                hung = not finite and reader.is_alive() and self._in_read and stalled > self.hang_timeout_s
                 if hung:
-                    self._generation += 1  # whatever the hung read returns is now stale
+                    self._generation += 1  # whatever the hung call returns is now stale
                     self._source = None
                     self._in_read = False
             if hung:
-                # Closing may unblock the read, or may block too (a wedged driver): do it aside.
-                self._closing = threading.Thread(target=self._close, args=(source,), name="xnorcam-close", daemon=True)
-                self._closing.start()
-                return ("worked" if result.get("got_any") else "failed"), "hang", f"no frame for {stalled:.1f} s"
+                self._left_behind = [reader]
+                if result.get("opened"):
+                    # Closing may unblock the read, or may block too (a wedged driver): do it aside.
+                    closer = threading.Thread(target=self._close, args=(source,), name="xnorcam-close", daemon=True)
+                    closer.start()
+                    self._left_behind.append(closer)
+                    stage, what = "hang", f"no frame for {stalled:.1f} s"
+                else:
+                    stage, what = "open", f"open() gave no answer for {stalled:.1f} s"
+                return ("worked" if result.get("got_any") else "failed"), stage, what, None
         with self._lock:
             self._source = None
+            self._in_read = False
         self._close(source)
         outcome = result.get("outcome", "failed")
         if outcome in ("ended", "stopped"):
-            return outcome, "", ""
-        return ("worked" if result.get("got_any") else "failed"), result.get("stage", "read"), result.get("message", "")
+            return outcome, "", "", None
+        return (("worked" if result.get("got_any") else "failed"), result.get("stage", "read"),
+                result.get("message", ""), result.get("code"))
+
+    def _reader_main(self, source: Source, generation: int, result: dict[str, Any]) -> None:
+        try:
+            source.open()
+        except Exception as exc:
+            result.update(outcome="failed", stage="open", message=one_line(exc), code=_permanent_code(exc))
+            return
+        with self._lock:
+            stale = generation != self._generation
+            if not stale:
+                self._source = source
+                self._last_progress = time.monotonic()
+        result["opened"] = True
+        if stale:  # open() returned after we gave up on it: nobody else will close this one
+            self._close(source)
+            return
+        self._read_loop(source, generation, result)
+
+    def _report_skips(self, source: Source) -> None:
+        for item, why in source.take_skips():
+            self.skipped += 1
+            self._event("source_skip", item=item, reason=why)
 
     def _read_loop(self, source: Source, generation: int, result: dict[str, Any]) -> None:
         while not self._stop.is_set():
@@ -294,9 +348,10 @@ class Capture:
             except Exception as exc:
                 with self._lock:
                     self._in_read = False
+                self._report_skips(source)
                 # A source that timed its own read out hung just as much as one the watchdog finds.
                 stage = "hang" if isinstance(exc, SourceTimeout) else "read"
-                result.update(outcome="failed", stage=stage, message=f"{type(exc).__name__}: {exc}")
+                result.update(outcome="failed", stage=stage, message=one_line(exc), code=_permanent_code(exc))
                 return
             now = time.monotonic()
             with self._lock:
@@ -304,6 +359,7 @@ class Capture:
                 if generation != self._generation:
                     return  # abandoned after a hang: dropped silently, it was never a captured frame
                 self._last_progress = now
+            self._report_skips(source)
             if pixels is None:
                 result["outcome"] = "ended"
                 return
@@ -329,24 +385,6 @@ class Capture:
                         self._last_progress = time.monotonic()
         result["outcome"] = "stopped"
 
-    def _await_close(self) -> bool:
-        """Wait, at most ``close_timeout_s``, for a source closed aside after a hang; False if it still closes.
-
-        Opening the next one first is a race: picamera2's late clean-up of the old
-        camera deletes the camera manager's entry for that index, the new
-        camera's, and the new camera then never gets a frame.
-        """
-        closing = self._closing
-        if closing is None:
-            return True
-        deadline = time.monotonic() + self.close_timeout_s
-        while closing.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
-            closing.join(0.05)
-        if closing.is_alive():
-            return False
-        self._closing = None
-        return True
-
     @staticmethod
     def _close(source: Source | None) -> None:
         if source is None:
@@ -355,3 +393,12 @@ class Capture:
             source.close()
         except Exception:
             log.debug("source close failed", exc_info=True)
+
+
+def _permanent_code(exc: BaseException) -> int | None:
+    """The exit code of an error no retry can mend, or None for one worth retrying."""
+    if isinstance(exc, PermanentSourceError):
+        return exc.exit_code
+    if isinstance(exc, ImportError):  # the code is not there, and will not appear by waiting
+        return 78
+    return None

@@ -280,7 +280,7 @@ class Pipeline:
                 next_status = now + self.status_interval_s
             if frame is None:
                 if self.capture.ended and self.capture.slot.pending == 0:
-                    s.stopped_by = "source ended"
+                    s.stopped_by = "source failed" if getattr(self.capture, "failure", None) else "source ended"
                     break
                 # Idle but healthy (e.g. slow image playback): keep systemd happy for a grace period only.
                 if self.capture.healthy and now - last_frame_at <= self.idle_grace_s:

@@ -15,6 +15,7 @@ open/close cycle; the capture thread asks its factory for a fresh one to reopen.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import inspect
 import logging
 import os
@@ -46,7 +47,42 @@ class Frame(NamedTuple):
 
 
 class SourceError(RuntimeError):
-    """The source could not be opened or read; the capture thread retries."""
+    """The source could not be opened or read; the capture thread retries a live source."""
+
+
+class PermanentSourceError(SourceError):
+    """Retrying cannot help: the capture thread stops and ``python -m app`` exits ``exit_code``.
+
+    65 (bad data: a file that cannot be decoded) or 78 (this machine or the
+    configuration cannot run the source, e.g. the picamera2 module is missing).
+    """
+
+    def __init__(self, message: str, exit_code: int = 65) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (OpenCV's errors span several)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SourceError) and text:
+        return text  # our own messages name the source already
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def frame_problem(pixels: object) -> str | None:
+    """Why ``pixels`` is not a usable frame, or None when it is."""
+    if not isinstance(pixels, np.ndarray):
+        return f"not an array ({type(pixels).__name__})"
+    if pixels.dtype != np.uint8:
+        return f"dtype {pixels.dtype}, expected uint8"
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        pass
+    elif pixels.ndim != 2:
+        return f"shape {pixels.shape}, expected (H,W) or (H,W,3)"
+    if pixels.shape[0] < 2 or pixels.shape[1] < 2:
+        return f"empty image (shape {pixels.shape})"
+    return None
 
 
 class Source:
@@ -64,6 +100,10 @@ class Source:
 
     def close(self) -> None:
         pass
+
+    def take_skips(self) -> list[tuple[str, str]]:
+        """(item, why) for each part of the input skipped since the last call (an unreadable file)."""
+        return []
 
     def __enter__(self) -> Source:
         self.open()
@@ -106,6 +146,174 @@ class _Pacer:
         self._next = max(self._next, now - self.period) + self.period
 
 
+# --- image headers -----------------------------------------------------------
+
+#: the most pixels an image file may declare, unless ``source.max_pixels`` says otherwise
+DEFAULT_MAX_PIXELS = SourceConfig.max_pixels
+
+
+class ImageHeaderError(ValueError):
+    """The file's header does not say the image's size in a format we read."""
+
+
+def _u16(b: bytes, o: int, big: bool) -> int:
+    return int.from_bytes(b[o:o + 2], "big" if big else "little")
+
+
+def _u32(b: bytes, o: int, big: bool) -> int:
+    return int.from_bytes(b[o:o + 4], "big" if big else "little")
+
+
+def _jpeg_size(fh) -> tuple[int, int]:
+    fh.seek(2)
+    sof = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+    for _ in range(4096):  # segments before the frame header: APPn, DQT, DHT, comments
+        b = fh.read(1)
+        while b == b"\xff":
+            b = fh.read(1)  # fill bytes, then the marker
+        if not b:
+            break
+        marker = b[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            continue  # markers without a length
+        if marker in (0xD9, 0xDA):
+            break  # end of image or scan data before any frame header
+        head = fh.read(2)
+        if len(head) < 2:
+            break
+        length = _u16(head, 0, True)
+        if length < 2:
+            break
+        if marker in sof:
+            body = fh.read(5)
+            if len(body) < 5:
+                break
+            return _u16(body, 3, True), _u16(body, 1, True)
+        fh.seek(length - 2, 1)
+        if fh.read(1) != b"\xff":  # the next segment must start here
+            break
+        fh.seek(-1, 1)
+    raise ImageHeaderError("JPEG without a readable frame header")
+
+
+def _tiff_size(fh, head: bytes) -> tuple[int, int]:
+    big = head[:2] == b"MM"
+    version = _u16(head, 2, big)
+    if version == 42:
+        fh.seek(_u32(head, 4, big))
+        n = _u16(fh.read(2), 0, big)
+        entry, value_at = 12, 8
+    elif version == 43:  # BigTIFF
+        fh.seek(int.from_bytes(head[8:16], "big" if big else "little"))
+        n = int.from_bytes(fh.read(8), "big" if big else "little")
+        entry, value_at = 20, 12
+    else:
+        raise ImageHeaderError(f"TIFF version {version}")
+    data = fh.read(entry * min(n, 4096))
+    size: dict[int, int] = {}
+    for i in range(len(data) // entry):
+        e = data[i * entry:(i + 1) * entry]
+        tag, kind = _u16(e, 0, big), _u16(e, 2, big)
+        if tag in (256, 257):
+            if kind == 3:
+                size[tag] = _u16(e, value_at, big)
+            elif kind == 4:
+                size[tag] = _u32(e, value_at, big)
+            elif kind == 16:
+                size[tag] = int.from_bytes(e[value_at:value_at + 8], "big" if big else "little")
+    if 256 not in size or 257 not in size:
+        raise ImageHeaderError("TIFF without ImageWidth and ImageLength")
+    return size[256], size[257]
+
+
+def _pnm_size(fh, head: bytes) -> tuple[int, int]:
+    fh.seek(0)
+    text = fh.read(4096)
+    if head[1:2] == b"7":  # PAM: WIDTH and HEIGHT lines before ENDHDR
+        fields = dict(line.split(None, 1) for line in text.split(b"\n") if len(line.split(None, 1)) == 2)
+        try:
+            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"])
+        except (KeyError, ValueError):
+            raise ImageHeaderError("PAM without WIDTH and HEIGHT") from None
+    tokens: list[bytes] = []
+    for line in text[2:].split(b"\n"):
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= 2:
+            break
+    try:
+        return int(tokens[0]), int(tokens[1])
+    except (IndexError, ValueError):
+        raise ImageHeaderError("PNM without a width and height") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as the file's header declares it, read without decoding the pixels.
+
+    Knows the formats of ``IMAGE_SUFFIXES`` by their first bytes (whatever the
+    name says): JPEG, PNG, BMP, WebP, TIFF (and BigTIFF), PNM/PAM. Raises
+    ``ImageHeaderError`` for anything else or a header cut short, OSError when
+    the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+        if head[:3] == b"\xff\xd8\xff":
+            return _jpeg_size(fh)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return _u32(head, 16, True), _u32(head, 20, True)
+        if head[:2] == b"BM" and len(head) >= 26:
+            if _u32(head, 14, False) == 12:  # BITMAPCOREHEADER
+                return _u16(head, 18, False), _u16(head, 20, False)
+            w = int.from_bytes(head[18:22], "little", signed=True)
+            h = int.from_bytes(head[22:26], "little", signed=True)
+            return abs(w), abs(h)  # a negative height is a top-down bitmap
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            chunk = head[12:16]
+            if chunk == b"VP8X":
+                return (int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1)
+            if chunk == b"VP8L" and head[20] == 0x2F:
+                bits = int.from_bytes(head[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+                return _u16(head, 26, False) & 0x3FFF, _u16(head, 28, False) & 0x3FFF
+            raise ImageHeaderError(f"WebP chunk {chunk!r}")
+        if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff_size(fh, head)
+        if head[:1] == b"P" and head[1:2] in b"1234567" and len(head) > 2 and head[2:3].isspace():
+            return _pnm_size(fh, head)
+    raise ImageHeaderError("not a JPEG, PNG, BMP, WebP, TIFF or PNM file")
+
+
+def load_image(path: Path, grey: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+    """(image, "") or (None, why not): checks the declared size before decoding, then what came out.
+
+    A decompression bomb (a small file declaring a huge image) is refused from
+    its header, before a byte of pixels is decoded or allocated; a decoder
+    error (including OpenCV's out-of-memory) is a reason, never an exception.
+    """
+    import cv2
+
+    try:
+        w, h = image_size(path)
+    except (OSError, ImageHeaderError) as exc:
+        return None, f"unreadable header ({exc})"
+    if w < 1 or h < 1:
+        return None, f"declares {w}x{h} pixels"
+    if w * h > max_pixels:
+        return None, f"declares {w}x{h} = {w * h / 1e6:.1f} megapixels, over source.max_pixels = {max_pixels}"
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    except Exception as exc:  # cv2.error (a corrupt stream, out of memory), MemoryError
+        return None, f"cannot be decoded ({one_line(exc)})"
+    if image is None:
+        return None, "cannot be decoded"
+    problem = frame_problem(image)
+    if problem is not None:
+        return None, problem
+    if image.shape[0] * image.shape[1] > max_pixels:  # a header that lied
+        return None, f"decoded to {image.shape[1]}x{image.shape[0]}, over source.max_pixels = {max_pixels}"
+    return image, ""
+
+
 # --- images ------------------------------------------------------------------
 
 
@@ -121,19 +329,28 @@ def list_images(target: str) -> list[Path]:
 
 
 class ImagesSource(Source):
-    """A folder or glob of images played at ``fps`` (0: as fast as they are taken), optionally looping."""
+    """A folder or glob of images played at ``fps`` (0: as fast as they are taken), optionally looping.
+
+    A file that cannot be used (unreadable, a header over ``max_pixels``, a
+    decoder error, an image under 2x2) is skipped, counted in ``skipped``,
+    warned about and reported by ``take_skips`` once, and never read again,
+    not even when looping. Reading raises only when no usable file is left.
+    """
 
     name = "images"
     finite = True
 
-    def __init__(self, target: str, fps: float = 5.0, loop: bool = False, grey: bool = False) -> None:
+    def __init__(self, target: str, fps: float = 5.0, loop: bool = False, grey: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.target = target
         self.loop = loop
         self.grey = grey
+        self.max_pixels = int(max_pixels)
         self._pacer = _Pacer(fps)
         self._files: list[Path] = []
         self._index = 0
         self.skipped = 0
+        self._skips: list[tuple[str, str]] = []
 
     def open(self) -> None:
         self._files = list_images(self.target)
@@ -141,27 +358,28 @@ class ImagesSource(Source):
             raise SourceError(f"images:{self.target}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         self._index = 0
 
-    def read(self) -> np.ndarray | None:
-        import cv2
+    def take_skips(self) -> list[tuple[str, str]]:
+        skips, self._skips = self._skips, []
+        return skips
 
-        # Bounded: one pass over the list at most, so a folder of unreadable files ends.
-        for _ in range(len(self._files)):
+    def read(self) -> np.ndarray | None:
+        while self._files:  # each pass either returns or removes a file: bounded
             if self._index >= len(self._files):
                 if not self.loop:
                     return None
                 self._index = 0
             path = self._files[self._index]
-            self._index += 1
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if self.grey else cv2.IMREAD_COLOR)
-            if image is None or image.size == 0:
+            image, why = load_image(path, self.grey, self.max_pixels)
+            if image is None:
+                del self._files[self._index]
                 self.skipped += 1
-                log.warning("images: skipping unreadable file %s", path)
+                self._skips.append((str(path), why))
+                log.warning("images: skipping %s: %s", path, why)
                 continue
+            self._index += 1
             self._pacer.wait()
             return image
-        if self._index >= len(self._files) and not self.loop:
-            return None
-        raise SourceError(f"images:{self.target}: no readable image files")
+        raise SourceError(f"images:{self.target}: no usable image files ({self.skipped} skipped)")
 
 
 # --- demo --------------------------------------------------------------------
@@ -188,10 +406,8 @@ class DemoSource(ImagesSource):
         self._step = 0
 
     def open(self) -> None:
-        import cv2
-
         super().open()
-        photos = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in self._files]
+        photos = [load_image(p, max_pixels=self.max_pixels)[0] for p in self._files]
         self._photos = [p for p in photos if p is not None]
         if not self._photos:
             raise SourceError(f"demo: no readable photos in {self.target}")
@@ -230,14 +446,24 @@ def _is_url(target: int | str) -> bool:
 
 
 class OpenCVSource(Source):
-    """A video file, a V4L2 webcam index or an RTSP/HTTP URL through cv2.VideoCapture."""
+    """A video file, a V4L2 webcam index or an RTSP/HTTP URL through cv2.VideoCapture.
+
+    A stream gets ``timeout_s`` for opening and for each read (OpenCV's FFmpeg
+    timeouts), so a server that accepts the connection and then says nothing
+    is an open or read failure, retried, not a thread stuck for good. A file
+    that will not open, or declares frames over ``max_pixels``, is permanent
+    (``PermanentSourceError``): retrying a file cannot mend it.
+    """
 
     name = "opencv"
 
-    def __init__(self, target: str, loop: bool = False, fps: float = 0.0) -> None:
+    def __init__(self, target: str, loop: bool = False, fps: float = 0.0, timeout_s: float = 5.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.target = parse_opencv_target(target)
         self.loop = loop
         self.finite = isinstance(self.target, str) and not _is_url(self.target)
+        self.timeout_s = float(timeout_s)
+        self.max_pixels = int(max_pixels)
         # Files play as fast as decoded unless paced; cameras and streams pace themselves.
         self._pacer = _Pacer(fps if self.finite else 0.0)
         self._cap = None
@@ -245,10 +471,24 @@ class OpenCVSource(Source):
     def open(self) -> None:
         import cv2
 
-        cap = cv2.VideoCapture(self.target)
+        if _is_url(self.target):
+            ms = max(1, int(self.timeout_s * 1000))
+            cap = cv2.VideoCapture(self.target, cv2.CAP_ANY,
+                                   [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        else:
+            cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
+            if self.finite:
+                raise PermanentSourceError(
+                    f"opencv:{self.target}: cv2.VideoCapture could not open it: not a video it can decode "
+                    "(empty or corrupt?)")
             raise SourceError(f"opencv:{self.target}: cv2.VideoCapture could not open it")
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if w * h > self.max_pixels:
+            cap.release()
+            message = f"opencv:{self.target}: frames of {w}x{h}, over source.max_pixels = {self.max_pixels}"
+            raise PermanentSourceError(message) if self.finite else SourceError(message)
         self._cap = cap
 
     def read(self) -> np.ndarray | None:
@@ -393,7 +633,10 @@ class Picamera2Source(Source):
         self._lores_size = lores_size(network_size, self.preview_size, self.size)
 
     def open(self) -> None:
-        from picamera2 import Picamera2  # only on a Pi
+        try:
+            from picamera2 import Picamera2  # only on a Pi
+        except ImportError as exc:  # no module, or a broken libcamera install: no retry mends that
+            raise PermanentSourceError(f"picamera2: cannot import it ({one_line(exc)}); {PICAMERA2_FIX}", 78) from exc
 
         cameras = csi_cameras(Picamera2)
         if self.camera_num >= len(cameras):
@@ -492,6 +735,10 @@ class Picamera2Source(Source):
 # --- spec strings ------------------------------------------------------------
 
 
+PICAMERA2_FIX = ("on Raspberry Pi OS: sudo apt install python3-picamera2, and a venv made with "
+                 "--system-site-packages; or choose another source (demo, images:, opencv:)")
+
+
 #: how long a start waits for libcamera to list the Pi camera (drivers still loading at boot)
 CAMERA_WAIT_S = 15.0
 
@@ -545,6 +792,8 @@ def preflight(spec: str) -> None:
         target = parse_opencv_target(arg)
         if isinstance(target, str) and not _is_url(target) and not Path(target).expanduser().exists():
             raise ConfigError(f"source.spec = {spec!r}: no such file")
+    if kind == "picamera2" and importlib.util.find_spec("picamera2") is None:
+        raise ConfigError(f"source.spec = 'picamera2': the picamera2 module is not installed ({PICAMERA2_FIX})")
     if kind == "demo" and not list_images(str(DEMO_DIR)):
         raise ConfigError(f"source.spec = 'demo': the bundled photos are missing from {DEMO_DIR}")
 
@@ -561,9 +810,10 @@ def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None,
     if kind == "demo":
         return lambda: DemoSource(cfg.width, cfg.height, fps=cfg.fps)
     if kind == "images":
-        return lambda: ImagesSource(arg, fps=cfg.fps, loop=cfg.loop)
+        return lambda: ImagesSource(arg, fps=cfg.fps, loop=cfg.loop, max_pixels=cfg.max_pixels)
     if kind == "opencv":
-        return lambda: OpenCVSource(arg, loop=cfg.loop, fps=cfg.fps)
+        return lambda: OpenCVSource(arg, loop=cfg.loop, fps=cfg.fps, timeout_s=cfg.hang_timeout_s,
+                                    max_pixels=cfg.max_pixels)
     if kind == "picamera2":
         return lambda: Picamera2Source(
             cfg.width, cfg.height, (cfg.preview_width, cfg.preview_height), cfg.camera_num, drm,

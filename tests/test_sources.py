@@ -27,6 +27,7 @@ from app.sources import (
     resolve_spec,
 )
 from tests.fakes import fake_picamera2
+from tests.hostile_images import BOMB_FORMATS, good_image, header_bomb, png_bomb
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "person" / "images"
 
@@ -218,3 +219,122 @@ def test_picamera2_bad_buffer_raises(fake_cam):
     with Picamera2Source() as src:
         with pytest.raises(SourceError, match="cannot hold"):
             src.read()
+
+
+# --- hostile files: skipped once each, a finite folder ends, bombs refused from the header ------------------
+
+
+def _bad_1x1(p):
+    cv2.imwrite(str(p / "b.png"), np.zeros((1, 1, 3), np.uint8))
+
+
+def _bad_thin(p):
+    cv2.imwrite(str(p / "b.png"), np.zeros((40, 1, 3), np.uint8))
+
+
+def _bad_flat(p):
+    cv2.imwrite(str(p / "b.jpg"), np.zeros((1, 40), np.uint8))
+
+
+def _bad_text(p):
+    (p / "b.jpg").write_bytes(b"not a jpeg at all")
+
+
+def _bad_empty(p):
+    (p / "b.png").write_bytes(b"")
+
+
+def _bad_truncated(p):
+    good_image(p / "t.png", 5)
+    (p / "b.png").write_bytes((p / "t.png").read_bytes()[:60])
+    (p / "t.png").unlink()
+
+
+BAD_FILES = {
+    "1x1 png": (_bad_1x1, "empty image"),
+    "40x1 png": (_bad_thin, "empty image"),
+    "1x40 jpeg": (_bad_flat, "empty image"),
+    "text named .jpg": (_bad_text, "unreadable header"),
+    "zero bytes": (_bad_empty, "unreadable header"),
+    "truncated png": (_bad_truncated, "cannot be decoded"),
+    **{f"{fmt} declaring 9000x9000": ((lambda p, fmt=fmt: header_bomb(p / "b.img", fmt)), "9000x9000")
+       for fmt in BOMB_FORMATS},
+    "real png bomb 6000x6000": ((lambda p: png_bomb(p / "b.png", 6000, 6000)), "6000x6000"),
+}
+
+
+def _folder_with(tmp_path, make_bad):
+    good_image(tmp_path / "a.png", 10)
+    make_bad(tmp_path)
+    good_image(tmp_path / "c.png", 20)
+    for f in tmp_path.glob("b.img"):
+        f.rename(f.with_suffix({b"\xff\xd8": ".jpg", b"BM": ".bmp", b"RI": ".webp", b"II": ".tif", b"MM": ".tif",
+                                b"P5": ".pgm", b"\x89P": ".png"}[f.read_bytes()[:2]]))
+    bad = [p for p in tmp_path.iterdir() if p.name.startswith("b.")]
+    assert len(bad) == 1
+    return bad[0]
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_a_bad_file_is_skipped_once_and_a_finite_folder_ends(tmp_path, kind, caplog):
+    make_bad, why = BAD_FILES[kind]
+    bad = _folder_with(tmp_path, make_bad)
+    src = ImagesSource(str(tmp_path), fps=0, max_pixels=25_000_000)
+    got = list(frames(src))
+    assert [int(f.pixels[0, 0, 0]) for f in got] == [10, 20]  # the good ones, once each, then the end
+    skips = src.take_skips()
+    assert len(skips) == 1 and skips[0][0] == str(bad) and why in skips[0][1], skips
+    assert src.skipped == 1 and caplog.text.count(bad.name) == 1
+
+
+@pytest.mark.parametrize("kind", ["1x1 png", "png declaring 9000x9000", "truncated png"])
+def test_a_looping_folder_skips_a_bad_file_once_not_every_pass(tmp_path, kind, caplog):
+    bad = _folder_with(tmp_path, BAD_FILES[kind][0])
+    src = ImagesSource(str(tmp_path), fps=0, loop=True)
+    got = list(itertools.islice(frames(src), 7))
+    assert [int(f.pixels[0, 0, 0]) for f in got] == [10, 20] * 3 + [10]
+    assert src.skipped == 1 and len(src.take_skips()) == 1 and caplog.text.count(bad.name) == 1
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_folder_of_only_bad_files_raises_instead_of_ending_or_spinning(tmp_path, loop):
+    _bad_1x1(tmp_path)
+    header_bomb(tmp_path / "c.png", "png")
+    _bad_text(tmp_path)
+    src = ImagesSource(str(tmp_path), fps=0, loop=loop)
+    with pytest.raises(SourceError, match="no usable image files"):
+        list(itertools.islice(frames(src), 5))
+    assert src.skipped == 3
+
+
+def test_the_pixel_cap_is_the_configured_one(tmp_path):
+    good_image(tmp_path / "a.png", 10, size=(100, 100))
+    assert len(list(frames(ImagesSource(str(tmp_path), fps=0, max_pixels=10_000)))) == 1
+    src = ImagesSource(str(tmp_path), fps=0, max_pixels=9_999)
+    with pytest.raises(SourceError):
+        list(frames(src))
+    assert "over source.max_pixels = 9999" in src.take_skips()[0][1]
+    f = make_factory(f"images:{tmp_path}", SourceConfig(max_pixels=9_999))
+    assert f().max_pixels == 9_999
+
+
+@pytest.mark.parametrize("ext, params", [
+    (".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", []), (".bmp", []),
+    (".webp", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]), (".tiff", []), (".pgm", []), (".ppm", []),
+    (".pbm", []), (".pam", []),
+])
+@pytest.mark.parametrize("size", [(37, 53), (480, 2), (2, 300)])
+def test_image_size_reads_the_header_of_every_format_the_folder_takes(tmp_path, ext, params, size):
+    image = np.random.default_rng(0).integers(0, 255, (*size, 3), np.uint8)
+    path = tmp_path / f"x{ext}"
+    assert cv2.imwrite(str(path), image[:, :, 0] if ext in (".pgm", ".pbm") else image, params)
+    decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert sources.image_size(path) == (decoded.shape[1], decoded.shape[0]) == (size[1], size[0])
+
+
+def test_image_size_agrees_with_opencv_on_the_fixture_photos():
+    paths = [p for p in FIXTURES.iterdir() if p.suffix.lower() in sources.IMAGE_SUFFIXES][:40]
+    assert paths
+    for p in paths:
+        im = cv2.imread(str(p), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+        assert sources.image_size(p) == (im.shape[1], im.shape[0]), p
