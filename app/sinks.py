@@ -382,6 +382,35 @@ def connected_displays(root: str = DRM_SYSFS) -> list[str]:
     return found
 
 
+DRM_IOCTL_AUTH_MAGIC = 0x40046411  # _IOW('d', 0x11, struct drm_auth): only the DRM master may call it
+
+
+def display_taken(connector: str, dev_dir: str = "/dev/dri", opener: Any = None, ioctl: Any = None) -> bool | None:
+    """True when another process (a desktop's compositor) is the DRM master of ``connector``'s card.
+
+    A service has no ``$DISPLAY``, so this asks the kernel: the first to open a
+    card with no master becomes it, and DRM_IOCTL_AUTH_MAGIC answers EACCES to
+    anyone who is not. None when the card cannot be opened (unknown).
+    """
+    import fcntl
+    import struct
+
+    opener = opener or os.open
+    ioctl = ioctl or fcntl.ioctl
+    card = os.path.join(dev_dir, connector.split("-", 1)[0])
+    try:
+        fd = opener(card, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        ioctl(fd, DRM_IOCTL_AUTH_MAGIC, struct.pack("I", 0))
+    except OSError as exc:
+        return exc.errno == errno.EACCES  # EINVAL (no such magic): we were let in as the master
+    finally:
+        os.close(fd)
+    return False
+
+
 class DrmPreview:
     """Boxes on HDMI: picamera2 shows the camera itself via DRM and we lay an RGBA overlay on top.
 
@@ -525,11 +554,13 @@ def check_preview_mode(mode: str, source_kind: str, web: bool) -> None:
 
 
 def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | None = None,
-                        web: bool = False, drm_root: str = DRM_SYSFS) -> tuple[str, str]:
+                        web: bool = False, drm_root: str = DRM_SYSFS,
+                        taken: Any = display_taken) -> tuple[str, str]:
     """Resolve ``auto``: (mode, why). ``drm`` falls back to headless (with one warning) off picamera2.
 
     ``auto`` is ``drm`` with the Pi camera when a display is connected (a connector under
-    ``drm_root`` reads ``connected``) and no desktop holds it; on a desktop (``$DISPLAY`` or
+    ``drm_root`` reads ``connected``) and no desktop holds it (``$DISPLAY``, or for a service another
+    process as the card's DRM master: ``taken``); on a desktop (``$DISPLAY`` or
     ``$WAYLAND_DISPLAY``) an OpenCV window when OpenCV has GUI support, else the web preview in the
     desktop's browser when the web preview is on; otherwise ``none``. ``drm`` is only decided for
     real when the camera opens: if picamera2 cannot start its DRM preview, or no frame comes with
@@ -543,6 +574,9 @@ def choose_preview_mode(mode: str, source_kind: str, environ: dict[str, str] | N
                    "would show nothing, and its failed display commits are not reported")
         elif not screens:
             why = f"no display connected (no connector under {drm_root} reads 'connected')"
+        elif taken(screens[0]):
+            why = (f"a desktop holds the display (another process is {screens[0].split('-', 1)[0]}'s DRM master): "
+                   "picamera2's DRM preview would show nothing, and its failed display commits are not reported")
         else:
             why = ""
         if mode == "drm" and why:
@@ -617,7 +651,7 @@ class BrowserPreview:
 
 def make_preview(
     mode: str, source_kind: str, class_names: Sequence[str], environ: dict[str, str] | None = None,
-    web_url: str | None = None, drm_root: str = DRM_SYSFS,
+    web_url: str | None = None, drm_root: str = DRM_SYSFS, taken: Any = display_taken,
 ) -> NullPreview | WindowPreview | DrmPreview | BrowserPreview:
     """The preview for the configured ``mode`` (``auto`` resolved and said once) and a source kind.
 
@@ -625,7 +659,8 @@ def make_preview(
     camera is shown by picamera2 itself); a ``BrowserPreview`` is opened once the web preview serves.
     """
     wanted = mode
-    mode, why = choose_preview_mode(mode, source_kind, environ, web=web_url is not None, drm_root=drm_root)
+    mode, why = choose_preview_mode(mode, source_kind, environ, web=web_url is not None, drm_root=drm_root,
+                                    taken=taken)
     if wanted == "auto":
         log.info("preview: %s (%s)", mode, why)
     if mode == "window":

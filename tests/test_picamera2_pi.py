@@ -318,6 +318,33 @@ def test_a_desktop_holding_the_display_is_said_and_drm_not_asked(tmp_path, caplo
     assert "a desktop holds the display" in caplog.text and "WARNING" in caplog.text
 
 
+def test_a_desktop_holding_the_drm_master_is_found_without_display_variables(tmp_path, caplog):
+    # A service has no $DISPLAY: the kernel says who is the card's DRM master.
+    import errno
+
+    hdmi = drm_sysfs(tmp_path, HDMI_A_1="connected")
+    mode, why = choose_preview_mode("auto", "picamera2", {}, drm_root=hdmi, taken=lambda connector: True)
+    assert mode == "none" and "card1's DRM master" in why
+    assert choose_preview_mode("auto", "picamera2", {}, drm_root=hdmi, taken=lambda c: None)[0] == "drm"  # unknown
+    opened = []
+
+    def opener(path, flags):
+        opened.append(path)
+        return __import__("os").open("/dev/null", flags)
+
+    def refused(fd, request, arg):
+        assert request == sinks.DRM_IOCTL_AUTH_MAGIC and arg == b"\0\0\0\0"
+        raise OSError(errno.EACCES, "Permission denied")
+
+    def master(fd, request, arg):
+        raise OSError(errno.EINVAL, "Invalid argument")  # no client with magic 0: we are the master
+
+    assert sinks.display_taken("card1-HDMI-A-1", "/dev/dri", opener, refused) is True
+    assert sinks.display_taken("card1-HDMI-A-1", "/dev/dri", opener, master) is False
+    assert opened == ["/dev/dri/card1", "/dev/dri/card1"]
+    assert sinks.display_taken("card1-HDMI-A-1", str(tmp_path / "no-dri")) is None
+
+
 # --- the letterbox is skipped: the camera delivers the network's size ------------------------------------
 
 

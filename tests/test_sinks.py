@@ -287,7 +287,7 @@ def drm_sysfs(tmp_path, **connectors):
 
 def test_choose_preview_mode(caplog, monkeypatch, tmp_path):
     hdmi = drm_sysfs(tmp_path, HDMI_A_1="connected", Writeback_1="unknown")
-    assert mode_of("auto", "picamera2", {}, drm_root=hdmi) == "drm"
+    assert mode_of("auto", "picamera2", {}, drm_root=hdmi, taken=lambda c: False) == "drm"
     assert mode_of("none", "picamera2", {}) == "none"
     mode, why = choose_preview_mode("auto", "demo", {})
     assert mode == "none" and "no display" in why and "--web 127.0.0.1:8080" in why
@@ -372,8 +372,9 @@ def test_headless_opencv_is_detected():
 
 def test_make_preview_resolves_the_mode_and_names_what_it_made(monkeypatch, tmp_path):
     hdmi = drm_sysfs(tmp_path, HDMI_A_1="connected")
-    assert make_preview("auto", "picamera2", NAMES, {}, drm_root=hdmi).name == "drm"
-    assert isinstance(make_preview("drm", "picamera2", NAMES, {}, drm_root=hdmi), DrmPreview)
+    assert make_preview("auto", "picamera2", NAMES, {}, drm_root=hdmi, taken=lambda c: False).name == "drm"
+    assert isinstance(make_preview("drm", "picamera2", NAMES, {}, drm_root=hdmi, taken=lambda c: False),
+                      DrmPreview)
     assert make_preview("drm", "demo", NAMES, {}).name == "none"  # DRM is picamera2's own preview
     assert make_preview("none", "picamera2", NAMES, {}).name == "none"
     monkeypatch.setattr(sinks, "cv2_has_gui", lambda: False)

@@ -118,6 +118,7 @@ class FakeState:
         self.commits = 0
         self.commit_wait_s = 0.0  # time spent blocked in commit_sync waiting for the vertical blank
         self.failed_commits = 0  # commits the kernel refused (and picamera2 ignored)
+        self.render_lock_wait_s = 0.0  # time the camera loop waited for the DRM lock set_overlay held
         self.captures = 0
         self.pipes_open = 0
         self.acquired: set[int] = set()
@@ -495,7 +496,11 @@ class FakePicamera2:
                     break
         if frame and self._preview is not None and self._preview[2] is not None and self.display_stream_name:
             drm = self._preview[2]
+            t0 = time.monotonic()
             with drm.lock:  # DrmPreview.render_request
+                waited = time.monotonic() - t0
+                with self._state.lock:
+                    self._state.render_lock_wait_s += waited  # the camera loop held up by set_overlay's commit
                 drm.render(self.frames)  # raises at the first frame with nothing plugged in
         for job in finished:
             job.signal()
