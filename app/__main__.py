@@ -376,6 +376,7 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
     hang = max(s.hang_timeout_s, 2.0 / s.fps + 1.0) if paced and s.fps > 0 else s.hang_timeout_s
     if kind == "picamera2":
         hang += 1.0  # its captures time out after hang_timeout_s themselves; the watchdog is the backstop
+        probe.prepare()  # the sensor mode, chosen before open() runs under the hang clock
     capture = Capture(
         factory,
         hang_timeout_s=hang,

@@ -647,14 +647,7 @@ class Picamera2Source(Source):
         camera = Picamera2(self.camera_num)
         self.camera = camera
         cam_id = str(cameras[self.camera_num].get("Id", self.camera_num))
-        key = (cam_id, self.preview_size, self.fps)
-        if key not in _MODES:
-            try:
-                _MODES[key] = full_view_mode(list(camera.sensor_modes), self.preview_size, self.fps)
-            except Exception as exc:  # a camera without raw modes: let picamera2 choose
-                log.debug("picamera2 sensor_modes failed: %s", exc)
-                _MODES[key] = None
-        self.mode = _MODES[key]
+        self.mode = self._choose_mode(camera, cam_id)
         controls: dict = {}
         if self.fps > 0:
             # Not faster than detection needs: the default lets the frame rate run as fast as the mode allows.
@@ -685,6 +678,39 @@ class Picamera2Source(Source):
         self._lores_size = tuple(actual["size"])
         log.info("camera %s: %s, main %dx%d, lores %dx%d%s", cam_id, self.describe_mode(camera),
                      *self.preview_size, *self._lores_size, f", {controls['FrameRate']:g} fps" if self.fps > 0 else "")
+
+    def _choose_mode(self, camera, cam_id: str) -> dict | None:
+        key = (cam_id, self.preview_size, self.fps)
+        if key not in _MODES:
+            try:
+                _MODES[key] = full_view_mode(list(camera.sensor_modes), self.preview_size, self.fps)
+            except Exception as exc:  # a camera without raw modes: let picamera2 choose
+                log.debug("picamera2 sensor_modes failed: %s", exc)
+                _MODES[key] = None
+        return _MODES[key]
+
+    def prepare(self) -> None:
+        """Choose the sensor mode before capture starts, outside its hang clock (``open()`` runs under it).
+
+        picamera2's ``sensor_modes`` configures the camera once per mode: seconds
+        on a Zero, once per process. Never raises: ``open()`` chooses otherwise.
+        """
+        try:
+            from picamera2 import Picamera2
+
+            cameras = csi_cameras(Picamera2)
+            if self.camera_num >= len(cameras):
+                return
+            cam_id = str(cameras[self.camera_num].get("Id", self.camera_num))
+            if (cam_id, self.preview_size, self.fps) in _MODES:
+                return
+            camera = Picamera2(self.camera_num)
+            try:
+                self._choose_mode(camera, cam_id)
+            finally:
+                camera.close()
+        except Exception as exc:
+            log.debug("picamera2: choosing the sensor mode ahead failed: %s", exc)
 
     def describe_mode(self, camera) -> str:
         mode = self.mode

@@ -131,7 +131,8 @@ def test_picamera2_run_shows_the_boxes_on_hdmi(tmp_path, rand_model_file, fake_p
     assert "preview drm" in r.stderr and "DRM" not in r.stderr.replace("preview drm", "")
     events = marker.read_text().splitlines()
     # The overlay is set when the drawing changes (boxes, the HUD twice a second): at least once, at most a frame.
-    assert events.count("opened") == 1 and 1 <= events.count("overlay") <= 5
+    # Opened twice: once to choose the sensor mode before capture starts, once to capture.
+    assert events.count("opened") == 2 and 1 <= events.count("overlay") <= 5
     assert len(frame_lines(log)) == 5
 
 

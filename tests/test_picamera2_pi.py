@@ -160,6 +160,16 @@ def test_camera_module_3_full_view_and_continuous_autofocus(monkeypatch):
         assert cam.camera_configuration()["controls"]["FrameRate"] == 10.0
 
 
+def test_the_sensor_modes_are_read_once_before_capture_starts(fake_cam):
+    factory = make_factory("picamera2", SourceConfig(fps=15.0))
+    factory().prepare()  # what python -m app does before the capture thread (and its hang clock) starts
+    assert fake_cam.state.sensor_mode_queries == 1 and fake_cam.state.opened[-1].closed
+    for _ in range(2):
+        with factory() as src:
+            assert src.mode["size"] == (1640, 1232)
+    assert fake_cam.state.sensor_mode_queries == 1 and fake_cam.state.pipes_open == 0
+
+
 def test_full_view_mode_choice():
     modes = [dict(m) for m in fake_picamera2.IMX219_MODES]
     assert sources.full_view_mode(modes, (640, 480), 15)["size"] == (1640, 1232)

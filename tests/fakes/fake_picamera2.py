@@ -112,6 +112,7 @@ class FakeState:
         self.frame_period_s = 0.003
         self.vblank_s = 1 / 60
         self.close_delay_s = 0.0
+        self.sensor_mode_queries = 0
         self.opened: list[FakePicamera2] = []
         self.overlays: list[np.ndarray | None] = []
         self.overlay_buffers = 0  # DRM dumb buffers allocated by set_overlay
@@ -359,6 +360,8 @@ class FakePicamera2:
         if not self._is_rpi_camera():
             return [{"format": "MJPEG"}]
         if self.sensor_modes_ is None:
+            # picamera2 configures the camera once per mode to read its fps and crop: slow
+            self._state.sensor_mode_queries += 1
             self.sensor_modes_ = [dict(m) for m in SENSORS[self._state.sensor]["modes"]]
         return self.sensor_modes_
 

@@ -141,7 +141,8 @@ def test_app_survives_camera_faults_and_keeps_the_watchdog_honest(tmp_path, mode
     ]
     assert "device lost" in events[0]["message"] and "float32" in events[2]["message"]
     assert "lores buffer shape" in events[4]["message"] and "no frame" in events[6]["message"]
-    assert marker.read_text().count("opened") == 5  # the first open and four reopens
+    # the sensor mode chosen before capture, the first open and four reopens
+    assert marker.read_text().count("opened") == 6
     assert len(frames) == 150
 
     pings = notify_socket.times("WATCHDOG=1")
