@@ -207,6 +207,11 @@ def run(argv: list[str]) -> int:
         problem = _no_camera_problem()
         if problem:
             return _fail(EXIT_NO_CAMERA, "no camera", problem)
+    if not args.mqtt_clear:
+        # numba's runtime before OpenCV and the rest load: its compile then peaks on fewer pages (docs/memory.md).
+        from app.memory import warm_numba
+
+        warm_numba()
     from app.sinks import check_preview_mode
 
     try:

@@ -124,15 +124,18 @@ def warm_numba() -> None:
     LLVM pages each step touches are dropped before the next, so the peak is
     one step's. Call after importing the kernels, before the first of them runs.
     """
-    release_compiler_pages()  # the initialisers' pages, from loading LLVM
     try:
-        from numba.core.registry import cpu_target
+        from numba.core.registry import cpu_target  # loads LLVM and runs its initialisers
         from numba.core.runtime import rtsys
-
+    except ImportError as exc:
+        log.debug("numba's runtime not warmed in steps: %s", exc)
+        return
+    release_compiler_pages()  # the initialisers' pages
+    try:
         ctx = cpu_target.target_context
         rtsys.initialize(ctx)  # compiles the NRT: LLVM's optimiser and code generator
         release_compiler_pages()
         ctx.refresh()  # imports numba's lowering registries (Python objects, little LLVM)
-    except (ImportError, AttributeError) as exc:  # another numba: its first call does the same, all at once
+    except AttributeError as exc:  # another numba: its first call does the same, all at once
         log.debug("numba's runtime not warmed in steps: %s", exc)
     release_compiler_pages()

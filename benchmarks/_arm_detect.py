@@ -1,7 +1,8 @@
 """Guest side of benchmarks/bench_arm.py (runs under armcost, aarch64): meters detect() and the float twin.
 
 Regions: 1 whole detect(); 2..6 its stages (app.detector.STAGES); 7 the float cv2.dnn detector.
-Prints one JSON line describing the model used.
+Prints one JSON line describing the model used, with the peak RSS after the binary detector's warm-up
+and frames (before the float twin), as the emulator's process counts it.
 """
 
 import json
@@ -16,6 +17,7 @@ from armcost import start, stop  # noqa: E402
 
 from app.bench import FloatDetector, bench_frame, load_bench_model  # noqa: E402
 from app.detector import STAGES, Detector  # noqa: E402
+from app.memory import peak_rss_mib  # noqa: E402
 
 cv2.setNumThreads(1)
 model, model_note = load_bench_model(sys.argv[1] if len(sys.argv) > 1 else None)
@@ -24,6 +26,8 @@ det = Detector(model=model)
 det.warmup()
 det.detect(frame)
 det.detect(frame)
+# The binary detector's peak, before the float twin loads: the emulator's process, guest and emulator together.
+binary_peak_rss = peak_rss_mib()
 
 start(1)
 det.detect(frame)
@@ -49,4 +53,5 @@ fd.detect(frame)
 start(7)
 fd.detect(frame)
 stop(7)
-print(json.dumps({"model": model_note, "frame": frame_note, "detections": int(len(det.detect(frame)))}))
+print(json.dumps({"model": model_note, "frame": frame_note, "detections": int(len(det.detect(frame))),
+                  "peak_rss_mib": round(binary_peak_rss, 1)}))

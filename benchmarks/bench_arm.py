@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     print(f"detect(): {total / 1e6:.2f} M aarch64 instructions/frame  (Pi Zero 2 W estimate {ms} ms)")
     print("stages (M instr): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in stages.items()))
     print(f"float cv2.dnn twin: {flt / 1e6:.2f} M instructions/frame  (x{flt / total:.1f} of detect)")
+    print(f"peak RSS of the metered detector (emulator included): {info.get('peak_rss_mib')} MiB")
     tracker = tracker_figures(tool)
     if tracker is None:
         return 1
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
         "stages": stages,
         "est_ms_per_frame": ms,
         "model": info.get("model"),
+        # The metered guest's peak resident memory after the warm-up and three frames (no float twin yet),
+        # counted for the emulator's process: the guest's memory and the emulator's own.
+        "emulated_peak_rss_mib": info.get("peak_rss_mib"),
         "tracker_instructions_per_frame": tracker,
     }))
     return 0

@@ -2,8 +2,9 @@
 
     python benchmarks/memory.py [--frames N] [--json]
 
-The steps are those of ``python -m app --source demo --preview none``: the
-imports, the model, the warm-up (numba's cache, or compiling when it is cold:
+The steps are those of ``python -m app --source demo --preview none``, in its
+order: numba and its runtime first (app.memory.warm_numba), then OpenCV and
+the rest, the model, the warm-up (numba's cache, or compiling when it is cold:
 set NUMBA_CACHE_DIR to an empty folder to see that), then N demo frames
 through the pipeline. At the end the resident memory is split by what maps
 it: the shared libraries by package (LLVM, OpenCV, numpy's OpenBLAS, ...)
@@ -74,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     import numpy  # noqa: F401
 
     step("import numpy")
+    import numba  # noqa: F401
+
+    step("import numba (loads LLVM)")
+    from app.memory import warm_numba
+
+    warm_numba()
+    step("numba's runtime (NRT compiled, LLVM dropped)")
     import cv2  # noqa: F401
 
     step("import cv2")
-    import numba  # noqa: F401
-
-    step("import numba")
     from app.detector import Detector
 
     step("import app.detector (kernels declared)")

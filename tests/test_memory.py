@@ -14,8 +14,8 @@ from app import memory
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
-# The floor for `python -m app --source demo --preview none` with numba's cache warm (docs/memory.md).
-PEAK_FLOOR_MIB = 140.0
+# The floor for `python -m app --source demo --preview none` with numba's cache warm.
+PEAK_FLOOR_MIB = 140.0  # the floor for a Zero 2 W; 116.5 MiB on the development machine (docs/memory.md)
 
 SMAPS = """\
 7f0000000000-7f0000400000 r--p 00000000 fd:01 42 /venv/llvmlite/binding/libllvmlite.so
