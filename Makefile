@@ -20,7 +20,7 @@ RUNTIME_STAMP := $(VENV)/.xnorcam-runtime
 DEV_STAMP := $(VENV)/.xnorcam-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-dev run test test-arm bench bench-arm bench-train train train-shipped pack eval soak fuzz lint deploy clean distclean
+.PHONY: help setup setup-dev run test test-arm test-emulated bench bench-arm bench-train train train-shipped pack eval soak fuzz lint deploy clean distclean
 
 help: ## list the targets
 	@echo "xnorcam: binary-network object detection for the Raspberry Pi Zero 2 W"
@@ -64,6 +64,12 @@ test-arm: ## run tests/arm/kernel_checks.py under the aarch64 meter (skipped wit
 		echo "test-arm: SKIPPED: armcost not found at $(ARMCOST) (set ARMCOST=... or XNORCAM_SHARED=...)"; exit 0; fi; \
 	test -f tests/arm/kernel_checks.py || { echo "test-arm: tests/arm/kernel_checks.py is missing" >&2; exit 1; }; \
 	PYTHONPATH=$(CURDIR) "$(ARMCOST)" run tests/arm/kernel_checks.py
+
+# make test-emulated EMULATED=trixie for the other release. Needs root, debootstrap and the network; the roots and
+# downloads are cached in .emulated/ (XNORCAM_EMULATED_CACHE overrides), so a second run only reinstalls.
+EMULATED ?= bookworm
+test-emulated: setup ## the whole stack on an emulated arm64 Debian: install.sh, the warm-up, 20 frames checked (~15 min)
+	XNORCAM_HOST_PYTHON=$(abspath $(PY)) bash tests/emulated/arm64.sh $(EMULATED)
 
 bench: setup ## time the pipeline, then binary vs float network (last line: JSON)
 	$(PY) benchmarks/bench_pipeline.py

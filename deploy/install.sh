@@ -4,6 +4,9 @@
 #
 #   sudo deploy/install.sh               install or upgrade (idempotent)
 #   sudo deploy/install.sh --dry-run     print every action, change nothing
+#   sudo deploy/install.sh --no-camera   without python3-picamera2 (a Debian
+#                                        without Raspberry Pi's packages, as in
+#                                        make test-emulated)
 #   sudo deploy/install.sh --uninstall   remove service, program and user;
 #                                        keep /etc/xnorcam and /var/log/xnorcam
 #   sudo deploy/install.sh --uninstall --purge   remove those too
@@ -53,13 +56,15 @@ DRY_RUN=0
 UNINSTALL=0
 PURGE=0
 START=1
+NO_CAMERA=0
 
 usage() {
     cat <<EOF
-usage: $0 [--dry-run] [--no-start] [--uninstall [--purge]]
+usage: $0 [--dry-run] [--no-start] [--no-camera] [--uninstall [--purge]]
 
   --dry-run     print every action and change nothing
   --no-start    install and enable, but do not (re)start the service now
+  --no-camera   leave out python3-picamera2 (not in Debian): files and images only
   --uninstall   stop and remove the service, program, venv, cache and user;
                 keeps $CONF_DIR and $LOG_DIR
   --purge       with --uninstall: remove $CONF_DIR and $LOG_DIR as well
@@ -103,6 +108,7 @@ parse_args() {
             --uninstall) UNINSTALL=1 ;;
             --purge) PURGE=1 ;;
             --no-start) START=0 ;;
+            --no-camera) NO_CAMERA=1 ;;
             -h | --help)
                 usage
                 exit 0
@@ -161,6 +167,9 @@ check_root() {
 missing_apt_packages() {
     local pkg status
     for pkg in "${APT_PACKAGES[@]}"; do
+        if ((NO_CAMERA)) && [[ $pkg == python3-picamera2 ]]; then
+            continue
+        fi
         status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
         if [[ $status != "install ok installed" ]]; then
             printf '%s\n' "$pkg"

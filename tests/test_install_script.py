@@ -131,6 +131,25 @@ def test_no_start(stubs):
     assert "systemctl restart" not in result.stdout
 
 
+def test_no_camera_leaves_only_picamera2_out(stubs):
+    # For a Debian without Raspberry Pi's packages (make test-emulated): everything else is the same plan.
+    plain = install_sh(stubs, "--dry-run")
+    bare = install_sh(stubs, "--dry-run", "--no-camera")
+    assert plain.returncode == bare.returncode == 0, plain.stderr + bare.stderr
+    assert stub_calls(stubs) == ""
+
+    def apt_installs(out: str) -> list[str]:
+        return [line for line in out.splitlines() if "apt-get install" in line]
+
+    assert not any("python3-picamera2" in line for line in apt_installs(bare.stdout))
+    picamera2 = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "python3-picamera2"], capture_output=True,
+                               text=True) if shutil.which("dpkg-query") else None
+    if picamera2 is None or picamera2.stdout != "install ok installed":
+        assert any("python3-picamera2" in line for line in apt_installs(plain.stdout))
+    others = [line for line in plain.stdout.splitlines() if "apt" not in line]
+    assert others == [line for line in bare.stdout.splitlines() if "apt" not in line]
+
+
 def test_uninstall_keeps_config_and_logs(stubs):
     before = snapshot()
     result = install_sh(stubs, "--dry-run", "--uninstall")
