@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from typing import Any
@@ -174,14 +173,18 @@ def run(argv: list[str]) -> int:
     if args.max_frames < 0:
         parser.error("--max-frames must be >= 0")
 
+    from app.stop import StopRequests
+
     stop = threading.Event()
+    stopper = StopRequests(stop).install()  # SIGTERM/SIGINT are honoured within 2 s, even mid-compile
+    args.stopper = stopper
+    try:
+        return _run_args(args, stop, stopper)
+    finally:
+        stopper.uninstall()
 
-    def on_signal(signum, _frame):
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
     from app import config as configmod
     from app import sources
     from app.service import Notifier
@@ -220,6 +223,13 @@ def run(argv: list[str]) -> int:
         if args.preview is not None:
             return _fail(EXIT_USAGE, "bad command line", str(exc))
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
+    from app.sinks import record_path_problem
+
+    problem = record_path_problem(cfg.preview.record) if cfg.preview.record else None
+    if problem:
+        if args.record is not None:
+            return _fail(EXIT_USAGE, "bad command line", problem)
+        return _fail(EXIT_CONFIG, "configuration refused", problem)
     try:
         mqtt_login = None
         if cfg.mqtt.enabled:  # the password file and the TLS files, checked before the camera opens
@@ -239,6 +249,7 @@ def run(argv: list[str]) -> int:
         return _mqtt_clear(cfg)
 
     notifier = Notifier.from_env()
+    stopper.before_exit = notifier.stopping
     try:
         return _run_with(cfg, spec, args, stop, notifier)
     finally:
@@ -293,6 +304,7 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
     from app.pipeline import filter_for
 
     d = cfg.detector
+    args.stopper.phase = "loading the model"
     notifier.extend_timeout(WARMUP_EXTEND_S)
     notifier.status("loading model")
     try:
@@ -337,6 +349,7 @@ def _run_with(cfg, spec: str, args: argparse.Namespace, stop: threading.Event, n
 
 def _warm_and_run(cfg, spec, args, stop, notifier, detector, keep, web) -> int:
     t = cfg.tracker
+    args.stopper.phase = "compiling the kernels"
     notifier.status("warming up")
     detector.warmup()
     tracker = None
@@ -437,10 +450,12 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
     if preview.name == "none" and web is None and not cfg.log.path and not cfg.preview.record:
         log.info("no preview, log or recording: add --log - to see the detections as JSON lines")
     notifier.ready()
+    args.stopper.running("running the frame loop")
     capture.start()
     try:
         stats = pipeline.run(stop)
     finally:
+        args.stopper.phase = "closing the capture, the sinks and MQTT"
         capture.stop()
         for closing in (preview.close, recorder.close):
             try:

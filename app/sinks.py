@@ -690,6 +690,25 @@ class NullRecorder:
         pass
 
 
+def record_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot take a recording, or None. Only a regular file (or a new one) can: the MP4 muxer
+    seeks back to finish the file, and opening a FIFO blocks inside FFmpeg, out of reach of a stop request,
+    until someone reads it."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"preview.record = {path!r}: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device")
+    return f"preview.record = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+
+
 class Recorder:
     """Writes the annotated frames to a video file (cv2.VideoWriter, mp4v), opened at the first frame."""
 
@@ -712,6 +731,11 @@ class Recorder:
             return
         h, w = canvas.shape[:2]
         if self._writer is None:
+            problem = record_path_problem(self.path)  # checked at start too; it may have been made since
+            if problem:
+                self._broken = True
+                log.warning("%s; not recording", problem)
+                return
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             except OSError as exc:  # read-only or impossible path: lose the recording, not the camera
