@@ -207,6 +207,56 @@ def binops(model: Model) -> int:
     return total
 
 
+# ----------------------------------------------------------------- threads
+THREAD_COUNTS = (1, 2, 4)
+
+
+def pi_frame(frame: np.ndarray, model: Model) -> np.ndarray:
+    """``frame`` as the Pi's lores stream delivers it: at the network's size, grey when the model is."""
+    x, _ = letterbox(frame, model.input_width, model.input_height, model.channels)
+    return x[:, :, 0] if model.channels == 1 else x
+
+
+def thread_split(det, frame: np.ndarray, measure, counts=THREAD_COUNTS) -> dict:
+    """What each thread of one detect() of ``frame`` does when the network runs on T threads.
+
+    ``measure(key, fn)`` calls fn and returns its cost: seconds natively; under the meter, the id of
+    the region that counted its aarch64 instructions (the counts come after the run). Each kernel
+    with a prange twin is called over the rows each of T threads gets (Network.thread_rows), so
+    every thread's share is measured on its own; the rest of detect() runs on one thread. ``det``
+    runs on one thread; its buffers are refilled by each call with the same values, so calls repeat.
+    :func:`thread_figures` turns the measurements into per-thread totals and critical paths.
+    """
+    from app import kernels as K
+    from app.network import Network
+
+    net = det.network
+    det.detect(frame)
+    whole = measure("detect", lambda: det.detect(frame))
+    stem = (K.stem_rows, (net.u, net.stem_wt, net.stem_thr, net.stem_flip, net.stem_k, net.stem_s, net.stem_planes,
+                          net.stem_out), net.stem_height)
+    split = [stem] + [(fn, args, n) for fn, args, n, par in net.plan if par is not None]
+    work = {}
+    for T in counts:
+        work[str(T)] = [[measure((T, ci, t), lambda fn=fn, args=args, r=r: fn(*args, *r))
+                         for t, r in enumerate(Network.thread_rows(n, T))] for ci, (fn, args, n) in enumerate(split)]
+    return {"detect": whole, "work": work, "split_calls": [getattr(fn, "__name__", str(fn)) for fn, _, _ in split]}
+
+
+def thread_figures(raw: dict, value=lambda m: m) -> dict:
+    """thread_split's measurements (``value`` maps each to a cost) -> per T: each thread's total, with
+    the one-thread parts (preprocess, the stem's padding, the stream's signs and sums, the head,
+    decode) on thread 0, and the critical path: the one-thread parts plus, per split call, its
+    slowest thread."""
+    work = {T: [[value(m) for m in call] for call in calls] for T, calls in raw["work"].items()}
+    one_thread = value(raw["detect"]) - sum(call[0] for call in work["1"])
+    out = {"detect": value(raw["detect"]), "one_thread_parts": one_thread}
+    for T, calls in work.items():
+        per_thread = [sum(call[t] for call in calls) + (one_thread if t == 0 else 0) for t in range(int(T))]
+        out[T] = {"per_thread": per_thread, "critical_path": one_thread + sum(max(call) for call in calls)}
+    return out
+
+
 # ----------------------------------------------------------------- timing
 def _median_ms(fn, frames: int) -> float:
     times = []
@@ -235,6 +285,44 @@ def app_peak_rss_mib(frames: int = APP_RSS_FRAMES) -> float | None:
         return None
     # The largest resident set of any waited-for child: this one (the benchmark starts no other before it).
     return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+
+
+def _timed(repeats: int):
+    """A thread_split measure: the fastest of ``repeats`` calls in seconds (the parts are sub-millisecond
+    calls, and the least disturbed run of each is what their sum compares with)."""
+
+    def measure(key, fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return measure
+
+
+def thread_bench(model: Model, frame: np.ndarray, frames: int) -> dict:
+    """Per-thread and critical-path milliseconds of one detect() of the Pi's frame (thread_split timed
+    here), and the median ms of detect() on real numba threads with each of THREAD_COUNTS."""
+    import numba
+
+    from app.detector import Detector
+
+    pi = pi_frame(frame, model)
+    det = Detector(model=model, threads=1)
+    det.warmup()
+    figs = thread_figures(thread_split(det, pi, _timed(max(10, frames // 2))), lambda sec: sec * 1e3)
+    out = {"frame": f"{pi.shape[1]}x{pi.shape[0]}", "cpus": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS}
+    for T in THREAD_COUNTS:
+        dt = det if T == 1 else Detector(model=model, threads=T)
+        dt.warmup()
+        for _ in range(3):
+            dt.detect(pi)
+        out[str(T)] = {"per_thread_ms": [round(v, 4) for v in figs[str(T)]["per_thread"]],
+                       "critical_path_ms": round(figs[str(T)]["critical_path"], 4),
+                       "ms_per_frame": round(_median_ms(lambda dt=dt: dt.detect(pi), frames), 4)}
+    return out
 
 
 def run_bench(model_path=None, frames: int = 50) -> dict:
@@ -278,6 +366,7 @@ def run_bench(model_path=None, frames: int = 50) -> dict:
         "detections": int(len(det.detect(frame))),
         "app_peak_rss_mib": app_rss,
         "bench_peak_rss_mib": round(peak_rss_mib(), 1),
+        "threads_on_pi_frame": thread_bench(model, frame, frames),
     }
 
 
@@ -299,6 +388,12 @@ def main(argv=None) -> int:
         print(f"binary body: {r['binary_binops_per_frame'] / 1e6:.1f} M binops/frame, {r['binary_gbinops']:.0f} Gbinop/s")
         print(f"peak RSS: python -m app --source demo --preview none ({APP_RSS_FRAMES} frames) "
               f"{r['app_peak_rss_mib']} MiB; this benchmark (with the float twin) {r['bench_peak_rss_mib']} MiB")
+        t = r["threads_on_pi_frame"]
+        print(f"threads, on the Pi's frame ({t['frame']}; {t['cpus']} CPUs here, numba may use {t['numba_threads']}):")
+        for T in THREAD_COUNTS:
+            f = t[str(T)]
+            print(f"  {T}: per thread " + " ".join(f"{v:.2f}" for v in f["per_thread_ms"])
+                  + f" ms, critical path {f['critical_path_ms']:.2f} ms; on {T} real threads {f['ms_per_frame']:.2f} ms/frame")
     print(json.dumps(r))
     return 0
 

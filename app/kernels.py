@@ -20,6 +20,9 @@ per vector on the Pi.
 
 Every ``*_rows`` kernel computes output rows [r0, r1) so that the same code
 runs single-threaded or split over threads (``*_par`` wrappers, prange).
+Every kernel called from Python releases the GIL (``nogil``): while a frame is
+detected, the capture thread, the web preview's encoder and MQTT run on the
+Pi's other cores.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ BORDER = 1  # border of every binary activation buffer; enough for kernels up to
 # XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
 VEC_BYTES = int(os.environ.get("XNORCAM_VEC_BYTES", "16" if platform.machine().lower() in ("aarch64", "arm64") else "32"))
 _CHUNK = 31  # vectors summed in byte lanes before widening: 31 * 8 <= 255
+# patch bytes summed in 16-bit lanes before they go to the int32 sums: (4064 - 1 + _CHUNK) * 8 <= 32767
+_FLUSH16 = 4064
 
 
 @intrinsic
@@ -94,8 +99,12 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
             acc8 = {key: cgutils.alloca_once(builder, vty) for key in y_ptrs}
+            hty = ir.VectorType(ir.IntType(16), vec)
+            acc16 = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in y_ptrs}
+            flushed_p = cgutils.alloca_once_value(builder, i64(0))
             fn = builder.function
-            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorcols.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
+            oc, ob, ic, ib, ie, fl, oe = (fn.append_basic_block(f"xorcols.{n}")
+                                          for n in ("oc", "ob", "ic", "ib", "ie", "fl", "oe"))
             builder.branch(oc)
             builder.position_at_end(oc)  # chunks of at most _CHUNK patch bytes
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), nb), ob, oe)
@@ -127,10 +136,21 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
                     builder.store(builder.add(builder.load(acc8[q, b]), c), acc8[q, b])
             builder.store(builder.add(j, i64(1)), j_p)
             builder.branch(ic)
-            builder.position_at_end(ie)  # add the byte lanes to the int32 sums once per chunk
+            # The byte lanes go to 16-bit sums once per chunk (one widening add per 8 lanes), those to the
+            # int32 sums only at the end or every _FLUSH16 bytes (the int32 add costs 3x the 16-bit one).
+            builder.position_at_end(ie)
+            for key, ptr in acc16.items():
+                builder.store(builder.add(builder.load(ptr), builder.zext(builder.load(acc8[key]), hty)), ptr)
+            j = builder.load(j_p)
+            done = builder.icmp_signed(">=", j, nb)
+            full = builder.icmp_signed(">=", builder.sub(j, builder.load(flushed_p)), i64(_FLUSH16))
+            builder.cbranch(builder.or_(done, full), fl, oc)
+            builder.position_at_end(fl)
             for key, ptr in y_ptrs.items():
-                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc8[key]), dty))
+                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc16[key]), dty))
                 builder.store(total, ptr, align=4)
+                builder.store(ir.Constant(hty, None), acc16[key])
+            builder.store(j, flushed_p)
             builder.branch(oc)
             builder.position_at_end(oe)
             return context.get_dummy_value()
@@ -138,6 +158,68 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
         return sig, codegen
 
     return intrinsic(xorcols)
+
+
+def _make_bitmask64(masked: bool):
+    """``masked`` False: the 64 bits (vals[v_off + i] > qq[q_off + i]) for i < 64, bit i = channel i.
+    ``masked`` True: the same of nz - 2 * vals[v_off + i] (y of a conv over a ternary input).
+
+    One vector compare per four channels and LLVM's bitmask of the <64 x i1>: about one aarch64
+    instruction per output bit, where a compare, a byte store and the multiply pack per channel
+    cost about six.
+    """
+
+    def bitmask64(typingctx, vals, v_off, qq, q_off, nz):
+        for arr in (vals, qq):
+            if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and arr.ndim == 1):
+                return None
+        sig = types.uint64(vals, v_off, qq, q_off, nz)
+
+        def codegen(context, builder, signature, args):
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            vty = ir.VectorType(i32, 64)
+            sa = signature.args
+            v_arr = context.make_array(sa[0])(context, builder, args[0])
+            q_arr = context.make_array(sa[2])(context, builder, args[2])
+            voff, qoff = (context.cast(builder, args[i], sa[i], types.int64) for i in (1, 3))
+            v = builder.load(builder.bitcast(builder.gep(v_arr.data, [voff]), vty.as_pointer()), align=4)
+            qv = builder.load(builder.bitcast(builder.gep(q_arr.data, [qoff]), vty.as_pointer()), align=4)
+            if masked:
+                n32 = builder.trunc(context.cast(builder, args[4], sa[4], types.int64), i32)
+                nzv = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined), n32, i32(0)),
+                                             ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, 64), [0] * 64))
+                v = builder.sub(nzv, builder.shl(v, ir.Constant(vty, [1] * 64)))
+            c = builder.icmp_signed(">", v, qv)
+            return builder.bitcast(c, i64)
+
+        return sig, codegen
+
+    return intrinsic(bitmask64)
+
+
+bitmask64 = _make_bitmask64(False)
+bitmask64_masked = _make_bitmask64(True)
+
+
+@njit(cache=True, nogil=True)
+def _word_rules(fm, q, n_out, planes):
+    """The rules (v ^ fm) > q of planes * n_out output bits (n_out % 64 == 0) as one compare and a flip:
+    bit = (v > qq) ^ flip, qq laid out per output word (64 rules), flip packed per output word.
+
+    fm 0: qq = q. fm -1: (v ^ -1) > q  <=>  -v - 1 > q  <=>  v <= -q - 2  <=>  not (v > -q - 2)
+    (computed in int64; only q = INT32_MAX leaves int32, where v > INT32_MIN - 1 is always true,
+    as v > INT32_MIN is for every value a conv count or sum takes).
+    """
+    n = planes * n_out
+    qq = np.empty(n, np.int32)
+    flipw = np.zeros(n // 64, np.uint64)
+    for o in range(n):
+        if fm[o] == 0:
+            qq[o] = q[o]
+        else:
+            qq[o] = max(-np.int64(q[o]) - 2, np.int64(-(1 << 31)))
+            flipw[o // 64] |= np.uint64(1) << np.uint64(o % 64)
+    return qq, flipw
 
 
 PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
@@ -187,7 +269,7 @@ def stem_planes_shape(h: int, w: int, c: int, k: int, stride: int) -> tuple[int,
     return (c * stride, h + 2 * p, -(-(w + 2 * p) // stride))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def stem_pad(x, k, stride, pl):
     """pl <- u = x - 128, zero padded by k // 2, columns split by phase (x % stride).
 
@@ -224,7 +306,7 @@ def _pack_bytes(g8, out, y, x):
         out[y, x, wi] = word
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _int_thresholds(thr, flip):
     """The threshold rule on an integer y as one compare: bit 1 iff (y ^ fm) > q.
 
@@ -245,7 +327,25 @@ def _int_thresholds(thr, flip):
     return fm, q
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _taps9(wt, o):
+    return (wt[0, o], wt[1, o], wt[2, o], wt[3, o], wt[4, o], wt[5, o], wt[6, o], wt[7, o], wt[8, o])
+
+
+@njit(cache=True, inline="always")
+def _dot9(w, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox):
+    return np.int32(w[0] * r0_[ox] + w[1] * r1_[ox] + w[2] * r2_[ox] + w[3] * r3_[ox] + w[4] * r4_[ox]
+                    + w[5] * r5_[ox] + w[6] * r6_[ox] + w[7] * r7_[ox] + w[8] * r8_[ox])
+
+
+@njit(cache=True, inline="always")
+def _bits4(a, b, c, d, fa, fb, fc, fd, qa, qb, qc, qd):
+    """The threshold bits of four accumulators in the low four bits (app/bits.py's rule, as (y ^ fm) > q)."""
+    return (np.uint32((a ^ fa) > qa) | (np.uint32((b ^ fb) > qb) << np.uint32(1))
+            | (np.uint32((c ^ fc) > qc) << np.uint32(2)) | (np.uint32((d ^ fd) > qd) << np.uint32(3)))
+
+
+@njit(cache=True, nogil=True)
 def stem_rows(pl, wt, thr, flip, k, stride, planes, out, r0, r1):
     """Integer stem conv + threshold -> packed bits into the interior of out.
 
@@ -285,7 +385,37 @@ def stem_rows(pl, wt, thr, flip, k, stride, planes, out, r0, r1):
             r6_ = pl[tpl[6], y0 + tky[6], tcol[6] : tcol[6] + wo]
             r7_ = pl[tpl[7], y0 + tky[7], tcol[7] : tcol[7] + wo]
             r8_ = pl[tpl[8], y0 + tky[8], tcol[8] : tcol[8] + wo]
-        for o in range(n_out):
+            # Four channels per pass over the row: each tap's vector load serves four accumulators
+            # and one read-modify-write of the output half takes their four bits (30 -> about 18
+            # aarch64 instructions per channel and 4 pixels). Four consecutive channels share a
+            # 32-bit half when they start at a multiple of 4, in the hi plane too if n_out % 4 == 0.
+            groups = n_out // 4 if planes == 1 or n_out % 4 == 0 else 0
+            for g in range(groups):
+                o = 4 * g
+                hi, sh = o >> 5, np.uint32(o & 31)
+                wa, wb, wc, wd = _taps9(wt, o), _taps9(wt, o + 1), _taps9(wt, o + 2), _taps9(wt, o + 3)
+                fa, fb, fc, fd = fm[o], fm[o + 1], fm[o + 2], fm[o + 3]
+                qa, qb, qc, qd = q[o], q[o + 1], q[o + 2], q[o + 3]
+                for ox in range(wo):
+                    a = _dot9(wa, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                    b = _dot9(wb, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                    c_ = _dot9(wc, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                    d = _dot9(wd, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                    halves[hi, ox] |= _bits4(a, b, c_, d, fa, fb, fc, fd, qa, qb, qc, qd) << sh
+                if planes == 2:
+                    o2 = n_out + o
+                    hi2, sh2 = o2 >> 5, np.uint32(o2 & 31)
+                    fa, fb, fc, fd = fm[o2], fm[o2 + 1], fm[o2 + 2], fm[o2 + 3]
+                    qa, qb, qc, qd = q[o2], q[o2 + 1], q[o2 + 2], q[o2 + 3]
+                    for ox in range(wo):
+                        a = _dot9(wa, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                        b = _dot9(wb, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                        c_ = _dot9(wc, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                        d = _dot9(wd, r0_, r1_, r2_, r3_, r4_, r5_, r6_, r7_, r8_, ox)
+                        halves[hi2, ox] |= _bits4(a, b, c_, d, fa, fb, fc, fd, qa, qb, qc, qd) << sh2
+        else:
+            groups = 0
+        for o in range(4 * groups, n_out):
             hi = o >> 5
             f, qq, sh = fm[o], q[o], np.uint32(o & 31)
             o2 = (planes - 1) * n_out + o  # the hi plane's bit (o itself when planes == 1)
@@ -327,7 +457,7 @@ def stem_rows(pl, wt, thr, flip, k, stride, planes, out, r0, r1):
 
 
 # ------------------------------------------------------------------ pool
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pool_rows(inp, out, r0, r1):
     """2x2 stride-2 AND of the interior of inp into the interior of out (odd last row/col dropped)."""
     wo = out.shape[1] - 2 * BORDER
@@ -417,7 +547,7 @@ def _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys):
         andcols1(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _popcount_thresholds(thr, flip, kk):
     """The threshold rule restated on s = popcount(xor), y = kk - 2s: bit 1 iff (s ^ fm) > q.
 
@@ -437,7 +567,7 @@ def _popcount_thresholds(thr, flip, kk):
     return fm, q
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1):
     """Binary conv (+1 padding from the border) with fused thresholds -> packed bits in out's interior.
 
@@ -461,12 +591,19 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
     g8 = b8.view(np.uint64)
+    vec = n_out % 64 == 0
+    qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
             _sums(patch, pstride, nb, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
+                if vec:  # whole words: each plane's 64 channels at a time
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64(
+                            ys, base + (wi * 64) % n_out, qq, wi * 64, 0) ^ flipw[wi]
+                    continue
                 for o in range(n_out):
                     b8[o] = np.uint8((ys[base + o] ^ fm[o]) > q[o])
                 if planes == 2:
@@ -475,7 +612,7 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
                 _pack_bytes(g8, out, oy + BORDER, ox + p + BORDER)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
     n_out = scale.shape[0]
@@ -529,7 +666,7 @@ def _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch3
                                  q * pstride // 4)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     """Binary weights over a ternary input (+1 padding) with fused thresholds on y -> packed bits (planes 1 or 2).
 
@@ -552,6 +689,8 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     fm, q = _int_thresholds(thr, flip)
     b8 = np.zeros(words * 64, np.uint8)
     g8 = b8.view(np.uint64)
+    vec = n_out % 64 == 0
+    qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
@@ -559,6 +698,11 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 nz = nzs[p]
+                if vec:
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64_masked(
+                            ys, base + (wi * 64) % n_out, qq, wi * 64, nz) ^ flipw[wi]
+                    continue
                 for o in range(n_out):
                     b8[o] = np.uint8(((nz - 2 * ys[base + o]) ^ fm[o]) > q[o])
                 if planes == 2:
@@ -567,7 +711,7 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
                 _pack_bytes(g8, out, oy + BORDER, ox + p + BORDER)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
     """Binary weights over a ternary input with a real output r = scale * y + bias, y = sum w·v."""
     n_out = scale.shape[0]
@@ -596,7 +740,7 @@ def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
 # ------------------------------------------------------------------ Bi-Real blocks (rbconv)
 # An rbconv layer is three calls: sign_pack_rows (the stream's signs into a bits buffer),
 # bconv_real_rows (into a scratch stream), add_rows (stream + scratch, a new stream).
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sign_pack_rows(r, out, r0, r1):
     """Real (H, W, C) float32 -> packed bits in out's interior: bit 1 (-1) iff r < 0, as app/bits.py says."""
     words = out.shape[2]
@@ -610,7 +754,7 @@ def sign_pack_rows(r, out, r0, r1):
             _pack_bytes(g8, out, oy + BORDER, ox + BORDER)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def ternary_pack_rows(r, band, out, r0, r1):
     """Real (H, W, C) float32 -> the ternary of r with band d as 2C packed bits (app/bits.py):
     lo bit 1 iff r + d < 0, hi bit 1 iff r - d < 0, in float32 as torch computes sign(r ± d)."""
@@ -628,7 +772,7 @@ def ternary_pack_rows(r, band, out, r0, r1):
             _pack_bytes(g8, out, oy + BORDER, ox + BORDER)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def add_rows(a, b, out, r0, r1):
     """out = a + b (float32, elementwise; no fastmath: the sum must round exactly as torch's does)."""
     for oy in range(r0, r1):
@@ -638,7 +782,7 @@ def add_rows(a, b, out, r0, r1):
 
 
 # ------------------------------------------------------------------ head
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def head_rows(r, w, b, out, r0, r1):
     """1x1 float conv (H, W, in) -> (H, W, out), float32.
 
@@ -656,7 +800,7 @@ def head_rows(r, w, b, out, r0, r1):
                 out[oy, ox, o] = s + b[o]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def unpack_pm1(inp, channels, out):
     """Packed interior of inp -> ±1 float32 (H, W, channels) for a head fed by bits."""
     for yy in range(out.shape[0]):
@@ -672,13 +816,13 @@ def unpack_pm1(inp, channels, out):
 # stale kernel code from its cache. (The binary body is not fused into one runner:
 # LLVM compiled the kernels inlined into it 1.5x slower on x86; one call per layer
 # costs little.)
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run_stem(x, u, wt, thr, flip, k, stride, planes, out):
     stem_pad(x, k, stride, u)
     stem_rows(u, wt, thr, flip, k, stride, planes, out, 0, out.shape[0] - 2 * BORDER)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run_head(packed, channels, from_bits, real, hw, hb, out):
     """The head over the real stream, or (from_bits) over the ±1 of the packed activation, unpacked into real."""
     if from_bits:
@@ -687,21 +831,21 @@ def run_head(packed, channels, from_bits, real, hw, hb, out):
 
 
 # ------------------------------------------------------------------ threads
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def stem_par(pl, wt, thr, flip, k, stride, planes, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
         stem_rows(pl, wt, thr, flip, k, stride, planes, out, i * n // chunks, (i + 1) * n // chunks)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def pool_par(inp, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
         pool_rows(inp, out, i * n // chunks, (i + 1) * n // chunks)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def bconv_bits_par(inp, wt, nup, kk, k, stride, thr, flip, planes, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
@@ -709,21 +853,21 @@ def bconv_bits_par(inp, wt, nup, kk, k, stride, thr, flip, planes, out, chunks):
                         (i + 1) * n // chunks)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def tconv_bits_par(inp, wt, nup, k, stride, thr, flip, planes, out, chunks):
     n = out.shape[0] - 2 * BORDER
     for i in prange(chunks):
         tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, i * n // chunks, (i + 1) * n // chunks)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def tconv_real_par(inp, wt, nup, k, stride, scale, bias, out, chunks):
     n = out.shape[0]
     for i in prange(chunks):
         tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, i * n // chunks, (i + 1) * n // chunks)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def bconv_real_par(inp, wt, nup, kk, k, stride, scale, bias, out, chunks):
     n = out.shape[0]
     for i in prange(chunks):

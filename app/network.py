@@ -92,7 +92,9 @@ class Network:
         h, w = conv_out(h, self.stem_k, self.stem_s), conv_out(w, self.stem_k, self.stem_s)
         self.stem_out = _packed(h, w, n_words(planes * c))
 
-        self._calls = []  # (kernel, args) of every call of the body, in order
+        # (kernel over rows r0..r1, its arguments before r0 and r1, output rows, the kernel's prange twin or None)
+        # of every call of the body, in order; _calls is what body() runs
+        self.plan = []
         self.masked = set()  # indices of the layers that read a ternary input through the masked kernels
         self.layer_out = {0: ("bits", self.stem_out)}  # layer index -> ("bits", packed buffer) or ("real", stream)
         packed, real = self.stem_out, None  # the newest packed activation and the newest real stream
@@ -100,7 +102,7 @@ class Network:
             if layer.op == "maxpool2":
                 h, w = h // 2, w // 2
                 out = _packed(h, w, packed.shape[2])
-                self._calls.append((K.pool_par if self.threads > 1 else K.pool_rows, (packed, out, *self._rows(h))))
+                self.plan.append((K.pool_rows, (packed, out), h, K.pool_par))
                 packed = out
                 self.layer_out[i] = ("bits", out)
                 continue
@@ -122,9 +124,8 @@ class Network:
                 planes = 2 if kind == "ternary" else 1
                 out = _packed(h, w, n_words(planes * c))
                 thr, flip = _rules(layer.tensors, planes)
-                fn = _CONV[masked, "bits"][self.threads > 1]
-                self._calls.append((fn, (packed, *geo, _doubled(thr) if doubled else thr, flip, planes, out,
-                                         *self._rows(h))))
+                fn, par = _CONV[masked, "bits"]
+                self.plan.append((fn, (packed, *geo, _doubled(thr) if doubled else thr, flip, planes, out), h, par))
                 packed = out
                 self.layer_out[i] = ("bits", out)
                 continue
@@ -132,17 +133,17 @@ class Network:
             scale = layer.tensors["scale"].astype(np.float32)
             affine = (scale / np.float32(2) if doubled else scale, layer.tensors["bias"].astype(np.float32))
             stream = np.zeros((h, w, c), np.float32)
-            fn = _CONV[masked, "real"][self.threads > 1]
+            fn, par = _CONV[masked, "real"]
             if layer.op == "bconv":
-                self._calls.append((fn, (packed, *geo, *affine, stream, *self._rows(h))))
+                self.plan.append((fn, (packed, *geo, *affine, stream), h, par))
             else:  # rbconv: the stream's activation into a packed buffer of its own, the conv into scratch, the sum
                 signs, scratch = _packed(h, w, n_words(in_planes * c)), np.zeros_like(stream)
                 if in_planes == 2:
-                    self._calls.append((K.ternary_pack_rows, (real, float(param(layer, "band")), signs, 0, h)))
+                    self.plan.append((K.ternary_pack_rows, (real, float(param(layer, "band")), signs), h, None))
                 else:
-                    self._calls.append((K.sign_pack_rows, (real, signs, 0, h)))
-                self._calls.append((fn, (signs, *geo, *affine, scratch, *self._rows(h))))
-                self._calls.append((K.add_rows, (real, scratch, stream, 0, h)))
+                    self.plan.append((K.sign_pack_rows, (real, signs), h, None))
+                self.plan.append((fn, (signs, *geo, *affine, scratch), h, par))
+                self.plan.append((K.add_rows, (real, scratch, stream), h, None))
             real = stream
             self.layer_out[i] = ("real", stream)
 
@@ -155,9 +156,20 @@ class Network:
         self.head_b = np.ascontiguousarray(head.tensors["bias"], np.float32)
         self.head_out = np.zeros((h, w, param(head, "out_ch")), np.float32)
 
-    def _rows(self, n):
-        """The row arguments of a kernel over n output rows: all of them, or the chunks of its _par twin."""
-        return (4 * self.threads,) if self.threads > 1 else (0, n)
+        self.stem_height = self.stem_out.shape[0] - 2 * K.BORDER  # the stem's output rows
+        # one thread: each kernel over all its rows; several: the prange twin over 4 chunks per thread
+        self._calls = [(par, (*args, 4 * self.threads)) if self.threads > 1 and par is not None else (fn, (*args, 0, n))
+                       for fn, args, n, par in self.plan]
+
+    @staticmethod
+    def thread_rows(n: int, threads: int) -> list[tuple[int, int]]:
+        """The output rows each thread computes of a kernel over n rows split by its prange twin.
+
+        The twins split 4 * threads chunks of rows (chunk i: rows i*n//c .. (i+1)*n//c) and numba's
+        static schedule gives each thread 4 consecutive chunks, so thread t has rows t*n//T .. (t+1)*n//T:
+        the benchmarks meter exactly that work per thread.
+        """
+        return [(t * n // threads, (t + 1) * n // threads) for t in range(threads)]
 
     # ---------------------------------------------------------------- stages
     def stem(self, x):

@@ -53,6 +53,10 @@ def letterbox(image, width: int, height: int, channels: int, pad_value: int = 12
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     h, w = image.shape[:2]
+    if (h, w) == (height, width) and image.ndim == (2 if channels == 1 else 3):
+        # The Pi's lores stream at the network's size and layout: nothing to scale, pad or convert,
+        # only a copy (the caller may reuse its frame buffer). The general path below gives the same bytes.
+        return np.array(image, np.uint8, order="C").reshape(height, width, channels), Letterbox(1.0, 0, 0)
     scale = min(width / w, height / h)
     nw = max(1, min(width, int(round(w * scale))))
     nh = max(1, min(height, int(round(h * scale))))

@@ -102,6 +102,28 @@ def test_letterbox_grey_conversion_matches_cv2():
     assert np.all(grey == x)
 
 
+@pytest.mark.parametrize("shape, ch", [((64, 96), 1), ((64, 96, 3), 3), ((64, 96, 1), 1)])
+def test_letterbox_of_a_frame_at_the_network_size_is_a_copy(shape, ch):
+    """The Pi's lores stream comes at the network's size: the frame's own bytes, the identity map,
+    and a copy (the camera reuses its buffer)."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    x, lb = letterbox(img[::1, ::-1][:, ::-1], 96, 64, ch)  # a non-contiguous view of the same bytes
+    assert x.shape == (64, 96, ch) and x.flags.c_contiguous and not np.shares_memory(x, img)
+    np.testing.assert_array_equal(x, img.reshape(64, 96, ch))
+    assert lb == Letterbox(scale=1.0, pad_x=0, pad_y=0)
+    np.testing.assert_allclose(lb.to_image(np.array([0.0, 0.0, 96.0, 64.0])), [0, 0, 96, 64])
+
+
+def test_letterbox_of_a_colour_frame_at_the_network_size_still_turns_it_grey():
+    import cv2
+
+    img = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    x, lb = letterbox(img, 96, 64, 1)
+    np.testing.assert_array_equal(x[:, :, 0], cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    assert lb == Letterbox(scale=1.0, pad_x=0, pad_y=0)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8), np.zeros((4, 4, 2), np.uint8),
                                  np.zeros((2, 2, 2, 2), np.uint8), [[1, 2]]])
 def test_letterbox_rejects_bad_images(bad):

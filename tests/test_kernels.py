@@ -153,3 +153,34 @@ def test_pi_vector_width_layout(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "vector bytes 16" in proc.stdout and "passed" in proc.stdout
+
+
+@pytest.mark.parametrize("fill", ["ones", "random"])
+def test_patches_longer_than_the_16_bit_sums_hold(fill):
+    """The XOR counts gather in 16-bit lanes and go to int32 every few thousand patch bytes: patches of
+    8,352 bytes (3x3 over 7,424 channels) whose counts reach 66,816, past 16 bits, still count exactly."""
+    c, n_out, k = 7424, 64, 3
+    rng = np.random.default_rng(3)
+    if fill == "ones":  # every input bit -1, every weight +1: each count is the whole patch
+        x = bits.pack(np.ones((3, 3, c), bool))
+        wt = bits.pack(np.zeros((n_out, k, k, c), bool))
+    else:
+        x = bits.pack(rng.random((3, 3, c)) < 0.5)
+        wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
+    nup = kernels.patch_layout(k, c)[0]
+    y = reference.bconv_y(x, c, wt, 1)
+    scale, bias = np.ones(n_out, np.float32), np.zeros(n_out, np.float32)
+    real = np.zeros(y.shape, np.float32)
+    kernels.bconv_real_rows(_padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, 1, scale, bias, real, 0, 3)
+    np.testing.assert_array_equal(real, y.astype(np.float32))
+    thr, flip = _edge_thresholds(rng, y)
+    out = np.zeros(kernels.padded_shape(*y.shape[:2], 1), np.uint64)
+    kernels.bconv_bits_rows(_padded(x), kernels.compact_weights(wt, c), nup, k * k * c, k, 1, thr, flip, 1, out, 0, 3)
+    np.testing.assert_array_equal(kernels.interior(out), reference.bconv_bits(x, c, wt, 1, thr, flip))
+    # over a ternary input, one masked pass (sign and nonzero bytes) of the same length
+    v = np.ones((3, 3, c), np.int8) * -1 if fill == "ones" else rng.integers(-1, 2, (3, 3, c))
+    xt = bits.ternary_pack(v)
+    yt = reference.bconv_y(xt, c, wt, 1, "ternary")
+    realt = np.zeros(yt.shape, np.float32)
+    kernels.tconv_real_rows(_padded(xt), kernels.compact_weights(wt, c), c // 32, k, 1, scale, bias, realt, 0, 3)
+    np.testing.assert_array_equal(realt, yt.astype(np.float32))

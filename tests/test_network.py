@@ -96,6 +96,37 @@ def test_threads_match_reference(rand_model):
     _compare(rand_model, _frame(rand_model, 2), threads=2)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("size,widths,ternary,blocks", [
+    ((58, 46), (32, 64, 96, 128, 64), (2, 4, 9), 2),  # rows 23, 11, 5, 2 after the pools: uneven splits
+    ((45, 37), (16, 40, 70, 65, 33), (0, 2), 1),      # odd widths, the doubled ternary path
+    ((192, 192), (32, 64, 128, 256, 256), (2, 4), 3),  # the shipped topology
+], ids=["odd-masked", "odd-doubled", "shipped"])
+def test_threads_give_the_same_bits_as_one_thread(threads, size, widths, ternary, blocks):
+    """Splitting rows over threads changes no bit: every layer's output and the head, compared exactly."""
+    model = random_model(5, *size, 1, ("a",), widths, blocks=blocks, ternary=ternary)
+    x = _frame(model, 9)
+    head1, trace1 = Network(model).forward(x, trace=True)
+    headn, tracen = Network(model, threads=threads).forward(x, trace=True)
+    assert sorted(trace1) == sorted(tracen)
+    for i in trace1:
+        assert np.array_equal(trace1[i], tracen[i]), f"layer {i} ({model.layers[i].op}), {threads} threads"
+    assert np.array_equal(head1, headn)
+    assert any(bits.unpack(t, 1).any() for t in trace1.values() if t.dtype == np.uint64)  # not all +1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 11, 12, 23, 96])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_thread_rows_are_the_prange_split(n, threads):
+    """Each thread's rows (what the benchmarks meter per thread) tile 0..n in order, as the 4 * threads
+    chunks the prange twins split, four consecutive chunks per thread."""
+    rows = Network.thread_rows(n, threads)
+    chunks = 4 * threads
+    bounds = [i * n // chunks for i in range(chunks + 1)]
+    assert rows == [(bounds[4 * t], bounds[4 * t + 4]) for t in range(threads)]
+    assert rows[0][0] == 0 and rows[-1][1] == n and all(a[1] == b[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
+
+
 def test_rejects_wrong_input(rand_model):
     net = Network(rand_model)
     for bad in (np.zeros((192, 192), np.uint8), np.zeros((192, 191, 1), np.uint8), np.zeros((192, 192, 1), np.int16)):
@@ -132,3 +163,14 @@ def test_the_network_does_without_its_numpy_twin():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_every_kernel_a_frame_calls_releases_the_gil():
+    """nogil: the capture thread, the web preview's encoder and MQTT run while a frame is detected."""
+    from app import kernels
+
+    model = random_model(11, 58, 46, 1, ("a",), (32, 64, 96, 128, 64), blocks=2, ternary=(2, 4, 9))
+    for threads in (1, 2):
+        net = Network(model, threads=threads)
+        called = {fn for fn, _ in net._calls} | {kernels.run_stem, kernels.stem_pad, kernels.stem_par, kernels.run_head}
+        assert all(fn.targetoptions.get("nogil") for fn in called), [fn for fn in called if not fn.targetoptions.get("nogil")]

@@ -32,6 +32,11 @@ from app.randmodel import random_model, synthetic_frame  # noqa: E402
 CHANNELS = (1, 7, 31, 32, 33, 63, 64, 65, 100, 128, 129, 200, 256, 300)
 
 
+def out_channels(rng):
+    """A conv's output channels: often whole 64-bit words (the kernels' vector threshold path), else any."""
+    return int(rng.choice([64, 128, 192])) if rng.random() < 0.4 else int(rng.integers(1, 140))
+
+
 def edge_thresholds(rng, y):
     n = y.shape[-1]
     flat = y.reshape(-1, n)
@@ -128,7 +133,7 @@ def check_ternary_pack(rng):
 
 def _tconv_case(rng):
     h, w = (int(v) for v in rng.integers(1, 10, 2))
-    c, n_out = int(rng.choice([32, 64, 96, 128, 256])), int(rng.integers(1, 140))
+    c, n_out = int(rng.choice([32, 64, 96, 128, 256])), out_channels(rng)
     k, s = int(rng.choice([1, 3])), int(rng.choice([1, 2]))
     x = bits.ternary_pack(rng.integers(-1, 2, (h, w, c)))
     wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
@@ -160,7 +165,7 @@ def check_tconv_real(rng):
 
 def _bconv_case(rng):
     h, w = (int(v) for v in rng.integers(1, 10, 2))
-    c, n_out = int(rng.choice(CHANNELS)), int(rng.integers(1, 140))
+    c, n_out = int(rng.choice(CHANNELS)), out_channels(rng)
     k, s = int(rng.choice([1, 3])), int(rng.choice([1, 2]))
     x = bits.pack(rng.random((h, w, c)) < rng.uniform(0.1, 0.9))
     wt = bits.pack(rng.random((n_out, k, k, c)) < 0.5)
