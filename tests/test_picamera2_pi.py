@@ -224,6 +224,34 @@ def test_status_says_the_demo_stands_in_for_the_camera():
     assert notes.texts and all(t.startswith("no Pi camera found") for t in notes.texts)
 
 
+def test_a_service_that_falls_back_to_the_demo_says_so(fake_cam, monkeypatch, rand_model_file, caplog, tmp_path):
+    from app import __main__ as main
+    from tests.reliability.support import NotifySocket
+
+    monkeypatch.setattr(sources, "CAMERA_WAIT_S", 0.3)
+    fake_cam.state.cameras = 0  # picamera2 installed, no camera listed (yet)
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # main() sets its own
+    notify = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[watchdog]\nstatus_interval_s = 0.05\n")
+    try:
+        rc = main.main(["--config", str(cfg), "--source", "auto", "--model", str(rand_model_file), "--preview",
+                        "none", "--max-frames", "5", "--no-tracks"])
+        time.sleep(0.1)
+        texts = notify.texts("STATUS=")
+    finally:
+        notify.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert rc == 0
+    assert "no Pi camera found in 0.3 s: running the demo" in caplog.text
+    frame_status = [t for t in texts if "fps=" in t]
+    assert frame_status and all("no Pi camera found" in t for t in frame_status), texts
+
+
 def test_no_camera_is_one_clear_error(fake_cam, monkeypatch):
     from app import __main__ as main
 
