@@ -248,12 +248,23 @@ def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
     if args.mqtt_clear:
         return _mqtt_clear(cfg)
 
+    args.log_sink = None
+    if not args.warmup_only:
+        from app.sinks import LogRefused, open_log
+
+        try:  # before the model loads: a log that can never be written is said at once
+            args.log_sink = open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections,
+                                     cfg.log.only_events)
+        except LogRefused as exc:
+            return _fail(EXIT_CONFIG, "configuration refused", str(exc))
     notifier = Notifier.from_env()
     stopper.before_exit = notifier.stopping
     try:
         return _run_with(cfg, spec, args, stop, notifier)
     finally:
         notifier.stopping()
+        if args.log_sink is not None:
+            args.log_sink.close()
 
 
 def _no_camera_problem() -> str:
@@ -402,8 +413,7 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
         backoff_max_s=s.backoff_max_s,
         lossless=finite and s.fps == 0,
     )
-    log_sink = sinks.open_log(cfg.log.path, cfg.log.max_mb, cfg.log.files, cfg.log.only_detections,
-                              cfg.log.only_events)
+    log_sink = args.log_sink or sinks.NullLog()  # opened (and checked) by run()
     from app.mqtt import open_mqtt
 
     # MQTT reads the frame and event lines the log is given; it never waits on the network.

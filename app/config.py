@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.geometry import Point, orient, segments_meet
+from app.limits import toml_too_deep
 
 DEFAULT_CONFIG_PATH = Path("/etc/xnorcam/config.toml")
 
@@ -173,25 +175,27 @@ _SECTIONS: dict[str, type] = {
 
 
 # --- per-key rules -----------------------------------------------------------
-# Each rule: (kind, detail). Kinds: "float" (lo, hi, lo_open), "int" (lo, hi),
+# Each rule: (kind, detail). Kinds: "float" (lo, hi, lo_open), "float0" (lo, hi, what 0 means: 0, else lo..hi),
+# "int" (lo, hi), "path" (a file or folder name: no NUL or control character, at most PATH_MAX bytes),
 # "bool", "str", "choice" (values), "optfloat" (lo, hi, lo_open), "classmap",
 # "names", "zones" (name = polygon), "line" (two points), "listen" (HOST:PORT), "username".
-# Ranges are inclusive unless lo_open.
+# Ranges are inclusive unless lo_open. A positive lower bound is where a smaller value would stop meaning
+# what it says: a duration under 1 ms is a busy loop, log.max_mb = 1e-7 rounds to 0 bytes ("never rotate").
 
 _RULES: dict[str, tuple[str, Any]] = {
     "source.spec": ("sourcespec", None),
-    "source.fps": ("float", (0.0, 1000.0, False)),
+    "source.fps": ("float0", (0.01, 1000.0, "every frame, unpaced")),
     "source.loop": ("bool", None),
     "source.width": ("int", (16, 4096)),
     "source.height": ("int", (16, 4096)),
     "source.preview_width": ("int", (16, 4096)),
     "source.preview_height": ("int", (16, 4096)),
     "source.camera_num": ("int", (0, 16)),
-    "source.hang_timeout_s": ("float", (0.0, 3600.0, True)),
-    "source.backoff_initial_s": ("float", (0.0, 3600.0, True)),
-    "source.backoff_max_s": ("float", (0.0, 3600.0, True)),
+    "source.hang_timeout_s": ("float", (0.001, 3600.0, False)),
+    "source.backoff_initial_s": ("float", (0.001, 3600.0, False)),
+    "source.backoff_max_s": ("float", (0.001, 3600.0, False)),
     "source.max_pixels": ("int", (256, 2**30)),
-    "detector.model": ("str", None),
+    "detector.model": ("path", None),
     "detector.threads": ("int", (1, 64)),
     "detector.score_threshold": ("optfloat", (0.0, 1.0, True)),
     "detector.class_thresholds": ("classmap", None),
@@ -199,16 +203,16 @@ _RULES: dict[str, tuple[str, Any]] = {
     "detector.max_detections": ("int", (1, 10000)),
     "detector.classes": ("names", None),
     "preview.mode": ("choice", PREVIEW_MODES),
-    "preview.record": ("str", None),
-    "preview.record_fps": ("float", (0.0, 240.0, True)),
+    "preview.record": ("path", None),
+    "preview.record_fps": ("float", (0.1, 240.0, False)),
     "preview.hud": ("bool", None),
-    "log.path": ("str", None),
+    "log.path": ("path", None),
     "log.only_detections": ("bool", None),
     "log.only_events": ("bool", None),
-    "log.max_mb": ("float", (0.0, 1e6, False)),
+    "log.max_mb": ("float0", (0.001, 1e6, "never rotate")),
     "log.files": ("int", (1, 1000)),
     "watchdog.idle_grace_s": ("float", (0.0, 86400.0, False)),
-    "watchdog.status_interval_s": ("float", (0.0, 3600.0, True)),
+    "watchdog.status_interval_s": ("float", (0.001, 3600.0, False)),
     "tracker.enabled": ("bool", None),
     "tracker.confirm_hits": ("int", (1, 32)),
     "tracker.confirm_frames": ("int", (1, 32)),
@@ -220,9 +224,9 @@ _RULES: dict[str, tuple[str, Any]] = {
     "events.zones": ("zones", None),
     "events.only_in_zones": ("names", None),
     "events.line": ("line", None),
-    "events.snapshot_dir": ("str", None),
+    "events.snapshot_dir": ("path", None),
     "events.snapshot_max_files": ("int", (1, 1_000_000)),
-    "events.snapshot_max_mb": ("float", (0.0, 1e6, True)),
+    "events.snapshot_max_mb": ("float", (0.001, 1e6, False)),
     "mqtt.enabled": ("bool", None),
     "mqtt.host": ("host", None),
     "mqtt.port": ("int", (1, 65535)),
@@ -231,24 +235,24 @@ _RULES: dict[str, tuple[str, Any]] = {
     "mqtt.keepalive_s": ("int", (5, 3600)),
     "mqtt.qos": ("int", (0, 2)),
     "mqtt.username": ("str", None),
-    "mqtt.password_file": ("str", None),
-    "mqtt.ca_file": ("str", None),
-    "mqtt.cert_file": ("str", None),
-    "mqtt.key_file": ("str", None),
+    "mqtt.password_file": ("path", None),
+    "mqtt.ca_file": ("path", None),
+    "mqtt.cert_file": ("path", None),
+    "mqtt.key_file": ("path", None),
     "mqtt.discovery": ("bool", None),
     "mqtt.discovery_prefix": ("topic", None),
-    "mqtt.status_interval_s": ("float", (0.0, 86400.0, True)),
+    "mqtt.status_interval_s": ("float", (0.001, 86400.0, False)),
     "mqtt.presence_hold_s": ("float", (0.0, 3600.0, False)),
     "mqtt.queue_max": ("int", (1, 100_000)),
     "mqtt.snapshots": ("bool", None),
-    "mqtt.reconnect_min_s": ("float", (0.0, 3600.0, True)),
-    "mqtt.reconnect_max_s": ("float", (0.0, 3600.0, True)),
+    "mqtt.reconnect_min_s": ("float", (0.001, 3600.0, False)),
+    "mqtt.reconnect_max_s": ("float", (0.001, 3600.0, False)),
     "web.enabled": ("bool", None),
     "web.listen": ("listen", None),
     "web.auth": ("choice", WEB_AUTH),
-    "web.secret_file": ("str", None),
+    "web.secret_file": ("path", None),
     "web.user": ("username", None),
-    "web.fps": ("float", (0.0, 30.0, True)),
+    "web.fps": ("float", (0.01, 30.0, False)),
     "web.width": ("int", (64, 4096)),
     "web.quality": ("int", (10, 100)),
     "web.max_clients": ("int", (1, 64)),
@@ -264,6 +268,12 @@ _SECRET_KEY_RE = re.compile(r"pass|secret|token|credential", re.I)
 MAX_ZONE_POINTS = 64
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: a message stays one short line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _range_text(lo: float, hi: float, lo_open: bool = False) -> str:
     return f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
 
@@ -272,27 +282,48 @@ def _check_number(key: str, value: Any, lo: float, hi: float, lo_open: bool, int
     # bool is an int in Python; `threads = true` must not mean 1.
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {kind} ({_range_text(lo, hi, lo_open)})")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {kind} ({_range_text(lo, hi, lo_open)})")
     if not integer:
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_range_text(lo, hi, lo_open)}")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {_range_text(lo, hi, lo_open)}")
     if value < lo or value > hi or (lo_open and value == lo):
-        raise ConfigError(f"{key} = {value!r} is out of range: expected {_range_text(lo, hi, lo_open)}")
+        raise ConfigError(f"{key} = {_shown(value)} is out of range: expected {_range_text(lo, hi, lo_open)}")
+    return value
+
+
+PATH_MAX = 4096
+
+
+def check_path(key: str, value: Any) -> str:
+    """A file or folder name ("" = none): a string the OS can take, said in one line when it cannot."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a path (a string)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: a path cannot hold a NUL or another control "
+                          f"character")
+    try:
+        size = len(os.fsencode(value))
+    except UnicodeError:
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: not a path this system can encode") from None
+    if size >= PATH_MAX:
+        raise ConfigError(f"{key}: a path of {size} bytes is too long (under {PATH_MAX})")
     return value
 
 
 def check_source_spec(key: str, value: str) -> str:
     """Validate a source spec string's shape (not whether the device exists)."""
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
     kind, _, arg = value.partition(":")
     if kind not in SOURCE_KINDS:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected one of {', '.join(_SPEC_FORMS)}")
     if kind in ("images", "opencv") and not arg:
-        raise ConfigError(f"{key} = {value!r} is not allowed: '{kind}:' needs a target, e.g. {_SPEC_EXAMPLE[kind]}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: '{kind}:' needs a target, e.g. {_SPEC_EXAMPLE[kind]}")
     if kind in ("auto", "demo", "picamera2") and arg:
-        raise ConfigError(f"{key} = {value!r} is not allowed: '{kind}' takes no ':' argument")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: '{kind}' takes no ':' argument")
+    if arg:
+        check_path(key, arg)
     return value
 
 
@@ -304,14 +335,14 @@ def parse_listen(key: str, value: Any) -> tuple[str, int]:
     """'HOST:PORT' ('[::1]:8080' for IPv6) -> (host, port); port 0 = any free port."""
     what = "HOST:PORT, e.g. \"127.0.0.1:8080\", \"0.0.0.0:8080\" or \"[::1]:8080\""
     if not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {what}")
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         sep = ""  # a bare IPv6 address: its port is ambiguous
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in " /[]"):
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {what}")
     return host, int(port)
 
 
@@ -334,19 +365,30 @@ def _check(key: str, value: Any) -> Any:
     if kind == "int":
         lo, hi = detail
         return _check_number(key, value, lo, hi, False, integer=True)
+    if kind == "float0":
+        lo, hi, zero = detail
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            return 0.0
+        try:
+            return _check_number(key, value, lo, hi, False, integer=False)
+        except ConfigError:
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected 0 ({zero}) or "
+                              f"{_range_text(lo, hi)}") from None
+    if kind == "path":
+        return check_path(key, value)
     if kind == "optfloat":
         return None if value is None else _check_number(key, value, *detail, integer=False)
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected true or false")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected true or false")
         return value
     if kind == "str":
         if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a string")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a string")
         return value
     if kind == "choice":
         if value not in detail:
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {', '.join(map(repr, detail))}")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected one of {', '.join(map(repr, detail))}")
         return value
     if kind == "sourcespec":
         return check_source_spec(key, value)
@@ -356,7 +398,7 @@ def _check(key: str, value: Any) -> Any:
         return check_topic_prefix(key, value)
     if kind == "clientid":
         if not isinstance(value, str) or len(value) > 128 or any(ord(c) < 32 or c in "+#/" for c in value):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected up to 128 printable characters "
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected up to 128 printable characters "
                               f"without '/', '+' or '#' (\"\" = xnorcam-<hostname>)")
         return value
     if kind == "listen":
@@ -364,15 +406,15 @@ def _check(key: str, value: Any) -> Any:
         return value
     if kind == "username":
         if not isinstance(value, str) or not value or ":" in value or not value.isprintable():
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a user name without ':'")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a user name without ':'")
         return value
     if kind == "names":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a list of class names, e.g. [\"person\"]")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a list of class names, e.g. [\"person\"]")
         return tuple(value)
     if kind == "zones":
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a table of name = [[x, y], ...] "
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a table of name = [[x, y], ...] "
                               f"(a polygon in normalised image coordinates)")
         if len(value) > MAX_ZONES:
             raise ConfigError(f"{key}: {len(value)} zones is too many (at most {MAX_ZONES})")
@@ -382,11 +424,11 @@ def _check(key: str, value: Any) -> Any:
             return ()
         points = _check_points(key, value, 2, 2, "a counting line [[x1, y1], [x2, y2]] or []")
         if points[0] == points[1]:
-            raise ConfigError(f"{key} = {value!r} is not allowed: the two ends of the line are the same point")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: the two ends of the line are the same point")
         return points
     if kind == "classmap":
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a table of class name = threshold")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a table of class name = threshold")
         out = {}
         for name, thr in value.items():
             out[str(name)] = _check_number(f"{key}.{name}", thr, 0.0, 1.0, True, integer=False)
@@ -397,7 +439,7 @@ def _check(key: str, value: Any) -> Any:
 def check_host(key: str, value: Any) -> str:
     """A broker host: a DNS name or an IP address, with no scheme, port or path (\"\" = none)."""
     if not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected a host name or an IP address")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a host name or an IP address")
     if value == "":
         return value
     try:
@@ -406,7 +448,7 @@ def check_host(key: str, value: Any) -> str:
     except ValueError:
         pass
     if not _HOSTNAME_RE.match(value) or value.replace(".", "").isdigit():
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected a host name or an IP address, "
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a host name or an IP address, "
                           f"e.g. \"homeassistant.local\" or \"192.168.1.10\" (no scheme, port or path; the port is "
                           f"{key.rsplit('.', 1)[0]}.port)")
     return value
@@ -415,25 +457,25 @@ def check_host(key: str, value: Any) -> str:
 def check_topic_prefix(key: str, value: Any) -> str:
     """An MQTT topic prefix: levels joined by '/', none empty, no wildcard, no leading '$' (\"\" = the default)."""
     if not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected a topic such as \"xnorcam/garden\"")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected a topic such as \"xnorcam/garden\"")
     if value == "":
         return value
     bad = (len(value.encode()) > 200 or any(c in value for c in "+#\0") or value.startswith("$")
            or any(level == "" for level in value.split("/")) or any(ord(c) < 32 for c in value))
     if bad:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected topic levels joined by '/', none empty, "
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected topic levels joined by '/', none empty, "
                           f"without '+', '#' or control characters, not starting with '$', at most 200 bytes")
     return value
 
 
 def _check_points(key: str, value: Any, least: int, most: int, what: str) -> tuple[Point, ...]:
     if not isinstance(value, (list, tuple)) or not least <= len(value) <= most:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {what}")
     points = []
     for p in value:
         if (not isinstance(p, (list, tuple)) or len(p) != 2
                 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected {what}; {p!r} is not a point [x, y]")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {what}; {p!r} is not a point [x, y]")
         x, y = float(p[0]), float(p[1])
         if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):  # NaN fails too
             raise ConfigError(f"{key}: point {[p[0], p[1]]!r} is out of range: coordinates are normalised, 0..1")
@@ -449,7 +491,7 @@ def check_polygon(key: str, value: Any) -> tuple[Point, ...]:
     edges = [(pts[i], pts[(i + 1) % n]) for i in range(n)]
     for i in range(n):
         if edges[i][0] == edges[i][1]:
-            raise ConfigError(f"{key} = {value!r} is not allowed: point {(i + 1) % n + 1} repeats the one before it")
+            raise ConfigError(f"{key} = {_shown(value)} is not allowed: point {(i + 1) % n + 1} repeats the one before it")
     for i in range(n):
         for j in range(i + 1, n):
             adjacent = j == i + 1 or (i == 0 and j == n - 1)
@@ -459,15 +501,15 @@ def check_polygon(key: str, value: Any) -> tuple[Point, ...]:
                 shared, pi, pj = (a[1], a[0], b[1]) if j == i + 1 else (a[0], a[1], b[0])
                 if orient(shared, pi, pj) == 0 and (pi[0] - shared[0]) * (pj[0] - shared[0]) + \
                         (pi[1] - shared[1]) * (pj[1] - shared[1]) > 0:
-                    raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
+                    raise ConfigError(f"{key} = {_shown(value)} is not allowed: the polygon is self-intersecting "
                                       f"(edges {i + 1} and {j + 1} overlap)")
                 continue
             if segments_meet(*edges[i], *edges[j]):
-                raise ConfigError(f"{key} = {value!r} is not allowed: the polygon is self-intersecting "
+                raise ConfigError(f"{key} = {_shown(value)} is not allowed: the polygon is self-intersecting "
                                   f"(edges {i + 1} and {j + 1} cross)")
     area = sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n)) / 2
     if abs(area) < 1e-9:
-        raise ConfigError(f"{key} = {value!r} is not allowed: the polygon has no area")
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: the polygon has no area")
     return pts
 
 
@@ -494,7 +536,7 @@ def from_dict(data: dict[str, Any], where: str = "config") -> Config:
                     raise ConfigError(f"{where}: unknown key {name}.{key} (value not shown){hint}; allowed keys in "
                                       f"[{name}]: {', '.join(allowed)}")
                 raise ConfigError(
-                    f"{where}: unknown key {name}.{key} (value {value!r}); allowed keys in [{name}]: {', '.join(allowed)}"
+                    f"{where}: unknown key {name}.{key} (value {_shown(value)}); allowed keys in [{name}]: {', '.join(allowed)}"
                 )
             try:
                 values[key] = _check(f"{name}.{key}", value)
@@ -587,11 +629,19 @@ def load(path: str | Path | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path}: not UTF-8 text ({exc})") from None
+    # tomllib recurses once per level and dotted keys cost it more than their length: bound both first.
+    deep = toml_too_deep(text)
+    if deep:
+        raise ConfigError(f"config file {path}: not a config: {deep}")
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: not a config: nested too deeply to read") from None
     return from_dict(data, where=f"config file {path}")
 
 

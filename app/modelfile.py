@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from app.bits import WORD_BITS, n_words
+from app.limits import json_too_deep
 
 MAGIC = b"XNORCAM\x00"
 VERSION = 1
@@ -32,6 +33,12 @@ MAX_HEADER = 16 * 1024 * 1024
 MAX_SIDE = 4096
 MAX_CHANNELS = 1 << 16
 MAX_LAYERS = 256
+# A model file is a few hundred KB; the reader refuses, before reading it, a file larger than this.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+# Every activation buffer of the network is allocated once, when the model loads (app/network.py). The Pi
+# Zero 2 W has 512 MB for the OS, Python, numba and the camera's buffers: the app runs in about 180 MB with
+# the shipped model, whose activations take about 5 MB. A model that needs more than this is refused.
+MAX_ACTIVATION_BYTES = 64 * 1024 * 1024
 DEFAULT_SCORE_THRESHOLD = 0.25
 DEFAULT_NMS_IOU = 0.45
 
@@ -298,6 +305,13 @@ class _Checker:
         if not isinstance(layers, (tuple, list)) or not 1 <= len(layers) <= MAX_LAYERS:
             self.fail(f"layers must be a list of 1..{MAX_LAYERS} layers")
         self.chain(m, layers)
+        need = activation_bytes(m)
+        if need > MAX_ACTIVATION_BYTES:
+            self.fail(
+                f"the network's activations need {need / 2**20:.1f} MiB, more than the limit of "
+                f"{MAX_ACTIVATION_BYTES // 2**20} MiB (input {m.input_width}x{m.input_height}, "
+                f"widest layer {max(param(x, 'out_ch') or 0 for x in layers)} channels): too large for a 512 MB Pi"
+            )
 
     def chain(self, m: Model, layers) -> None:
         h, w, c, kind = int(m.input_height), int(m.input_width), int(m.channels), "image"
@@ -353,6 +367,42 @@ def validate(model: Model, source="<model>") -> None:
     if not isinstance(model, Model):
         raise ModelFormatError(f"{source}: expected a Model, got {type(model).__name__}")
     _Checker(source).model(model)
+
+
+def activation_bytes(model: Model) -> int:
+    """Bytes of every activation buffer app/network.py allocates for ``model`` (a valid chain), plus its input."""
+    from app.kernels import BORDER
+
+    def packed(h, w, bits):
+        return (h + 2 * BORDER) * (w + 2 * BORDER) * n_words(bits) * 8
+
+    h, w, c = model.input_height, model.input_width, model.channels
+    total = h * w * c  # the letterboxed input
+    stem = model.layers[0]
+    k, s, out = param(stem, "kernel"), param(stem, "stride"), param(stem, "out_ch")
+    total += c * s * (h + 2 * (k // 2)) * -(-(w + 2 * (k // 2)) // s) * 4  # the stem's int32 planes
+    h, w, c = conv_out(h, k, s), conv_out(w, k, s), out
+    bits = (2 if output_kind(stem) == "ternary" else 1) * c
+    total += packed(h, w, bits)
+    kind = "bits"
+    for layer in model.layers[1:-1]:
+        if layer.op == "maxpool2":
+            h, w = h // 2, w // 2
+            total += packed(h, w, bits)
+            continue
+        k, s, c = param(layer, "kernel"), param(layer, "stride"), param(layer, "out_ch")
+        h, w = conv_out(h, k, s), conv_out(w, k, s)
+        kind = output_kind(layer)
+        if kind in ("bits", "ternary"):
+            bits = (2 if kind == "ternary" else 1) * c
+            total += packed(h, w, bits)
+        else:
+            total += h * w * c * 4  # the real stream
+            if layer.op == "rbconv":  # its own packed sign of the stream and a scratch stream
+                total += packed(h, w, (2 if param(layer, "input") == "ternary" else 1) * c) + h * w * c * 4
+    if kind != "real":
+        total += h * w * c * 4  # the head's real copy of packed bits
+    return total + h * w * param(model.layers[-1], "out_ch") * 4
 
 
 def grid_size(model: Model) -> tuple[int, int]:
@@ -431,8 +481,14 @@ def _read_header(chk: _Checker, raw: bytes) -> tuple[dict, int]:
     data_start += (-data_start) % ALIGN
     if len(raw) < _PREFIX.size + hlen:
         chk.fail(f"truncated: the header needs {_PREFIX.size + hlen} bytes, the file has {len(raw)}")
+    text = raw[_PREFIX.size : _PREFIX.size + hlen]
+    deep = json_too_deep(text)
+    if deep:  # json.loads recurses once per level: refuse before it would exhaust the stack
+        chk.fail(f"header is {deep}")
     try:
-        header = json.loads(raw[_PREFIX.size : _PREFIX.size + hlen].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        chk.fail("header is JSON nested too deeply to read")
     except (UnicodeDecodeError, ValueError) as e:
         if len(raw) >= _DIGEST and hashlib.sha256(raw[:-_DIGEST]).digest() != raw[-_DIGEST:]:
             chk.fail(f"checksum mismatch (corrupted file; header unreadable: {e})")
@@ -485,9 +541,21 @@ def read_model(path) -> Model:
     """Load and fully validate a model file; any problem is a ModelFormatError."""
     chk = _Checker(path)
     try:
-        if not stat.S_ISREG(Path(path).stat().st_mode):  # /dev/zero would fill memory, a FIFO block forever
+        st = Path(path).stat()
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero would fill memory, a FIFO block forever
             chk.fail("not a regular file (a device, FIFO or directory cannot be a model file)")
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            # The magic and the header's length first: a large file that is not a model is never read whole.
+            head = fh.read(_PREFIX.size)
+            if len(head) == _PREFIX.size:
+                magic, version, hlen = _PREFIX.unpack(head)
+                if magic != MAGIC:
+                    chk.fail(f"not an xnorcam model file (magic {magic!r}, expected {MAGIC!r})")
+            if st.st_size > MAX_FILE_BYTES:
+                chk.fail(f"{st.st_size} bytes is larger than a model file may be ({MAX_FILE_BYTES // 2**20} MiB)")
+            raw = head + fh.read(MAX_FILE_BYTES + 1 - len(head))
+            if len(raw) > MAX_FILE_BYTES:  # it grew while being read
+                chk.fail(f"larger than a model file may be ({MAX_FILE_BYTES // 2**20} MiB)")
     except OSError as e:
         chk.fail(f"cannot read the model file: {e.strerror or e}")
     header, data_start = _read_header(chk, raw)

@@ -8,11 +8,12 @@ work falls back to nothing with one warning.
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import json
 import logging
 import os
-import sys
+import stat
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -91,6 +92,41 @@ class NullLog:
         pass
 
 
+class LogRefused(ValueError):
+    """The log cannot be used at all (not this program's log, in use by another process, stdout closed):
+    a configuration problem, said before the camera opens."""
+
+
+# The start of every line this program writes: a torn line of ours starts with it too.
+_LINE_START = b'{"v":%d,' % SCHEMA_VERSION
+_TAIL_BYTES = 256 * 1024  # a line is at most a few KB; the last complete one is within this
+
+
+def _is_our_line(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and type(record.get("v")) is int and record["v"] == SCHEMA_VERSION
+
+
+def log_tail_state(fd: int, size: int) -> tuple[bool, int]:
+    """(whether the file behind ``fd`` is recognisably this program's log, the offset just past its last
+    complete line). Ours: its last complete line is a JSON line of this schema, or, with no complete line,
+    what is there is the torn start of one."""
+    start = max(0, size - _TAIL_BYTES)
+    tail = os.pread(fd, size - start, start)
+    cut = tail.rfind(b"\n")
+    if cut < 0:
+        return start == 0 and tail.startswith(_LINE_START[: len(tail)]), 0
+    prev = tail.rfind(b"\n", 0, cut)
+    if prev < 0 and start > 0:
+        return False, start + cut + 1  # one line longer than any this program writes
+    torn = tail[cut + 1 :]
+    torn_ours = _LINE_START.startswith(torn) or torn.startswith(_LINE_START)
+    return _is_our_line(tail[prev + 1 : cut]) and torn_ours, start + cut + 1
+
+
 class JsonlLog:
     """One JSON object per line, each written whole with a single ``write`` (no userspace buffer).
 
@@ -100,6 +136,14 @@ class JsonlLog:
     A failed or short write is counted, cut back to the last complete line
     when possible (else the next line starts on a fresh line), and the next
     line is tried again: logging never stops capture.
+
+    The file's own size is read before every line (``fstat``), never a count
+    kept here: another program may truncate it (logrotate's ``copytruncate``).
+    An exclusive advisory lock (``flock``) is held on the open file, so a second
+    process on the same log is refused rather than interleaving with this one.
+    Only a file that is recognisably this program's log is appended to or
+    repaired: anything else (a model, a config, notes) is refused with
+    ``LogRefused`` and never touched.
     """
 
     def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False,
@@ -114,8 +158,9 @@ class JsonlLog:
         self.rotations = 0
         self.last_error: str | None = None
         self._fd: int | None = None
-        self._size = 0
+        self._regular = False  # a regular file (rotated, locked, repaired), not stdout or a character device
         self._fresh_line = False
+        self._expect = 0  # the size after this writer's last line: a different size means someone else wrote
         self._in_failure = False
         self._write = os.write  # tests swap this to simulate ENOSPC / EIO / short writes
         self._open(must=True)
@@ -123,65 +168,91 @@ class JsonlLog:
     # --- file handling ---
 
     def _open(self, must: bool = False) -> bool:
+        """Open (or reopen) the log. ``must`` (the first open): a log that can never be used raises LogRefused;
+        one that cannot be opened now (a missing disk) is warned about and retried on each line."""
         if self.path == "-":
-            self._fd = sys.stdout.fileno()
+            try:
+                os.fstat(1)
+            except OSError:
+                raise LogRefused("log '-' is stdout, and stdout is closed: log to a file instead") from None
+            self._fd, self._regular = 1, False
             return True
         try:
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
+            refusal = self._open_file()
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ValueError):  # a NUL in the path (the config refuses it; a caller may not have)
+                raise LogRefused(f"log {self.path!r}: not a usable path ({exc})") from None
             if must:
                 # Starting without a log is allowed (the disk may come back), but say so.
                 log.warning("cannot open log %s (%s); will retry on each line", self.path, exc.strerror)
             self._note_failure(exc)
             return False
-        self._fd = fd
-        self._size = os.fstat(fd).st_size
-        # A crash (power cut, SIGKILL) can leave a torn last line: cut it off so the
-        # file stays whole lines; if it cannot be cut, at least never glue onto it.
-        self._fresh_line = False
-        if self._size > 0:
-            end = self._last_line_end()
-            if end is not None and end < self._size:
-                try:
-                    os.ftruncate(fd, end)
-                    log.warning("log %s: removed a torn last line (%d bytes)", self.path, self._size - end)
-                    self._size = end
-                except OSError:
-                    self._fresh_line = True
+        if refusal:
+            if must:
+                raise LogRefused(refusal)
+            self.last_error = refusal  # replaced under us by something else: never write into it
+            if not self._in_failure:
+                log.warning("log %s: %s; not writing", self.path, refusal)
+            return False
         return True
 
-    def _last_line_end(self, chunk: int = 65536) -> int | None:
-        """Offset just past the last newline (0 if none), or None when the file cannot be read."""
+    def _open_file(self) -> str | None:
+        """Open, lock and check the file; the problem in words (and nothing left open) when it is not usable."""
         try:
-            with open(self.path, "rb") as fh:
-                pos = fh.seek(0, os.SEEK_END)
-                while pos > 0:
-                    start = max(0, pos - chunk)
-                    fh.seek(start)
-                    block = fh.read(pos - start)
-                    i = block.rfind(b"\n")
-                    if i >= 0:
-                        return start + i + 1
-                    pos = start
-                return 0
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            return f"log {self.path} is not a regular file (a directory, FIFO or socket cannot be a log)"
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        # Read-write: the tail is read through the same descriptor that is checked and locked.
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):  # /dev/null, a terminal: a stream, nothing to rotate or repair
+                self._fd, self._regular, self._fresh_line = fd, False, False
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return (f"log {self.path} is in use by another process that holds its lock (another xnorcam?): "
+                        "two writers would tear and lose each other's lines; give each its own log path")
+            ours, end = (True, 0) if fst.st_size == 0 else log_tail_state(fd, fst.st_size)
         except OSError:
-            return None
+            os.close(fd)
+            raise
+        if not ours:
+            os.close(fd)
+            return (f"log {self.path} is not a log of this program (its last line is not a JSON line of schema "
+                    f"v{SCHEMA_VERSION}): refusing to append to it or cut it; name a new file or an old xnorcam log")
+        self._fd, self._regular, self._fresh_line = fd, True, False
+        self._expect = min(end, fst.st_size)
+        # A crash (power cut, SIGKILL) can leave a torn last line: cut it off so the
+        # file stays whole lines; if it cannot be cut, at least never glue onto it.
+        if end < fst.st_size:
+            try:
+                os.ftruncate(fd, end)
+                log.warning("log %s: removed a torn last line (%d bytes)", self.path, fst.st_size - end)
+            except OSError:
+                self._fresh_line = True
+        return None
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None and self.path != "-":
+        if fd is not None and fd != 1:
             try:
-                os.close(fd)
+                os.close(fd)  # also releases the lock
             except OSError:
                 pass
 
     def _rotate(self) -> None:
-        self._close_fd()
+        # Rename (or truncate) while still holding the lock: no other process can take the path between.
         try:
             if self.files == 1:
-                os.truncate(self.path, 0)
+                os.ftruncate(self._fd, 0)
+                self._fresh_line = False
             else:
                 for i in range(self.files - 1, 0, -1):
                     src = self.path if i == 1 else f"{self.path}.{i - 1}"
@@ -190,7 +261,9 @@ class JsonlLog:
             self.rotations += 1
         except OSError as exc:
             self._note_failure(exc)
-        self._open()
+        if self.files > 1:
+            self._close_fd()
+            self._open()
 
     # --- writing ---
 
@@ -202,6 +275,15 @@ class JsonlLog:
     def event(self, record: dict[str, Any]) -> bool:
         record = {"v": SCHEMA_VERSION, "time": utc_now_iso(), **record}
         return self._write_line(record)
+
+    def _size(self) -> int:
+        """The file's size now, as the kernel knows it (0 for a stream)."""
+        if not self._regular or self._fd is None:
+            return 0
+        try:
+            return os.fstat(self._fd).st_size
+        except OSError:
+            return 0
 
     def _write_line(self, record: dict[str, Any]) -> bool:
         try:
@@ -219,11 +301,19 @@ class JsonlLog:
             if not self._open():
                 self.failures += 1
                 return False
-        if self.max_bytes and self._size > 0 and self._size + len(data) > self.max_bytes:
-            self._rotate()
-            if self._fd is None:
-                self.failures += 1
-                return False
+        size = self._size()
+        if size != self._expect and size > 0 and not self._fresh_line:
+            # Someone else changed the file (truncated it mid-line, appended): never glue onto what is there.
+            try:
+                self._fresh_line = os.pread(self._fd, 1, size - 1) != b"\n"
+            except OSError:
+                self._fresh_line = True
+        if self.max_bytes:
+            if size > 0 and size + len(data) > self.max_bytes:
+                self._rotate()
+                if self._fd is None:
+                    self.failures += 1
+                    return False
         if self._fresh_line:
             data = b"\n" + data
         try:
@@ -234,8 +324,8 @@ class JsonlLog:
         if written != len(data):
             self._failed(OSError(errno.ENOSPC, "short write"), written)
             return False
-        self._size += written
         self._fresh_line = False
+        self._expect = self._size()
         self.lines += 1
         if self._in_failure:
             self._in_failure = False
@@ -243,7 +333,7 @@ class JsonlLog:
         return True
 
     def _vanished(self) -> bool:
-        if self.path == "-" or self._fd is None:
+        if not self._regular or self._fd is None:
             return False
         try:
             st, fst = os.stat(self.path), os.fstat(self._fd)
@@ -260,13 +350,16 @@ class JsonlLog:
         if not self._in_failure:
             self._in_failure = True
             log.warning("log %s: write failed (%s); counting failures and retrying", self.path, self.last_error)
-        if self.path == "-":
+        if not self._regular:
             if written:
                 self._fresh_line = True
             return
         if written:
+            # O_APPEND put the partial line at the file's end, and the lock keeps other writers out: cut exactly
+            # those bytes off the real end (a size remembered here would be wrong after an external truncate).
             try:
-                os.ftruncate(self._fd, self._size)  # cut the partial line back off
+                end = os.fstat(self._fd).st_size
+                os.ftruncate(self._fd, max(0, end - written))
             except OSError:
                 self._fresh_line = True  # cannot cut it: start the next line on its own
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -18,15 +18,31 @@ without a labelled object and the share of those with any box; and as the LAST
 line one JSON object with every number and its count. ``--sheet`` draws a
 contact sheet: true positives green, false positives red, missed objects yellow.
 
-Exit codes: 0 done, 2 bad command line (or no data to find), 65 model file refused, 1 anything else.
+A YOLO folder without data.yaml reads its class ids as the model's classes (0 = the
+model's first). A class that has no labelled box in the data is said and refused
+(exit 65): its mAP would be a silent 0; ``--allow-no-boxes`` scores such data anyway
+(false boxes on person-free images). A malformed label stops the run with a message
+naming the file and the entry; ``--skip-bad`` skips those images and counts them.
+
+Exit codes: 0 done, 2 bad command line (or no data to find), 65 model file or data
+refused, 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from evaluation.datasets import FORMATS, DataError, load_dataset, source_of, split_images, validation_split
+from evaluation.datasets import (
+    FORMATS,
+    DataError,
+    LoadReport,
+    load_dataset,
+    source_of,
+    split_images,
+    validation_split,
+)
 from evaluation.score import EVAL_SCORE_THRESHOLD, evaluate, print_report
 
 
@@ -45,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="score threshold for every number but mAP (default: the model's own)",
     )
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip images with a malformed label (counted and the first named) instead of stopping")
+    ap.add_argument("--allow-no-boxes", action="store_true",
+                    help="score even when a scored class has no labelled box (false boxes on person-free images)")
     ap.add_argument("--sheet", help="also draw a contact sheet of the evaluated images to this PNG")
     ap.add_argument("--sheet-images", type=int, default=48, help="images on the sheet, spread evenly (default 48)")
     return ap
@@ -73,6 +93,11 @@ def main(argv=None) -> int:
     if args.source and args.data:
         print("--source picks a source of the default split; with --data, point --data at that source", file=sys.stderr)
         return 2
+    try:  # the metric's dependency, before minutes of detection rather than after
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError as e:
+        print(f"mAP needs pycocotools ({e}): pip install -r requirements-dev.txt", file=sys.stderr)
+        return 1
     from app.detector import Detector
     from app.modelfile import ModelFormatError
 
@@ -89,20 +114,37 @@ def main(argv=None) -> int:
         print(f"--class {args.cls!r} is not one of the model's classes {names}", file=sys.stderr)
         return 2
     threshold = float(det.model.score_threshold) if args.threshold is None else args.threshold
+    report = LoadReport()
     try:
         if args.data:
-            samples = load_dataset(args.data, args.format)
+            samples = load_dataset(args.data, args.format, report=report, stop=not args.skip_bad, names=names)
         else:
             samples = validation_split() if args.images == "val" else split_images("drop")
     except DataError as e:
         print(f"evaluation data: {e}", file=sys.stderr)
-        return 2 if not args.data else 1
+        return 2 if not args.data else 65
+    if args.data and (args.format or "yolo") == "yolo" and (Path(args.data) / "labels").is_dir() \
+            and not (Path(args.data) / "data.yaml").exists():
+        print(f"evaluation data: {args.data} has no data.yaml: its class ids are read as the model's classes "
+              f"({', '.join(f'{i} = {n}' for i, n in enumerate(names))})", file=sys.stderr)
+    if report.problems:
+        print(f"evaluation data: skipped {len(report.problems)} malformed label(s) (--skip-bad); the first: "
+              f"{report.problems[0]}", file=sys.stderr)
     if args.source:
         known = sorted({source_of(s) for s in samples})
         samples = [s for s in samples if source_of(s) == args.source]
         if not samples:
             print(f"--source {args.source!r} is not a source of the split; its sources are {known}", file=sys.stderr)
             return 2
+    scored = [args.cls] if args.cls else names
+    boxes = {n: sum(s.names.count(n) for s in samples[: args.limit or None]) for n in scored}
+    empty = [n for n in scored if not boxes[n]]
+    if empty and not args.allow_no_boxes:
+        found = sorted({n for s in samples for n in s.names})
+        print(f"evaluation data: no labelled box of class {', '.join(map(repr, empty))} in {len(samples)} images "
+              f"(the labels name {found or 'no class at all'}); its mAP would be 0. Check the class names "
+              f"(data.yaml 'names'), or pass --allow-no-boxes to score false boxes alone", file=sys.stderr)
+        return 65
     what = args.data or (
         "validation split (models/person-split.txt + coco_mini)" if args.images == "val"
         else "the split's dropped images (models/person-split.txt)"

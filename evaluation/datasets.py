@@ -12,8 +12,8 @@ A malformed label raises :class:`LabelError` naming the file (and line). With
 evaluation stops at the first one, since a score over silently skipped images
 would be a different score.
 
-Only numpy and cv2 are imported: the trainer reads its data through here, and
-nothing here needs torch.
+Only numpy, cv2 and app.limits are imported: the trainer reads its data through
+here, and nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from app.limits import json_too_deep
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FORMATS = ("yolo", "voc", "coco")
@@ -93,6 +95,13 @@ def _sample(img, boxes, names, source, mask=None) -> Sample:
     return Sample(Path(img), np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(names), source, mask)
 
 
+def _what(exc: Exception) -> str:
+    """A malformed entry in words: a missing key names the key."""
+    if isinstance(exc, KeyError):
+        return f"missing {exc.args[0]!r}"
+    return f"malformed entry ({exc})"
+
+
 def _problem(exc: Exception, report: LoadReport, stop: bool):
     if stop:
         raise LabelError(str(exc)) from None
@@ -112,6 +121,22 @@ def parse_yaml_names(path: Path) -> list:
         rest = stripped[len("names:") :].strip()
         if rest.startswith("["):
             return [s.strip().strip("'\"") for s in rest.strip("[]").split(",") if s.strip()]
+        if rest.startswith("{"):  # the mapping inline: names: {0: person, 1: car}
+            if not rest.endswith("}"):
+                raise LabelError(f"{path}:{i + 1}: names mapping is not closed on its line: {rest!r}")
+            inline: dict = {}
+            for item in filter(str.strip, rest[1:-1].split(",")):
+                k, _, v = item.partition(":")
+                v = v.strip().strip("'\"")
+                try:
+                    inline[int(k.strip().strip("'\""))] = v
+                except ValueError:
+                    v = ""
+                if not v:
+                    raise LabelError(f"{path}:{i + 1}: bad names entry {item.strip()!r} (expected ID: NAME)")
+            if not inline:
+                raise LabelError(f"{path}:{i + 1}: names mapping is empty")
+            return _names_from_ids(path, inline)
         names: dict = {}
         listed = []
         for j, sub in enumerate(lines[i + 1 :], start=i + 2):
@@ -132,9 +157,15 @@ def parse_yaml_names(path: Path) -> list:
         if listed:
             return listed
         if names:
-            return [names.get(k, f"class{k}") for k in range(max(names) + 1)]
+            return _names_from_ids(path, names)
         break
     raise LabelError(f"{path}: no 'names:' list found")
+
+
+def _names_from_ids(path: Path, names: dict) -> list:
+    if min(names) < 0 or max(names) >= 10000:
+        raise LabelError(f"{path}: class ids {min(names)}..{max(names)} are not 0..9999")
+    return [names.get(k, f"class{k}") for k in range(max(names) + 1)]
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
@@ -146,13 +177,14 @@ def _find_image(folder: Path, stem: str) -> Path | None:
 
 
 def load_yolo(folder, source: str = "", report: LoadReport | None = None, stop: bool = True, masks: bool = False,
-              only: set | None = None) -> list:
+              only: set | None = None, names: list | None = None) -> list:
     """``images/NAME`` with ``labels/NAME.txt`` (``class cx cy w h`` normalised; no file or an empty one = no
-    objects). ``only``: read just the images whose file names are in it."""
+    objects). ``only``: read just the images whose file names are in it. ``names``: the class names of the ids
+    when the folder has no data.yaml (without either, a box's class is its id as text, "0")."""
     report = report if report is not None else LoadReport()
     folder = Path(folder)
     yaml = folder / "data.yaml"
-    names = parse_yaml_names(yaml) if yaml.exists() else None
+    names = parse_yaml_names(yaml) if yaml.exists() else (list(names) if names is not None else None)
     img_dir, lab_dir = folder / "images", folder / "labels"
     if not img_dir.is_dir():
         raise LabelError(f"{folder}: no images/ folder")
@@ -182,7 +214,8 @@ def load_yolo(folder, source: str = "", report: LoadReport | None = None, stop: 
                     except ValueError:
                         raise LabelError(f"{where}: bad number in {line.strip()!r}") from None
                     if names is not None and not 0 <= cls < len(names):
-                        raise LabelError(f"{where}: unknown class {cls} (data.yaml names {len(names)} classes)")
+                        raise LabelError(f"{where}: unknown class {cls} ({'data.yaml' if yaml.exists() else 'the model'}"
+                                         f" names {len(names)} classes)")
                     if w <= 0 or h <= 0:
                         raise LabelError(f"{where}: box width/height must be > 0, got {w}, {h}")
                     boxes.append(_finish_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, where))
@@ -253,15 +286,45 @@ def load_coco(json_path, img_dir, source: str = "", report: LoadReport | None = 
     report = report if report is not None else LoadReport()
     json_path, img_dir = Path(json_path), Path(img_dir)
     try:
-        d = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        text = json_path.read_bytes()
+        deep = json_too_deep(text)  # json.loads recurses once per level: refuse before the stack runs out
+        if deep:
+            raise LabelError(f"{json_path}: not a COCO detection file: {deep}")
+        d = json.loads(text.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LabelError(f"{json_path}: cannot read COCO json ({exc})") from None
-    try:
-        cats = {int(c["id"]): str(c["name"]) for c in d["categories"]}
-        images = {int(im["id"]): im for im in d["images"]}
-        anns = d.get("annotations", [])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LabelError(f"{json_path}: not a COCO detection file ({exc!r})") from None
+    except RecursionError:
+        raise LabelError(f"{json_path}: not a COCO detection file: JSON nested too deeply to read") from None
+    if not isinstance(d, dict):
+        raise LabelError(f"{json_path}: not a COCO detection file (the top level is a {type(d).__name__}, "
+                         "not an object)")
+    for key in ("categories", "images"):
+        if not isinstance(d.get(key), list):
+            raise LabelError(f"{json_path}: not a COCO detection file (no {key!r} list)")
+    anns = d.get("annotations", [])
+    if not isinstance(anns, list):
+        raise LabelError(f"{json_path}: not a COCO detection file ('annotations' is not a list)")
+    cats: dict = {}
+    for k, c in enumerate(d["categories"]):
+        try:
+            cats[int(c["id"])] = str(c["name"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise LabelError(f"{json_path}: categories[{k}]: {_what(exc)}") from None
+    images: dict = {}
+    for k, im in enumerate(d["images"]):
+        where = f"{json_path}: images[{k}]"
+        try:
+            iid = int(im["id"])
+            name = im["file_name"]
+            if not isinstance(name, str) or not name or "/" in name.replace(os.sep, "/") or "\0" in name:
+                raise LabelError(f"{where}: file_name {name!r} is not a file name")
+            iw, ih = float(im["width"]), float(im["height"])
+            if not (math.isfinite(iw) and math.isfinite(ih) and iw > 0 and ih > 0):
+                raise LabelError(f"{where}: width and height must be > 0, got {im['width']!r}, {im['height']!r}")
+            images[iid] = im
+        except (LabelError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            # an image entry that cannot be used: its annotations are dropped with it (unknown image_id)
+            _problem(exc if isinstance(exc, LabelError) else LabelError(f"{where}: {_what(exc)}"), report, stop)
     per_image: dict = {i: ([], []) for i in images}
     bad_images: set = set()
     for k, a in enumerate(anns):
@@ -273,7 +336,12 @@ def load_coco(json_path, img_dir, source: str = "", report: LoadReport | None = 
             cid = int(a["category_id"])
             if cid not in cats:
                 raise LabelError(f"{where}: unknown category_id {cid}")
-            x, y, w, h = (float(v) for v in a["bbox"])
+            bbox = a["bbox"]
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                raise LabelError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
+            x, y, w, h = (float(v) for v in bbox)
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise LabelError(f"{where}: non-finite number in bbox {bbox!r}")
             if w <= 0 or h <= 0:
                 raise LabelError(f"{where}: bbox width/height must be > 0, got {w}, {h}")
             iw, ih = float(images[iid]["width"]), float(images[iid]["height"])
@@ -282,10 +350,10 @@ def load_coco(json_path, img_dir, source: str = "", report: LoadReport | None = 
                 continue
             per_image[iid][0].append(box)
             per_image[iid][1].append(cats[cid])
-        except (LabelError, KeyError, TypeError, ValueError) as exc:
-            msg = str(exc) if isinstance(exc, LabelError) else f"{where}: malformed annotation ({exc!r})"
+        except (LabelError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            msg = str(exc) if isinstance(exc, LabelError) else f"{where}: {_what(exc)}"
             _problem(LabelError(msg), report, stop)
-            if isinstance(a.get("image_id"), int):
+            if isinstance(a, dict) and isinstance(a.get("image_id"), int):
                 bad_images.add(a["image_id"])  # a half-labelled image would teach that its missing object is background
     out = []
     for iid in sorted(images):
@@ -326,8 +394,9 @@ def detect_format(folder: Path) -> str:
 
 
 def load_dataset(folder, fmt: str | None = None, source: str = "", report: LoadReport | None = None,
-                 stop: bool = True) -> list:
-    """Every image of one dataset folder, its format detected unless ``fmt`` names it."""
+                 stop: bool = True, names: list | None = None) -> list:
+    """Every image of one dataset folder, its format detected unless ``fmt`` names it. ``names``: the class names
+    of a YOLO folder's ids when it has no data.yaml."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such dataset folder")
@@ -335,7 +404,7 @@ def load_dataset(folder, fmt: str | None = None, source: str = "", report: LoadR
     if fmt not in FORMATS:
         raise DataError(f"{folder}: unknown format {fmt!r} (one of {FORMATS})")
     if fmt == "yolo":
-        return load_yolo(folder, source, report, stop)
+        return load_yolo(folder, source, report, stop, names=names)
     if fmt == "voc":
         return load_voc(folder, source, report, stop)
     return [s for js, imgs in coco_layout(folder) for s in load_coco(js, imgs, source, report, stop)]

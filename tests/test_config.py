@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_example_optional_keys_load_when_uncommented(tmp_path):
         ("[events]\nline = [[0, 0.5], [0, 0.5]]\n", ["events.line", "same point"]),
         ("[events]\nline = [[0, 0.5], [1, 0.5], [1, 1]]\n", ["events.line", "[[x1, y1], [x2, y2]]"]),
         ("[events]\nline = [[0, -0.5], [1, 0.5]]\n", ["events.line", "-0.5", "0..1"]),
-        ("[events]\nsnapshot_max_mb = 0\n", ["events.snapshot_max_mb", "> 0"]),
+        ("[events]\nsnapshot_max_mb = 0\n", ["events.snapshot_max_mb", ">= 0.001"]),
         ("[log]\nonly_events = \"yes\"\n", ["log.only_events", "true or false"]),
     ],
 )
@@ -186,3 +187,47 @@ def test_device_fifo_directory_and_huge_files_are_refused_unread(tmp_path):
     huge.write_bytes(b"#" * (cfgmod.MAX_CONFIG_BYTES + 1))
     with pytest.raises(ConfigError, match="too large"):
         load(huge)
+
+
+# --- every path-typed key, every number whose rounding would change its meaning ---------------------------------
+
+PATH_KEYS = ["detector.model", "preview.record", "log.path", "events.snapshot_dir", "mqtt.password_file",
+             "mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file", "web.secret_file"]
+
+
+def test_every_key_that_names_a_file_is_a_path_rule():
+    named = {k for k in cfgmod._RULES if k.endswith(("_file", "_dir", ".path", ".model", ".record"))}
+    assert named == set(PATH_KEYS)
+    assert {k for k, (kind, _) in cfgmod._RULES.items() if kind == "path"} == set(PATH_KEYS)
+
+
+@pytest.mark.parametrize("key", [*PATH_KEYS, "source.spec"])
+@pytest.mark.parametrize("bad", ["a\0b", "\0", "x\ny", "tab\there", "del\x7f", "a" * 5000])
+def test_a_path_the_os_cannot_take_is_refused_naming_the_key(tmp_path, key, bad):
+    section, name = key.split(".")
+    value = f"images:{bad}" if key == "source.spec" else bad
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{section}]\n{name} = {json.dumps(value)}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        cfgmod.load(path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600
+    with pytest.raises(ConfigError):
+        cfgmod.with_overrides(Config(), {key: value})
+
+
+@pytest.mark.parametrize("key, tiny", [("log.max_mb", 1e-7), ("log.max_mb", 1e-300), ("source.fps", 1e-300),
+                                       ("source.fps", 0.001), ("events.snapshot_max_mb", 1e-7),
+                                       ("source.hang_timeout_s", 1e-300), ("source.backoff_initial_s", 1e-300),
+                                       ("watchdog.status_interval_s", 1e-300), ("preview.record_fps", 1e-300),
+                                       ("mqtt.status_interval_s", 1e-300), ("mqtt.reconnect_min_s", 1e-300),
+                                       ("web.fps", 1e-300)])
+def test_a_value_that_would_round_to_off_or_a_busy_loop_is_refused(key, tiny):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfgmod.with_overrides(Config(), {key: tiny})
+
+
+def test_zero_still_means_off_and_the_smallest_real_values_work():
+    cfg = cfgmod.with_overrides(Config(), {"log.max_mb": 0, "source.fps": 0})
+    assert cfg.log.max_mb == 0 and cfg.source.fps == 0
+    cfg = cfgmod.with_overrides(Config(), {"log.max_mb": 0.001, "source.fps": 0.01})
+    assert int(cfg.log.max_mb * 1024 * 1024) > 1000  # the bytes the log rotates at: not 0, "never"

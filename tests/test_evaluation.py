@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -377,3 +378,123 @@ def test_cli_source_keeps_one_source_of_the_split(tmp_path, monkeypatch, rand_mo
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1])["images"] == 2 and "dropped images" in out  # no coco_mini
     assert ev.main(["--model", str(rand_model_file), "--images", "drop", "--data", str(data)]) == 2
+
+
+# --- no silent mAP 0: class names, classes without boxes, malformed COCO, the metric's dependency -------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "person"
+
+
+def _copy_person(tmp_path, yaml_text=None):
+    import shutil
+
+    d = tmp_path / "person"
+    shutil.copytree(FIXTURES, d)
+    if yaml_text is not None:
+        (d / "data.yaml").write_text(yaml_text)
+    return d
+
+
+@pytest.mark.parametrize("yaml_text", [None, "names: {0: person}\n", "names: {0: 'person'}\nnc: 1\n",
+                                       "names:\n  0: person\n", "names: [person]\n", "names:\n  - person\n"])
+def test_every_names_form_and_none_keeps_the_labels(tmp_path, rand_model_file, yaml_text, capsys):
+    data = _copy_person(tmp_path, yaml_text)
+    assert ev.main(["--model", str(rand_model_file), "--data", str(data)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1])["boxes"] == 3  # every label kept: not dropped as "0"
+    if yaml_text is None:
+        assert "no data.yaml" in out.err and "0 = person" in out.err
+
+
+@pytest.mark.parametrize("yaml_text, named", [("names: {0: dog}\n", "dog"), ("names: [cat, dog]\n", "cat"),
+                                              ("names:\n  0: car\n", "car")])
+def test_a_class_without_boxes_is_said_and_refused(tmp_path, rand_model_file, yaml_text, named, capsys):
+    data = _copy_person(tmp_path, yaml_text)
+    assert ev.main(["--model", str(rand_model_file), "--data", str(data)]) == 65
+    err = capsys.readouterr().err
+    assert "no labelled box of class 'person'" in err and named in err  # and what the labels do name
+    assert ev.main(["--model", str(rand_model_file), "--data", str(data), "--allow-no-boxes"]) == 0
+
+
+def test_a_requested_class_without_boxes_is_refused(tmp_path, rand_model_file, capsys):
+    data = make_yolo(tmp_path / "d", n=2)
+    (data / "data.yaml").write_text("names:\n  0: dog\n  1: cat\n")
+    assert ev.main(["--model", str(rand_model_file), "--data", str(data), "--class", "person"]) == 65
+    assert "'person'" in capsys.readouterr().err
+
+
+def _coco(tmp_path, images=None, anns=None):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(root / "images" / name), np.full((50, 80, 3), 60, np.uint8))
+    doc = {"images": images or [{"id": 1, "file_name": "a.jpg", "width": 80, "height": 50},
+                                {"id": 2, "file_name": "b.jpg", "width": 80, "height": 50}],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 30]},
+                           {"id": 2, "image_id": 2, "category_id": 1, "bbox": [5, 5, 20, 20]}, *(anns or [])]}
+    path = root / "annotations" / "instances_images.json"
+    path.write_text(json.dumps(doc, allow_nan=True))
+    return root, path
+
+
+BAD_ANNOTATIONS = {
+    "missing bbox": ({"id": 9, "image_id": 1, "category_id": 1}, "missing 'bbox'"),
+    "missing image_id": ({"id": 9, "category_id": 1, "bbox": [1, 1, 2, 2]}, "missing 'image_id'"),
+    "outside the image": ({"id": 9, "image_id": 1, "category_id": 1, "bbox": [70, 10, 40, 10]}, "outside the image"),
+    "negative size": ({"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, 10, -5, 10]}, "must be > 0"),
+    "NaN": ({"id": 9, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 1, 2, 2]}, "non-finite"),
+    "short bbox": ({"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2]}, "not [x, y, width, height]"),
+    "bbox not a list": ({"id": 9, "image_id": 1, "category_id": 1, "bbox": "1 1 2 2"}, "not [x, y, width, height]"),
+    "annotation not an object": (7, "annotations[2]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ANNOTATIONS))
+def test_malformed_coco_annotations_are_named_or_skipped_and_counted(tmp_path, rand_model_file, name, capsys):
+    entry, needle = BAD_ANNOTATIONS[name]
+    root, path = _coco(tmp_path, anns=[entry])
+    with pytest.raises(datasets.LabelError) as e:
+        datasets.load_dataset(root)
+    assert str(path) in str(e.value) and "annotations[2]" in str(e.value) and needle in str(e.value)
+    assert ev.main(["--model", str(rand_model_file), "--data", str(root)]) == 65
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert ev.main(["--model", str(rand_model_file), "--data", str(root), "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 malformed label" in captured.err and needle in captured.err
+    images = json.loads(captured.out.strip().splitlines()[-1])["images"]
+    assert images == (2 if name in ("missing image_id", "annotation not an object") else 1)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"id": 3, "width": 80, "height": 50}, "missing 'file_name'"),
+    ({"file_name": "a.jpg", "width": 80, "height": 50}, "missing 'id'"),
+    ({"id": 3, "file_name": "../a.jpg", "width": 80, "height": 50}, "is not a file name"),
+    ({"id": 3, "file_name": "a.jpg", "width": 0, "height": 50}, "must be > 0"),
+    ({"id": 3, "file_name": "a.jpg", "height": 50}, "missing 'width'"),
+])
+def test_malformed_coco_images_are_named(tmp_path, bad, needle):
+    images = [{"id": 1, "file_name": "a.jpg", "width": 80, "height": 50},
+              {"id": 2, "file_name": "b.jpg", "width": 80, "height": 50}, bad]
+    root, path = _coco(tmp_path, images=images)
+    with pytest.raises(datasets.LabelError) as e:
+        datasets.load_dataset(root)
+    assert str(path) in str(e.value) and "images[2]" in str(e.value) and needle in str(e.value)
+    report = datasets.LoadReport()
+    assert len(datasets.load_dataset(root, report=report, stop=False)) == 2 and len(report.problems) == 1
+
+
+def test_the_metrics_dependency_is_checked_before_any_detection(tmp_path, rand_model_file, monkeypatch, capsys):
+    import sys
+
+    import app.detector
+
+    def no_detector(*a, **k):
+        raise AssertionError("the model was loaded before the metric's dependency was checked")
+
+    monkeypatch.setattr(app.detector, "Detector", no_detector)
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # an import of it now raises ImportError
+    assert ev.main(["--model", str(rand_model_file), "--data", str(make_yolo(tmp_path / "d", n=2))]) == 1
+    assert "pycocotools" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +18,7 @@ from app.config import ConfigError, SourceConfig
 from app.sinks import (
     DrmPreview,
     JsonlLog,
+    LogRefused,
     NullLog,
     NullPreview,
     Recorder,
@@ -506,3 +508,89 @@ def test_recorder_that_cannot_open_warns_and_continues(tmp_path, caplog):
     rec.write(np.zeros((48, 64, 3), np.uint8))
     rec.close()
     assert rec.frames == 0 and caplog.text.count("cannot record") == 1
+
+
+# --- only this program's logs are appended to or repaired ----------------------------------------------------
+
+NOT_LOGS = {
+    "notes.json, no final newline": b'{"a": 1}\n{"b": 2}',
+    "notes.json, final newline": b'{"a": 1}\n{"b": 2}\n',
+    "a one-line token": b"s3cr3t-token-value",
+    "a token with a newline": b"s3cr3t-token-value\n",
+    "JSON lines of another schema": b'{"v":2,"time":"x"}\n{"v":2,"time":"y"}\n',
+    "a JSON line that is not an object": b'[1,2]\n',
+    "binary": bytes(range(256)) * 4,
+    "a NUL run": b"\x00" * 100,
+    "text with a JSON-looking start": b'{"v":1,"x":1}\nthen prose',
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_LOGS))
+def test_a_file_that_is_not_our_log_is_refused_and_left_whole(tmp_path, name):
+    path = tmp_path / "f"
+    path.write_bytes(NOT_LOGS[name])
+    with pytest.raises(LogRefused, match="not a log of this program"):
+        JsonlLog(str(path))
+    assert path.read_bytes() == NOT_LOGS[name]
+
+
+def test_a_model_file_given_as_the_log_is_refused_and_left_whole(tmp_path, rand_model_file):
+    before = rand_model_file.read_bytes()
+    with pytest.raises(LogRefused):
+        JsonlLog(str(rand_model_file))
+    assert rand_model_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "socket"])
+def test_a_path_that_is_no_file_is_refused_without_blocking(tmp_path, kind):
+    import socket
+
+    path = tmp_path / "x"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it for writing would block until a reader came
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+    with pytest.raises(LogRefused, match="not a regular file"):
+        JsonlLog(str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b'{"v":1,"seq":0}\n', b'{"v":1,"seq":0}\n{"v":1,"s', b'{"v":1,"se',
+                                     b'{"v":1,"seq":0}\n' * 20000])
+def test_our_logs_and_empty_files_are_still_opened(tmp_path, content):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    log = JsonlLog(str(path))
+    assert log.write(record(7))
+    log.close()
+    assert json.loads(path.read_bytes().splitlines()[-1])["seq"] == 7
+
+
+def test_a_file_replaced_by_something_else_is_not_written_into(tmp_path):
+    path = tmp_path / "x.jsonl"
+    log = JsonlLog(str(path))
+    log.write(record(0))
+    os.replace(path, tmp_path / "x.jsonl.old")
+    path.write_bytes(b"someone's notes")  # at the log's path now: not ours
+    assert not log.write(record(1))
+    assert path.read_bytes() == b"someone's notes" and log.failures == 1
+    log.close()
+
+
+def test_stdout_closed_is_refused():
+    import subprocess
+    import sys
+
+    code = ("from app.sinks import JsonlLog, LogRefused\n"
+            "try:\n    JsonlLog('-')\nexcept LogRefused as e:\n    raise SystemExit(f'refused: {e}')\n")
+    r = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.stderr.strip().startswith("refused: log '-' is stdout, and stdout is closed"), r.stderr
+
+
+@pytest.mark.parametrize("path", ["a\0b", "\0"])
+def test_a_nul_in_the_path_is_refused_not_raised(path):
+    with pytest.raises(LogRefused):
+        JsonlLog(path)

@@ -5,6 +5,7 @@ and no partial line is ever left in the log."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -212,3 +213,104 @@ def test_unwritable_recording_path_does_not_stop_detection(tmp_path, model_path)
     assert r.returncode == 0, r.stderr
     assert "processed=10" in r.stderr and r.stderr.count("not recording") == 1
     assert len(frames_and_events(read_log(log, allow_torn_tail=False)[0])[0]) == 10
+
+
+# --- the log's real state: an external truncate, a full disk, two writers ---------------------------------
+
+
+def frame_line(seq):
+    return {"v": 1, "time": "t", "seq": seq, "detections": []}
+
+
+@pytest.mark.parametrize("cut_to", [0, 1, "mid-line"])
+@pytest.mark.parametrize("short", [1, 17, "half"])
+def test_external_truncate_then_a_full_disk_adds_no_nul_and_keeps_whole_lines(tmp_path, cut_to, short):
+    """logrotate's copytruncate empties the file under the writer; the disk then fills mid-line. The partial
+    line is cut off the file's real end: no NUL run where a remembered size would have put it."""
+    path = tmp_path / "x.jsonl"
+    log = JsonlLog(str(path))
+    for i in range(200):
+        log.write(frame_line(i))
+    size = path.stat().st_size
+    keep = {0: 0, 1: len(path.read_bytes().split(b"\n")[0]) + 1, "mid-line": 10}[cut_to]
+    os.truncate(path, keep)  # copytruncate (or a careless `> file`)
+    real = log._write
+    log._write = lambda fd, data: real(fd, data[: len(data) // 2 if short == "half" else short])
+    assert not log.write(frame_line(200))
+    log._write = real
+    assert log.write(frame_line(201)) and log.write(frame_line(202))
+    log.close()
+    raw = path.read_bytes()
+    assert b"\x00" not in raw and len(raw) < size // 10
+    lines = raw.split(b"\n")
+    assert lines[-1] == b""
+    tail = [json.loads(x)["seq"] for x in lines[:-1] if x.startswith(b'{"v":1,"time":"t","seq"')]
+    assert tail[-2:] == [201, 202] and 200 not in tail
+
+
+def test_external_truncate_does_not_rotate_early_or_late(tmp_path):
+    path = tmp_path / "x.jsonl"
+    one = len(json.dumps(frame_line(0), separators=(",", ":"))) + 1
+    log = JsonlLog(str(path), max_bytes=10 * one, files=3)
+    for i in range(8):
+        log.write(frame_line(i))
+    os.truncate(path, 0)
+    for i in range(8, 16):  # 8 lines fit again after the truncate: a remembered size of 16 lines would rotate
+        log.write(frame_line(i))
+    log.close()
+    assert log.rotations == 0 and not (tmp_path / "x.jsonl.1").exists()
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == list(range(8, 16))
+
+
+def test_really_full_tmpfs_after_an_external_truncate_has_no_nul(tiny_tmpfs):
+    path = tiny_tmpfs / "x.jsonl"
+    log = JsonlLog(str(path))
+    i = 0
+    while log.failures == 0:  # fill the 64 KB file system
+        log.write(frame_line(i))
+        i += 1
+    os.truncate(path, 0)
+    filler = tiny_tmpfs / "filler"
+    with open(filler, "wb") as fh:  # something else takes the space the truncate freed, but for a few bytes
+        try:
+            fh.write(b"x" * 2**20)
+        except OSError:
+            pass
+    before = log.failures
+    for _ in range(5):
+        log.write({"v": 1, "time": "t", "pad": "p" * 3000})  # larger than what is left: a short write or ENOSPC
+    assert log.failures > before
+    filler.unlink()
+    assert log.write(frame_line(10**6))
+    log.close()
+    raw = path.read_bytes()
+    assert b"\x00" not in raw and raw.endswith(b"\n")
+    assert json.loads(raw.splitlines()[-1])["seq"] == 10**6
+
+
+@pytest.mark.parametrize("rotating", [False, True])
+def test_a_second_writer_on_the_same_log_is_refused(tmp_path, rotating):
+    path = tmp_path / "x.jsonl"
+    first = JsonlLog(str(path), max_bytes=2000 if rotating else 0, files=3)
+    for i in range(100 if rotating else 3):  # rotating: the lock follows the new file
+        first.write(frame_line(i))
+    assert first.rotations > 0 or not rotating
+    with pytest.raises(sinks.LogRefused, match="in use by another process"):
+        JsonlLog(str(path))
+    first.close()
+    second = JsonlLog(str(path))  # the lock goes with the first writer
+    assert second.write(frame_line(99))
+    second.close()
+
+
+def test_a_second_app_on_the_same_log_exits_78_naming_the_lock(tmp_path, model_path):
+    path = tmp_path / "x.jsonl"
+    first = JsonlLog(str(path))
+    first.write(frame_line(0))
+    try:
+        r = run_app("--model", model_path, "--source", "demo", "--max-frames", "1", "--log", path)
+    finally:
+        first.close()
+    assert r.returncode == 78
+    assert "in use by another process" in r.stderr and "Traceback" not in r.stderr
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [0]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from app.modelfile import ModelFormatError, read_model
 from tests.reliability import modelbytes
-from tests.reliability.support import run_app, unit_restart_prevent_codes
+from tests.reliability.support import ROOT, run_app, unit_restart_prevent_codes
 
 EXIT_USAGE, EXIT_MODEL, EXIT_CONFIG = 2, 65, 78
 
@@ -114,6 +116,11 @@ BAD_CONFIGS = {
     "not toml": ('[source\nspec = "picamera2"\n', "not valid TOML"),
     "backoff order": ('[source]\nspec = "picamera2"\nbackoff_initial_s = 9.0\nbackoff_max_s = 1.0\n', "backoff_max_s"),
     "model classes": ('[source]\nspec = "picamera2"\n[detector]\nclasses = ["unicorn"]\n', "unicorn"),
+    "NUL in a path": ('[source]\nspec = "picamera2"\n[log]\npath = "/tmp/a\\u0000b"\n', "log.path"),
+    "NUL in the model path": ('[source]\nspec = "picamera2"\n[detector]\nmodel = "m\\u0000.xnc"\n', "detector.model"),
+    "log.max_mb rounds to 0 bytes": ('[source]\nspec = "picamera2"\n[log]\nmax_mb = 1e-7\n', "log.max_mb"),
+    "deep array": ('[source]\nspec = "picamera2"\nx = ' + "[" * 100_000 + "]" * 100_000 + "\n", "levels deep"),
+    "deep dotted key": ('[source]\nspec = "picamera2"\n' + "a" + ".a" * 200_000 + " = 1\n", "dotted key"),
 }
 
 
@@ -211,3 +218,23 @@ def test_model_path_that_is_not_a_regular_file_exits_65_promptly(kind, tmp_path,
     assert r.returncode == EXIT_MODEL, r.stderr
     assert "model file refused" in r.stderr and str(path) in r.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["notes", "model", "token", "stdout closed"])
+def test_a_log_that_cannot_be_ours_exits_78_before_the_camera_opens(case, model_path, tmp_path, fake_camera):
+    make_env, marker = fake_camera
+    target = {"notes": tmp_path / "notes.json", "model": tmp_path / "person.xnc", "token": tmp_path / "token"}.get(case)
+    content = {"notes": b'{"a": 1}\n{"b": 2}', "model": model_path.read_bytes(), "token": b"s3cr3t"}.get(case)
+    if target is not None:
+        target.write_bytes(content)
+    args = ["--source", "picamera2", "--model", model_path, "--preview", "none", "--log", target or "-"]
+    if case == "stdout closed":
+        r = subprocess.run([sys.executable, "-m", "app", *map(str, args)], cwd=ROOT, env=make_env(),
+                           stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    else:
+        r = run_app(*args, env=make_env())
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    assert "configuration refused" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists(), "the camera was opened before the log was checked"
+    if target is not None:
+        assert target.read_bytes() == content
