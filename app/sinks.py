@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -171,10 +172,13 @@ class JsonlLog:
         """Open (or reopen) the log. ``must`` (the first open): a log that can never be used raises LogRefused;
         one that cannot be opened now (a missing disk) is warned about and retried on each line."""
         if self.path == "-":
+            # Closed at start, Python leaves sys.stdout None, and fd 1 may since have been reused by a pipe of ours.
             try:
-                os.fstat(1)
-            except OSError:
-                raise LogRefused("log '-' is stdout, and stdout is closed: log to a file instead") from None
+                closed = sys.stdout is None or os.fstat(1) is None
+            except (OSError, ValueError):
+                closed = True
+            if closed:
+                raise LogRefused("log '-' is stdout, and stdout is closed: log to a file instead")
             self._fd, self._regular = 1, False
             return True
         try:
