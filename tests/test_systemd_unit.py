@@ -147,3 +147,28 @@ def test_camera_compatible_hardening(unit):
     assert set(unit["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK"}
     assert "@system-service" in unit["SystemCallFilter"]
     assert unit["UMask"] == ["0077"]
+
+
+def test_the_service_does_not_import_from_its_writable_home(tmp_path):
+    """The unit's environment turns user site-packages off: a .pth file in the service's (writable) home is not
+    run. Checked with a real venv made as install.sh makes it (system site-packages on)."""
+    import subprocess
+    import sys
+
+    env_lines = [line.split("=", 1)[1] for line in (ROOT / "systemd" / "xnorcam.service").read_text().splitlines()
+                 if line.startswith("Environment=")]
+    unit_env = dict(pair.split("=", 1) for line in env_lines for pair in line.split())
+    assert unit_env.get("PYTHONNOUSERSITE") == "1"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    home = tmp_path / "home"
+    site = home / ".local" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (site / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')\n")
+    base = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    subprocess.run([str(venv / "bin" / "python"), "-c", "pass"], env=base, check=True)
+    assert marker.exists()  # without the unit's setting the .pth runs: the test can fail
+    marker.unlink()
+    subprocess.run([str(venv / "bin" / "python"), "-c", "pass"], env={**base, "PYTHONNOUSERSITE": "1"}, check=True)
+    assert not marker.exists()
