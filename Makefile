@@ -160,12 +160,13 @@ fuzz: setup-dev ## property-based runs of the loaders and detect(): >= 2000 case
 lint: setup-dev ## ruff check app evaluation train tests benchmarks
 	$(PY) -m ruff check $(wildcard app evaluation train tests benchmarks)
 
+# HOST and INSTALL_ARGS reach deploy/deploy.sh as environment data, never pasted into the recipe's shell text;
+# $(value ...) keeps make from expanding them either. The script checks both and refuses anything else.
+unexport HOST INSTALL_ARGS  # exporting a command-line variable would expand it, $(shell ...) and all
+deploy: export XNORCAM_DEPLOY_HOST := $(value HOST)
+deploy: export XNORCAM_DEPLOY_ARGS := $(value INSTALL_ARGS)
 deploy: ## copy the project to HOST over ssh and install it there: make deploy HOST=pi@xnorcam.local
-	@test -n "$(HOST)" || { echo "usage: make deploy HOST=user@host [INSTALL_ARGS=--dry-run]" >&2; exit 2; }
-	tar --exclude-vcs --exclude=./.venv --exclude=./runs --exclude='__pycache__' \
-		--exclude=./.pytest_cache --exclude=./.hypothesis --exclude=./.ruff_cache --exclude=./.numba_cache \
-		-czf - . | ssh $(HOST) 'rm -rf xnorcam-src && mkdir xnorcam-src && tar -xzf - -C xnorcam-src'
-	ssh -t $(HOST) 'sudo bash xnorcam-src/deploy/install.sh $(INSTALL_ARGS)'
+	@bash deploy/deploy.sh
 
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis .ruff_cache .numba_cache

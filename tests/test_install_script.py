@@ -76,7 +76,7 @@ def stub_calls(stubs) -> str:
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (.ci/run installs it)")
-@pytest.mark.parametrize("script", ["deploy/install.sh", ".ci/run"])
+@pytest.mark.parametrize("script", ["deploy/install.sh", "deploy/deploy.sh", ".ci/run"])
 def test_shellcheck_clean(script):
     result = subprocess.run(["shellcheck", "--severity=style", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
