@@ -53,7 +53,11 @@ class SourceConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     model: str = ""
-    threads: int = 1
+    # Two of the Zero 2 W's four cores: the detector's critical path halves (about 25 -> 13.5 M instructions,
+    # 17-25 -> 31-47 fps) for no more instructions in all and no more memory, and two cores stay free for capture,
+    # the overlay, the web encoder and MQTT. Four would cut latency again but contend with those threads, and the
+    # camera's 15 fps is already beaten twice over. ARCHITECTURE.md ("Threads") has the figures.
+    threads: int = 2
     score_threshold: float | None = None
     class_thresholds: dict[str, float] = field(default_factory=dict)
     nms_iou: float | None = None

@@ -26,7 +26,7 @@ def test_builtin_defaults_when_default_file_absent(monkeypatch, tmp_path):
     monkeypatch.setattr(cfgmod, "DEFAULT_CONFIG_PATH", tmp_path / "missing.toml")
     c = load()
     assert c == Config()
-    assert c.source.spec == "auto" and c.detector.threads == 1 and c.preview.mode == "auto"
+    assert c.source.spec == "auto" and c.detector.threads == 2 and c.preview.mode == "auto"
 
 
 def test_default_file_is_used_when_present(monkeypatch, tmp_path):
@@ -163,8 +163,8 @@ def test_values_are_converted_and_frozen(tmp_path):
 
 
 def test_overrides_are_validated_like_the_file():
-    c = with_overrides(Config(), {"source.spec": "images:x", "detector.threads": 2, "detector.score_threshold": 0.5})
-    assert (c.source.spec, c.detector.threads, c.detector.score_threshold) == ("images:x", 2, 0.5)
+    c = with_overrides(Config(), {"source.spec": "images:x", "detector.threads": 3, "detector.score_threshold": 0.5})
+    assert (c.source.spec, c.detector.threads, c.detector.score_threshold) == ("images:x", 3, 0.5)
     with pytest.raises(ConfigError, match="detector.threads"):
         with_overrides(Config(), {"detector.threads": 0})
     with pytest.raises(ConfigError, match="unknown setting"):
