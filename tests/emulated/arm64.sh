@@ -144,6 +144,9 @@ fresh_root() {
     mount -t proc proc "$ROOT/proc"
     MOUNTS+=("$ROOT/proc")
     bind /dev "$ROOT/dev"
+    # A bind of /dev leaves out the mounts under it: without the tmpfs on /dev/shm, numba's threading layer
+    # (detector.threads > 1) cannot make its semaphore there and warns at every start, which a Pi never does.
+    bind /dev/shm "$ROOT/dev/shm"
     bind "$CACHE/$SUITE-apt" "$ROOT/var/cache/apt/archives"
     bind "$CACHE/pip" "$ROOT/root/.cache/pip"
     say "copying the project (tracked and untracked, not ignored) to /root/xnorcam-src"
@@ -187,9 +190,20 @@ as_service /opt/xnorcam/venv/bin/python -c 'import platform, cv2, llvmlite, numb
 print("machine", platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__,
       "opencv", cv2.__version__, "numba", numba.__version__, "llvmlite", llvmlite.__version__)'
 
+# The app's stderr is shown and kept: a Python warning there (numba's, numpy's) would land in the
+# journal of every start on a Pi, so it fails the run.
+no_warnings() {
+    cat "$1" >&2
+    if grep -n 'Warning' "$1" >&2; then
+        die "$2 printed a warning (above)"
+    fi
+}
+
 say "python -m app --warmup-only (the cache install.sh filled)"
 as_service python3 -c "$PEAK" warmup-only /opt/xnorcam/venv/bin/python -m app --warmup-only \
-    --config /etc/xnorcam/config.toml
+    --config /etc/xnorcam/config.toml 2>"$CACHE/$SUITE-warmup.err" ||
+    { cat "$CACHE/$SUITE-warmup.err" >&2; die "python -m app --warmup-only failed"; }
+no_warnings "$CACHE/$SUITE-warmup.err" "python -m app --warmup-only"
 
 say "$FRAMES frames of images: through the installed app"
 images=/opt/xnorcam/app/app/assets/demo
@@ -197,7 +211,9 @@ args=(--source "images:$images" --loop --fps 0 --max-frames "$FRAMES" --preview 
 arm_out=$CACHE/$SUITE-frames.jsonl
 host_out=$CACHE/host-frames.jsonl
 as_service python3 -c "$PEAK" "$FRAMES-frames" /opt/xnorcam/venv/bin/python -m app \
-    --config /etc/xnorcam/config.toml "${args[@]}" >"$arm_out"
+    --config /etc/xnorcam/config.toml "${args[@]}" >"$arm_out" 2>"$CACHE/$SUITE-frames.err" ||
+    { cat "$CACHE/$SUITE-frames.err" >&2; die "the $FRAMES-frame run failed"; }
+no_warnings "$CACHE/$SUITE-frames.err" "the $FRAMES-frame run"
 HOST_PY=${XNORCAM_HOST_PYTHON:-$REPO/.venv/bin/python}
 n_images=$(find "$ROOT$images" -maxdepth 1 -type f -iname '*.jpg' | wc -l)
 host_args=(--source "images:$REPO/app/assets/demo" "${args[@]:2}")
