@@ -225,11 +225,23 @@ def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
     from app.sinks import record_path_problem
 
-    problem = record_path_problem(cfg.preview.record) if cfg.preview.record else None
+    # Paths the app writes, tried now: one that can never be written (read-only, hidden by the service's
+    # sandbox, a file where a directory should be) is refused with one line, not lost silently later.
+    # (--warmup-only and --mqtt-clear write nothing there: install.sh's warm-up runs outside the sandbox.)
+    writes = not args.warmup_only and not args.mqtt_clear
+    problem = record_path_problem(cfg.preview.record) if cfg.preview.record and writes else None
     if problem:
         if args.record is not None:
             return _fail(EXIT_USAGE, "bad command line", problem)
         return _fail(EXIT_CONFIG, "configuration refused", problem)
+    if cfg.tracker.enabled and cfg.events.snapshot_dir and writes:
+        from app.sinks import writable_dir_problem
+
+        problem = writable_dir_problem("events.snapshot_dir", cfg.events.snapshot_dir)
+        if problem:
+            if args.snapshots is not None:
+                return _fail(EXIT_USAGE, "bad command line", problem)
+            return _fail(EXIT_CONFIG, "configuration refused", problem)
     try:
         mqtt_login = None
         if cfg.mqtt.enabled:  # the password file and the TLS files, checked before the camera opens
@@ -432,7 +444,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
                      if e.snapshot_dir else NullSnapshots())
         events = Events(tracker, log_sink.event, detector.class_names, zones=e.zones, only_in_zones=e.only_in_zones,
                         line=e.line, update_every_s=e.update_every_s, snapshots=snapshots)
-    recorder = sinks.Recorder(cfg.preview.record, cfg.preview.record_fps) if cfg.preview.record else sinks.NullRecorder()
+    recorder = (sinks.Recorder(cfg.preview.record, cfg.preview.record_fps, on_event=log_sink.event)
+                if cfg.preview.record else sinks.NullRecorder())
     pipeline = Pipeline(
         capture,
         detector,

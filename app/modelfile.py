@@ -557,7 +557,9 @@ def read_model(path) -> Model:
             if len(raw) > MAX_FILE_BYTES:  # it grew while being read
                 chk.fail(f"larger than a model file may be ({MAX_FILE_BYTES // 2**20} MiB)")
     except OSError as e:
-        chk.fail(f"cannot read the model file: {e.strerror or e}")
+        from app.sandbox import hint
+
+        chk.fail(f"cannot read the model file: {e.strerror or e}{hint(str(path), e.errno, writing=False)}")
     header, data_start = _read_header(chk, raw)
     size = header["data_size"]
     if header.get("format") != "xnorcam-model":

@@ -128,6 +128,11 @@ def log_tail_state(fd: int, size: int) -> tuple[bool, int]:
     return _is_our_line(tail[prev + 1 : cut]) and torn_ours, start + cut + 1
 
 
+# Errors opening the log that no retry heals (EROFS may be a disk remounted read-only after errors: retried,
+# unless the service's sandbox is the cause).
+_NEVER_WRITABLE = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
 class JsonlLog:
     """One JSON object per line, each written whole with a single ``write`` (no userspace buffer).
 
@@ -187,7 +192,14 @@ class JsonlLog:
             if isinstance(exc, ValueError):  # a NUL in the path (the config refuses it; a caller may not have)
                 raise LogRefused(f"log {self.path!r}: not a usable path ({exc})") from None
             if must:
-                # Starting without a log is allowed (the disk may come back), but say so.
+                from app.sandbox import hint
+
+                why = hint(self.path, exc.errno, writing=True)
+                if why or exc.errno in _NEVER_WRITABLE:
+                    # No retry heals a permission, a file where a directory should be, or the service's sandbox:
+                    # a configuration error, said at start rather than a log that silently stays empty.
+                    raise LogRefused(f"log {self.path}: cannot be written ({exc.strerror or exc}){why}") from None
+                # Starting without a log is allowed otherwise (a missing disk may come back), but say so.
                 log.warning("cannot open log %s (%s); will retry on each line", self.path, exc.strerror)
             self._note_failure(exc)
             return False
@@ -787,23 +799,75 @@ class NullRecorder:
         pass
 
 
-def record_path_problem(path: str) -> str | None:
-    """Why ``path`` cannot take a recording, or None. Only a regular file (or a new one) can: the MP4 muxer
-    seeks back to finish the file, and opening a FIFO blocks inside FFmpeg, out of reach of a stop request,
-    until someone reads it."""
-    import stat
+def record_path_problem(path: str, key: str = "preview.record") -> str | None:
+    """Why ``path`` cannot take a recording, or None, found by trying: its directory is made (as the recorder
+    would), the file opened for writing and, when this made it, removed again. A path that can never be
+    recorded to (a read-only or missing tree, a file where a directory should be, a path the service's sandbox
+    hides) is a configuration error said at start, not a recording silently missing later. Only a regular file
+    (or a new one) can take it: the MP4 muxer seeks back to finish the file, and opening a FIFO blocks inside
+    FFmpeg, out of reach of a stop request, until someone reads it."""
+    from app.sandbox import hint
+
+    def failed(what: str, exc: OSError) -> str:
+        return f"{key} = {path!r}: {what} ({exc.strerror or exc}){hint(path, exc.errno, writing=True)}"
 
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return None
+        mode = None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            return f"{key} = {path!r}: not a usable path ({exc})"
+        return failed("cannot be written", exc)
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"{key} = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
     except OSError as exc:
-        return f"preview.record = {path!r}: {exc.strerror}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "a device")
-    return f"preview.record = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+        return failed(f"cannot make its directory {parent}", exc)
+    try:
+        # O_NONBLOCK: a FIFO put there since the stat above must not block the open.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL * (mode is None) | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
+    except FileExistsError:
+        return None  # made by someone else in between: the recorder will overwrite it as it would have
+    except OSError as exc:
+        return failed("cannot be written", exc)
+    os.close(fd)
+    if mode is None:
+        try:
+            os.unlink(path)  # a run stopped before its first frame leaves no empty file behind
+        except OSError:
+            pass
+    return None
+
+
+def writable_dir_problem(key: str, directory: str) -> str | None:
+    """Why files cannot be written in ``directory`` (made when missing, as its writer would), or None; found by
+    creating and removing a file there, so a read-only tree or the service's sandbox is said at start."""
+    from app.sandbox import hint
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.isdir(directory):
+            return f"{key} = {directory!r}: not a directory"
+        fd, probe = _tempfile_in(directory)
+        os.close(fd)
+        os.unlink(probe)
+    except ValueError as exc:
+        return f"{key} = {directory!r}: not a usable path ({exc})"
+    except OSError as exc:
+        return f"{key} = {directory!r}: cannot be written ({exc.strerror or exc}){hint(directory, exc.errno, True)}"
+    return None
+
+
+def _tempfile_in(directory: str) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=".xnorcam-check-", dir=directory)
 
 
 class Recorder:
@@ -811,15 +875,30 @@ class Recorder:
 
     needs_canvas = True
 
-    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v") -> None:
+    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v", on_event: Any = None) -> None:
         self.path = path
         self.fps = fps
         self.fourcc = fourcc
         self.frames = 0
         self.failures = 0
+        self.last_error: str | None = None
+        # Called with a ``record_error`` event (the log's ``event``): a recording lost after the start checks
+        # passed (the disk went away, the writer would not open) is a line in the log, not only a warning.
+        self.on_event = on_event
         self._writer = None
         self._size: tuple[int, int] | None = None
         self._broken = False
+
+    def _give_up(self, message: str) -> None:
+        self._broken = True
+        self.last_error = message
+        log.error("%s; not recording (detection goes on)", message)
+        if self.on_event is not None:
+            try:
+                self.on_event({"event": "record_error", "mono_ms": round(time.monotonic() * 1000.0, 3),
+                               "path": self.path, "message": message})
+            except Exception:
+                log.debug("logging the record_error event failed", exc_info=True)
 
     def write(self, canvas: np.ndarray | None) -> None:
         import cv2
@@ -828,21 +907,15 @@ class Recorder:
             return
         h, w = canvas.shape[:2]
         if self._writer is None:
-            problem = record_path_problem(self.path)  # checked at start too; it may have been made since
+            # Checked at start too (a bad path is refused there); the disk may have gone since: then the
+            # recording is lost, not the camera.
+            problem = record_path_problem(self.path)
             if problem:
-                self._broken = True
-                log.warning("%s; not recording", problem)
-                return
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            except OSError as exc:  # read-only or impossible path: lose the recording, not the camera
-                self._broken = True
-                log.warning("cannot record to %s (%s); not recording", self.path, exc)
+                self._give_up(problem)
                 return
             writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
             if not writer.isOpened():
-                self._broken = True
-                log.warning("cannot record to %s (cv2.VideoWriter did not open); not recording", self.path)
+                self._give_up(f"preview.record = {self.path!r}: cv2.VideoWriter did not open it")
                 return
             self._writer, self._size = writer, (w, h)
         if (w, h) != self._size:

@@ -320,12 +320,33 @@ def load_image(path: Path, grey: bool = False, max_pixels: int = DEFAULT_MAX_PIX
 def list_images(target: str) -> list[Path]:
     """The image files named by a directory or a glob pattern, sorted."""
     path = Path(target).expanduser()
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    else:
-        files = [Path(p) for p in glob.glob(os.path.expanduser(target))]
-        files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    try:  # a folder we may not enter (EACCES, the service's sandbox): no images, said by preflight with the reason
+        if path.is_dir():
+            files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        else:
+            files = [Path(p) for p in glob.glob(os.path.expanduser(target))]
+            files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    except (OSError, ValueError):
+        return []
     return sorted(files)
+
+
+def _unreadable_hint(target: str) -> str:
+    """Why ``target`` (a folder, a glob or a file) may be invisible here: the service's sandbox, or ''."""
+    from app.sandbox import hint
+
+    base = os.path.expanduser(target)
+    cut = min((i for i, c in enumerate(base) if c in "*?["), default=None)
+    if cut is not None:
+        base = os.path.dirname(base[:cut]) or "."
+    try:
+        os.stat(base)
+        error = None
+    except OSError as exc:
+        error = exc.errno
+    except ValueError:
+        return ""
+    return hint(base, error, writing=False)
 
 
 class ImagesSource(Source):
@@ -813,15 +834,23 @@ def preflight(spec: str) -> None:
     """Refuse a source that cannot work before anything is opened (exit 78, not a retry loop)."""
     kind, _, arg = spec.partition(":")
     if kind == "images" and not list_images(arg):
-        raise ConfigError(f"source.spec = {spec!r}: no image files there ({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"source.spec = {spec!r}: no image files there ({', '.join(IMAGE_SUFFIXES)})"
+                          f"{_unreadable_hint(arg)}")
     if kind == "opencv":
         target = parse_opencv_target(arg)
-        if isinstance(target, str) and not _is_url(target) and not Path(target).expanduser().exists():
-            raise ConfigError(f"source.spec = {spec!r}: no such file")
+        if isinstance(target, str) and not _is_url(target) and not _exists(target):
+            raise ConfigError(f"source.spec = {spec!r}: no such file{_unreadable_hint(target)}")
     if kind == "picamera2" and importlib.util.find_spec("picamera2") is None:
         raise ConfigError(f"source.spec = 'picamera2': the picamera2 module is not installed ({PICAMERA2_FIX})")
     if kind == "demo" and not list_images(str(DEMO_DIR)):
         raise ConfigError(f"source.spec = 'demo': the bundled photos are missing from {DEMO_DIR}")
+
+
+def _exists(target: str) -> bool:
+    try:
+        return Path(target).expanduser().exists()
+    except (OSError, ValueError):  # EACCES on a parent (before Python 3.12), a NUL
+        return False
 
 
 def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None,

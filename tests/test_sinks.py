@@ -502,12 +502,29 @@ def test_recorder_writes_a_readable_video(tmp_path):
     assert n == 6 and rec.frames == 6
 
 
-def test_recorder_that_cannot_open_warns_and_continues(tmp_path, caplog):
-    rec = Recorder(str(tmp_path / "x.mp4"), fourcc="ZZZZ")
+def test_recorder_that_cannot_open_says_so_once_and_continues(tmp_path, caplog):
+    events = []
+    rec = Recorder(str(tmp_path / "x.mp4"), fourcc="ZZZZ", on_event=events.append)
     rec.write(np.zeros((48, 64, 3), np.uint8))
     rec.write(np.zeros((48, 64, 3), np.uint8))
     rec.close()
-    assert rec.frames == 0 and caplog.text.count("cannot record") == 1
+    assert rec.frames == 0 and caplog.text.count("not recording") == 1
+    assert [e["event"] for e in events] == ["record_error"] and "VideoWriter" in events[0]["message"]
+
+
+@pytest.mark.parametrize("make", ["file for its directory", "directory for the file"])
+def test_recorder_whose_path_broke_after_the_start_logs_a_record_error_event(tmp_path, caplog, make):
+    path = tmp_path / "d" / "x.mp4"
+    events = []
+    rec = Recorder(str(path), on_event=events.append)
+    if make == "file for its directory":
+        (tmp_path / "d").write_text("")
+    else:
+        path.mkdir(parents=True)
+    for _ in range(3):
+        rec.write(np.zeros((48, 64, 3), np.uint8))
+    assert rec.frames == 0 and len(events) == 1 and events[0]["path"] == str(path)
+    assert "ERROR" in caplog.text and caplog.text.count("not recording") == 1
 
 
 # --- only this program's logs are appended to or repaired ----------------------------------------------------
@@ -594,3 +611,4 @@ def test_stdout_closed_is_refused():
 def test_a_nul_in_the_path_is_refused_not_raised(path):
     with pytest.raises(LogRefused):
         JsonlLog(path)
+
