@@ -133,6 +133,31 @@ def log_tail_state(fd: int, size: int) -> tuple[bool, int]:
 _NEVER_WRITABLE = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
 
 
+def _rotated_log_ours(path: str) -> bool:
+    """``path`` may be renamed over by rotation: absent, empty, or a regular file (not a link) whose tail is
+    this program's JSON lines."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if st.st_size == 0:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return log_tail_state(fd, os.fstat(fd).st_size)[0]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class JsonlLog:
     """One JSON object per line, each written whole with a single ``write`` (no userspace buffer).
 
@@ -149,7 +174,10 @@ class JsonlLog:
     process on the same log is refused rather than interleaving with this one.
     Only a file that is recognisably this program's log is appended to or
     repaired: anything else (a model, a config, notes) is refused with
-    ``LogRefused`` and never touched.
+    ``LogRefused`` and never touched. Rotation likewise only renames over
+    this program's rotated logs: a ``path.N`` that is anything else (the
+    user's ``notes.1``, a directory, a link) is refused at start, and one
+    that appears later ends the rotation chain before it (said once).
     """
 
     def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False,
@@ -169,6 +197,13 @@ class JsonlLog:
         self._expect = 0  # the size after this writer's last line: a different size means someone else wrote
         self._in_failure = False
         self._write = os.write  # tests swap this to simulate ENOSPC / EIO / short writes
+        self._warned_foreign: set[str] = set()
+        if self.max_bytes and self.files > 1:  # before anything is opened or made
+            foreign = self._first_foreign_slot()
+            if foreign is not None:
+                raise LogRefused(f"log {self.path}: rotation would rename over {self.path}.{foreign}, which is not "
+                                 f"a log of this program: move it away, name another log, or set log.files "
+                                 f"= {foreign} or fewer")
         self._open(must=True)
 
     # --- file handling ---
@@ -263,21 +298,41 @@ class JsonlLog:
             except OSError:
                 pass
 
+    def _first_foreign_slot(self) -> int | None:
+        """The first of ``path.1`` ... ``path.{files-1}`` that holds something not this program's log (another
+        program's ``notes.1``, a directory, a FIFO, a symbolic link), or None."""
+        for i in range(1, self.files):
+            if not _rotated_log_ours(f"{self.path}.{i}"):
+                return i
+        return None
+
     def _rotate(self) -> None:
         # Rename (or truncate) while still holding the lock: no other process can take the path between.
+        # Renames only ever land on this program's rotated logs: the chain ends before the first numbered
+        # file that is anything else (checked at start too, where it is refused; this is one made since).
+        keep = self.files
+        foreign = self._first_foreign_slot() if self.files > 1 else None
+        if foreign is not None:
+            keep = foreign
+            name = f"{self.path}.{foreign}"
+            if name not in self._warned_foreign:
+                self._warned_foreign.add(name)
+                log.warning("log %s: %s is not a log of this program: rotating into %s only%s", self.path, name,
+                            f"{self.path}.1 .. {self.path}.{foreign - 1}" if foreign > 1 else "nothing",
+                            "" if foreign > 1 else " (the log is emptied instead, as with log.files = 1)")
         try:
-            if self.files == 1:
+            if keep == 1:
                 os.ftruncate(self._fd, 0)
                 self._fresh_line = False
             else:
-                for i in range(self.files - 1, 0, -1):
+                for i in range(keep - 1, 0, -1):
                     src = self.path if i == 1 else f"{self.path}.{i - 1}"
                     if os.path.exists(src):
                         os.replace(src, f"{self.path}.{i}")
             self.rotations += 1
         except OSError as exc:
             self._note_failure(exc)
-        if self.files > 1:
+        if keep > 1:
             self._close_fd()
             self._open()
 

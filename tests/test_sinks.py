@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -612,3 +613,102 @@ def test_a_nul_in_the_path_is_refused_not_raised(path):
     with pytest.raises(LogRefused):
         JsonlLog(path)
 
+
+# --- rotation never renames over a numbered file that is not this program's log --------------------------------
+
+
+def our_lines(n, start=0):
+    return b"".join(b'{"v":1,"time":"t","seq":%d,"detections":[]}\n' % i for i in range(start, start + n))
+
+
+def make_foreign(path: Path, kind: str) -> bytes | None:
+    """Put something that is not our log at ``path``; the bytes it must keep (None: not a file)."""
+    if kind in NOT_LOGS:
+        path.write_bytes(NOT_LOGS[kind])
+        return NOT_LOGS[kind]
+    if kind == "a directory":
+        path.mkdir()
+        (path / "keep").write_text("x")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a link to our own old log":
+        (path.parent / "elsewhere.jsonl").write_bytes(our_lines(3))
+        path.symlink_to(path.parent / "elsewhere.jsonl")
+    elif kind == "a dangling link":
+        path.symlink_to(path.parent / "nowhere")
+    return None
+
+
+FOREIGN = sorted(NOT_LOGS) + ["a directory", "a FIFO", "a link to our own old log", "a dangling link"]
+
+
+def foreign_intact(path: Path, kind: str, kept: bytes | None) -> bool:
+    if kept is not None:
+        return path.read_bytes() == kept
+    if kind == "a directory":
+        return (path / "keep").read_text() == "x"
+    if kind == "a FIFO":
+        return path.is_fifo()
+    return path.is_symlink()
+
+
+@pytest.mark.parametrize("slot", [1, 2, 4])
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_a_numbered_file_that_is_not_our_log_is_refused_at_start(tmp_path, kind, slot):
+    path = tmp_path / "notes"
+    path.write_bytes(our_lines(2))
+    other = tmp_path / f"notes.{slot}"
+    kept = make_foreign(other, kind)
+    with pytest.raises(sinks.LogRefused, match=rf"rename over .*notes\.{slot}, which is not a log of this program"):
+        JsonlLog(str(path), max_bytes=1000, files=5)
+    assert foreign_intact(other, kind, kept) and path.read_bytes() == our_lines(2)
+    JsonlLog(str(path), max_bytes=1000, files=slot).close()  # fewer files never reach it: accepted
+    JsonlLog(str(path), max_bytes=0, files=5).close()  # no rotation: accepted
+
+
+@pytest.mark.parametrize("kind", ["an empty file", "our own rotated log", "our rotated log, torn last line"])
+def test_our_own_rotated_logs_and_empty_files_are_rotated_as_before(tmp_path, kind):
+    path = tmp_path / "d.jsonl"
+    old = {"an empty file": b"", "our own rotated log": our_lines(3, 100),
+           "our rotated log, torn last line": our_lines(3, 100) + b'{"v":1,"ti'}[kind]
+    (tmp_path / "d.jsonl.1").write_bytes(old)
+    one = len(our_lines(1))
+    log = JsonlLog(str(path), max_bytes=3 * one, files=3)
+    for i in range(7):
+        assert log.write({"time": "t", "seq": i, "detections": []} | {"v": 1})
+    log.close()
+    assert log.rotations == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.jsonl.1", "d.jsonl.2"]
+
+
+@pytest.mark.parametrize("slot", [1, 2])
+@pytest.mark.parametrize("kind", ["a one-line token", "notes.json, final newline", "a directory", "a FIFO",
+                                  "a link to our own old log"])
+def test_a_numbered_file_made_after_the_start_is_never_renamed_over(tmp_path, caplog, kind, slot):
+    """It appeared while the app ran: the rotation chain ends before it (the oldest of ours before it is
+    dropped instead), or, in slot 1, the log is emptied as with log.files = 1; said once."""
+    path = tmp_path / "d.jsonl"
+    one = len(our_lines(1))  # seq 0; seq 10..29 are a byte longer: 3 lines to a file either way
+    log = JsonlLog(str(path), max_bytes=3 * one + 3, files=4)
+    other = tmp_path / f"d.jsonl.{slot}"
+    kept = make_foreign(other, kind)
+    for i in range(30):
+        assert log.write({"v": 1, "time": "t", "seq": i, "detections": []})
+    log.close()
+    assert foreign_intact(other, kind, kept)
+    assert caplog.text.count("is not a log of this program") == 1
+    assert not (tmp_path / f"d.jsonl.{slot + 1}").exists() or slot == 1 and not (tmp_path / "d.jsonl.3").exists()
+    assert os.path.getsize(path) <= 3 * one + 3
+    if slot == 2:
+        assert [json.loads(x)["seq"] for x in lines_of(tmp_path / "d.jsonl.1")] == [24, 25, 26]
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [27, 28, 29]
+
+
+def test_the_app_refuses_a_log_whose_rotation_would_clobber_notes(tmp_path):
+    path = tmp_path / "notes"
+    (tmp_path / "notes.1").write_text("my notes, line one\nline two\n")
+    r = subprocess.run([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--log", str(path),
+                        "--model", str(tmp_path / "never-read.xnc")], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 78 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "notes.1, which is not a log of this program" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "notes.1").read_text() == "my notes, line one\nline two\n" and not path.exists()
