@@ -854,6 +854,25 @@ class NullRecorder:
         pass
 
 
+RECORD_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv")
+
+
+def _is_video_or_empty(path: str) -> bool:
+    """An empty file, or one that starts like an MP4/MOV, AVI or Matroska file (what the recorder writes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # unreadable here: the write check that follows says why
+    try:
+        head = os.read(fd, 12)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return (not head or head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:4] == b"\x1aE\xdf\xa3")
+
+
 def record_path_problem(path: str, key: str = "preview.record") -> str | None:
     """Why ``path`` cannot take a recording, or None, found by trying: its directory is made (as the recorder
     would), the file opened for writing and, when this made it, removed again. A path that can never be
@@ -862,6 +881,7 @@ def record_path_problem(path: str, key: str = "preview.record") -> str | None:
     (or a new one) can take it: the MP4 muxer seeks back to finish the file, and opening a FIFO blocks inside
     FFmpeg, out of reach of a stop request, until someone reads it."""
     from app.sandbox import hint
+    from app.sources import opencv_name_problem
 
     def failed(what: str, exc: OSError) -> str:
         return f"{key} = {path!r}: {what} ({exc.strerror or exc}){hint(path, exc.errno, writing=True)}"
@@ -878,6 +898,17 @@ def record_path_problem(path: str, key: str = "preview.record") -> str | None:
         kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
                 "a socket" if stat.S_ISSOCK(mode) else "a device")
         return f"{key} = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+    if opencv_name_problem(path):
+        return f"{key}: {opencv_name_problem(path)}"
+    if os.path.splitext(path)[1].lower() not in RECORD_SUFFIXES:
+        # OpenCV picks the container by the suffix and opens nothing for any other (a swapped --record
+        # models/person.xnc was a record_error at the first frame): say it now.
+        return (f"{key} = {path!r}: not a video file name: the recording's container comes from its suffix "
+                f"({', '.join(RECORD_SUFFIXES)})")
+    if mode is not None and not _is_video_or_empty(path):
+        # The writer truncates what is there: only an earlier recording (or nothing) may be replaced.
+        return (f"{key} = {path!r} exists and is not a video: refusing to overwrite it; name a new file or "
+                f"an earlier recording")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)

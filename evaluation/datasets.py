@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from app.limits import json_too_deep
+from app.sources import imread
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FORMATS = ("yolo", "voc", "coco")
@@ -255,7 +256,7 @@ def load_voc(folder, source: str = "", report: LoadReport | None = None, stop: b
             except ValueError:
                 raise LabelError(f"{xml}: bad <size>") from None
             if w <= 0 or h <= 0:
-                shape = cv2.imread(str(img), cv2.IMREAD_GRAYSCALE)
+                shape = imread(img, cv2.IMREAD_GRAYSCALE)
                 if shape is None:
                     raise LabelError(f"{img}: cannot decode image")
                 h, w = shape.shape[:2]

@@ -712,3 +712,55 @@ def test_the_app_refuses_a_log_whose_rotation_would_clobber_notes(tmp_path):
     assert r.returncode == 78 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "notes.1, which is not a log of this program" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "notes.1").read_text() == "my notes, line one\nline two\n" and not path.exists()
+
+
+# --- a recording only replaces an earlier recording, and only under a video file name --------------------------
+
+
+@pytest.mark.parametrize("name,data", [
+    ("notes.mp4", b"my notes\nline two"),
+    ("token.mkv", b"s3cr3t"),
+    ("picture.avi", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),
+    ("model.mov", b"XNORCAM\x00" + b"\x01" * 40),
+    ("riff-wave.avi", b"RIFF\x00\x00\x00\x00WAVEfmt "),
+])
+def test_an_existing_file_that_is_not_a_video_is_never_overwritten(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    problem = sinks.record_path_problem(str(path))
+    assert problem and "exists and is not a video" in problem
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("name", ["person.xnc", "notes.txt", "recording", "clip.mp4.bak", "x.jpg"])
+def test_a_recording_needs_a_video_file_name(tmp_path, name):
+    path = tmp_path / name
+    problem = sinks.record_path_problem(str(path))
+    assert problem and "not a video file name" in problem and not path.exists()
+
+
+@pytest.mark.parametrize("suffix", list(sinks.RECORD_SUFFIXES) + [".MP4"])
+def test_an_earlier_recording_or_an_empty_file_may_be_replaced(tmp_path, suffix):
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    assert sinks.record_path_problem(str(empty)) is None and empty.exists()
+    earlier = tmp_path / f"earlier{suffix}"
+    rec = Recorder(str(earlier))
+    for _ in range(3):
+        rec.write(np.zeros((48, 64, 3), np.uint8))
+    rec.close()
+    assert rec.frames == 3 and sinks.record_path_problem(str(earlier)) is None
+    fresh = tmp_path / f"fresh{suffix}"
+    assert sinks.record_path_problem(str(fresh)) is None and not fresh.exists()  # tried, and removed again
+
+
+def test_the_app_refuses_to_record_over_the_model(tmp_path):
+    """--log and --record swapped: the model file is a refusal (exit 2, one line), not a record_error later."""
+    model = tmp_path / "person.xnc"
+    data = (Path(__file__).resolve().parents[1] / "models" / "person.xnc").read_bytes()
+    model.write_bytes(data)
+    r = subprocess.run([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--record", str(model),
+                        "--max-frames", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a video file name" in r.stderr and model.read_bytes() == data
