@@ -136,3 +136,46 @@ def test_a_model_whose_class_name_would_crash_the_overlay_or_split_a_line_is_ref
                 "--record", tmp_path / "r.mp4")
     assert r.returncode == 65 and len(r.stderr.strip().splitlines()) == 1, (r.returncode, r.stderr[-400:])
     assert "class name" in r.stderr
+
+
+def _dataset(tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "person", data)
+    return data
+
+
+def _evaluate(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "evaluation", *map(str, args)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("which", ["data.yaml", "a label"])
+def test_evaluation_refuses_a_fifo_for_data_instead_of_blocking(tmp_path, which):
+    data = _dataset(tmp_path)
+    target = data / "data.yaml" if which == "data.yaml" else sorted((data / "labels").glob("*.txt"))[0]
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    r = _evaluate("--data", data, timeout=60)
+    assert r.returncode == 65 and "not a regular file" in r.stderr, (r.returncode, r.stderr[-400:])
+
+
+def test_evaluation_skips_an_image_that_is_a_fifo(tmp_path):
+    data = _dataset(tmp_path)
+    img = sorted((data / "images").iterdir())[0]
+    (data / "labels" / (img.stem + ".txt")).unlink(missing_ok=True)
+    img.unlink()
+    os.mkfifo(img)
+    r = _evaluate("--data", data, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-400:])
+
+
+def test_evaluation_refuses_an_image_with_absurdly_many_boxes(tmp_path):
+    from evaluation.datasets import MAX_BOXES_PER_IMAGE
+
+    data = _dataset(tmp_path)
+    label = sorted((data / "labels").glob("*.txt"))[0]
+    label.write_text("0 0.5 0.5 0.1 0.1\n" * (MAX_BOXES_PER_IMAGE + 1))
+    r = _evaluate("--data", data, timeout=120)
+    assert r.returncode == 65 and f"at most {MAX_BOXES_PER_IMAGE}" in r.stderr, (r.returncode, r.stderr[-400:])
