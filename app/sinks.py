@@ -140,8 +140,12 @@ def _rotated_log_ours(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return True
-    except (OSError, ValueError):
+    except ValueError:
         return False
+    except OSError:
+        # Its folder cannot even be looked into (EACCES, a sandbox hiding it): nothing there is known to be
+        # someone else's, and opening the log itself says why it cannot be used.
+        return True
     if not stat.S_ISREG(st.st_mode):
         return False
     if st.st_size == 0:
