@@ -157,6 +157,10 @@ soak: setup ## long run of the pipeline: memory, drops, log rotation
 fuzz: setup-dev ## property-based runs of the loaders and detect(): >= 2000 cases each, counts printed
 	XNORCAM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -m fuzz tests/ --hypothesis-profile=fuzz
 
+.PHONY: probe
+probe: setup-dev ## hostile inputs against python -m app and python -m evaluation (~5 min; docs/hostile-input.md; last line: JSON)
+	$(PY) tests/reliability/probe.py $(ARGS)
+
 lint: setup-dev ## ruff check app evaluation train tests benchmarks
 	$(PY) -m ruff check $(wildcard app evaluation train tests benchmarks)
 

@@ -14,12 +14,20 @@ Model and configuration problems are found before the camera is opened.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-import threading
-from typing import Any
+# Until app.stop installs its handlers (after the imports, ~0.1 s): Ctrl-C ends the process the way SIGTERM
+# does, by the signal, rather than as a KeyboardInterrupt traceback from inside whatever was importing. The C
+# module, first: importing ``signal`` itself (its enums) takes long enough to be interrupted.
+import _signal
+
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -225,11 +233,23 @@ def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
         return _fail(EXIT_CONFIG, "configuration refused", str(exc))
     from app.sinks import record_path_problem
 
-    problem = record_path_problem(cfg.preview.record) if cfg.preview.record else None
+    # Paths the app writes, tried now: one that can never be written (read-only, hidden by the service's
+    # sandbox, a file where a directory should be) is refused with one line, not lost silently later.
+    # (--warmup-only and --mqtt-clear write nothing there: install.sh's warm-up runs outside the sandbox.)
+    writes = not args.warmup_only and not args.mqtt_clear
+    problem = record_path_problem(cfg.preview.record) if cfg.preview.record and writes else None
     if problem:
         if args.record is not None:
             return _fail(EXIT_USAGE, "bad command line", problem)
         return _fail(EXIT_CONFIG, "configuration refused", problem)
+    if cfg.tracker.enabled and cfg.events.snapshot_dir and writes:
+        from app.sinks import writable_dir_problem
+
+        problem = writable_dir_problem("events.snapshot_dir", cfg.events.snapshot_dir)
+        if problem:
+            if args.snapshots is not None:
+                return _fail(EXIT_USAGE, "bad command line", problem)
+            return _fail(EXIT_CONFIG, "configuration refused", problem)
     try:
         mqtt_login = None
         if cfg.mqtt.enabled:  # the password file and the TLS files, checked before the camera opens
@@ -432,7 +452,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
                      if e.snapshot_dir else NullSnapshots())
         events = Events(tracker, log_sink.event, detector.class_names, zones=e.zones, only_in_zones=e.only_in_zones,
                         line=e.line, update_every_s=e.update_every_s, snapshots=snapshots)
-    recorder = sinks.Recorder(cfg.preview.record, cfg.preview.record_fps) if cfg.preview.record else sinks.NullRecorder()
+    recorder = (sinks.Recorder(cfg.preview.record, cfg.preview.record_fps, on_event=log_sink.event)
+                if cfg.preview.record else sinks.NullRecorder())
     pipeline = Pipeline(
         capture,
         detector,

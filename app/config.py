@@ -631,7 +631,10 @@ def load(path: str | Path | None = None) -> Config:
             raise ConfigError(f"config file {path}: {path.stat().st_size} bytes is too large (at most {MAX_CONFIG_BYTES})")
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+        from app.sandbox import hint
+
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})"
+                          f"{hint(str(path), exc.errno, writing=False)}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -287,6 +287,14 @@ class _Checker:
         for n in names:
             if not isinstance(n, str) or not n.strip():
                 self.fail(f"class name {n!r} is not a non-empty string")
+            # Names are drawn (cv2.putText crashes on a lone surrogate, which JSON's \u escapes allow),
+            # logged, and made topics: printable UTF-8 only.
+            try:
+                n.encode("utf-8")
+            except UnicodeEncodeError:
+                self.fail(f"class name {n!r} is not valid UTF-8 text")
+            if any(ord(c) < 32 or ord(c) == 127 for c in n):
+                self.fail(f"class name {n!r} holds a control character")
         if len(set(names)) != len(names):
             self.fail(f"class names are not unique: {list(names)}")
         a = m.anchors
@@ -557,7 +565,9 @@ def read_model(path) -> Model:
             if len(raw) > MAX_FILE_BYTES:  # it grew while being read
                 chk.fail(f"larger than a model file may be ({MAX_FILE_BYTES // 2**20} MiB)")
     except OSError as e:
-        chk.fail(f"cannot read the model file: {e.strerror or e}")
+        from app.sandbox import hint
+
+        chk.fail(f"cannot read the model file: {e.strerror or e}{hint(str(path), e.errno, writing=False)}")
     header, data_start = _read_header(chk, raw)
     size = header["data_size"]
     if header.get("format") != "xnorcam-model":

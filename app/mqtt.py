@@ -55,6 +55,7 @@ import paho.mqtt.client as paho
 
 from app import __version__
 from app.config import ConfigError, MqttConfig
+from app.sandbox import hint
 from app.sinks import SCHEMA_VERSION, utc_now_iso
 
 log = logging.getLogger("xnorcam.mqtt")
@@ -103,7 +104,7 @@ def read_password(path: str, key: str = "mqtt.password_file") -> str:
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror}){hint(path, exc.errno, False)}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{key} {path}: not a regular file")
     uid = os.geteuid()
@@ -119,7 +120,7 @@ def read_password(path: str, key: str = "mqtt.password_file") -> str:
         with open(path, "rb") as f:
             raw = f.read(MAX_PASSWORD_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror}){hint(path, exc.errno, False)}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -137,7 +138,7 @@ def _readable(key: str, path: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"{key} {path}: cannot be read ({exc.strerror}){hint(path, exc.errno, False)}") from None
 
 
 def _no_passphrase() -> bytes:

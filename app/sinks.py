@@ -128,6 +128,40 @@ def log_tail_state(fd: int, size: int) -> tuple[bool, int]:
     return _is_our_line(tail[prev + 1 : cut]) and torn_ours, start + cut + 1
 
 
+# Errors opening the log that no retry heals (EROFS may be a disk remounted read-only after errors: retried,
+# unless the service's sandbox is the cause).
+_NEVER_WRITABLE = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
+def _rotated_log_ours(path: str) -> bool:
+    """``path`` may be renamed over by rotation: absent, empty, or a regular file (not a link) whose tail is
+    this program's JSON lines."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except ValueError:
+        return False
+    except OSError:
+        # Its folder cannot even be looked into (EACCES, a sandbox hiding it): nothing there is known to be
+        # someone else's, and opening the log itself says why it cannot be used.
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if st.st_size == 0:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return log_tail_state(fd, os.fstat(fd).st_size)[0]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class JsonlLog:
     """One JSON object per line, each written whole with a single ``write`` (no userspace buffer).
 
@@ -144,7 +178,10 @@ class JsonlLog:
     process on the same log is refused rather than interleaving with this one.
     Only a file that is recognisably this program's log is appended to or
     repaired: anything else (a model, a config, notes) is refused with
-    ``LogRefused`` and never touched.
+    ``LogRefused`` and never touched. Rotation likewise only renames over
+    this program's rotated logs: a ``path.N`` that is anything else (the
+    user's ``notes.1``, a directory, a link) is refused at start, and one
+    that appears later ends the rotation chain before it (said once).
     """
 
     def __init__(self, path: str, max_bytes: int = 0, files: int = 5, only_detections: bool = False,
@@ -164,6 +201,13 @@ class JsonlLog:
         self._expect = 0  # the size after this writer's last line: a different size means someone else wrote
         self._in_failure = False
         self._write = os.write  # tests swap this to simulate ENOSPC / EIO / short writes
+        self._warned_foreign: set[str] = set()
+        if self.max_bytes and self.files > 1:  # before anything is opened or made
+            foreign = self._first_foreign_slot()
+            if foreign is not None:
+                raise LogRefused(f"log {self.path}: rotation would rename over {self.path}.{foreign}, which is not "
+                                 f"a log of this program: move it away, name another log, or set log.files "
+                                 f"= {foreign} or fewer")
         self._open(must=True)
 
     # --- file handling ---
@@ -187,7 +231,14 @@ class JsonlLog:
             if isinstance(exc, ValueError):  # a NUL in the path (the config refuses it; a caller may not have)
                 raise LogRefused(f"log {self.path!r}: not a usable path ({exc})") from None
             if must:
-                # Starting without a log is allowed (the disk may come back), but say so.
+                from app.sandbox import hint
+
+                why = hint(self.path, exc.errno, writing=True)
+                if why or exc.errno in _NEVER_WRITABLE:
+                    # No retry heals a permission, a file where a directory should be, or the service's sandbox:
+                    # a configuration error, said at start rather than a log that silently stays empty.
+                    raise LogRefused(f"log {self.path}: cannot be written ({exc.strerror or exc}){why}") from None
+                # Starting without a log is allowed otherwise (a missing disk may come back), but say so.
                 log.warning("cannot open log %s (%s); will retry on each line", self.path, exc.strerror)
             self._note_failure(exc)
             return False
@@ -251,21 +302,41 @@ class JsonlLog:
             except OSError:
                 pass
 
+    def _first_foreign_slot(self) -> int | None:
+        """The first of ``path.1`` ... ``path.{files-1}`` that holds something not this program's log (another
+        program's ``notes.1``, a directory, a FIFO, a symbolic link), or None."""
+        for i in range(1, self.files):
+            if not _rotated_log_ours(f"{self.path}.{i}"):
+                return i
+        return None
+
     def _rotate(self) -> None:
         # Rename (or truncate) while still holding the lock: no other process can take the path between.
+        # Renames only ever land on this program's rotated logs: the chain ends before the first numbered
+        # file that is anything else (checked at start too, where it is refused; this is one made since).
+        keep = self.files
+        foreign = self._first_foreign_slot() if self.files > 1 else None
+        if foreign is not None:
+            keep = foreign
+            name = f"{self.path}.{foreign}"
+            if name not in self._warned_foreign:
+                self._warned_foreign.add(name)
+                log.warning("log %s: %s is not a log of this program: rotating into %s only%s", self.path, name,
+                            f"{self.path}.1 .. {self.path}.{foreign - 1}" if foreign > 1 else "nothing",
+                            "" if foreign > 1 else " (the log is emptied instead, as with log.files = 1)")
         try:
-            if self.files == 1:
+            if keep == 1:
                 os.ftruncate(self._fd, 0)
                 self._fresh_line = False
             else:
-                for i in range(self.files - 1, 0, -1):
+                for i in range(keep - 1, 0, -1):
                     src = self.path if i == 1 else f"{self.path}.{i - 1}"
                     if os.path.exists(src):
                         os.replace(src, f"{self.path}.{i}")
             self.rotations += 1
         except OSError as exc:
             self._note_failure(exc)
-        if self.files > 1:
+        if keep > 1:
             self._close_fd()
             self._open()
 
@@ -787,23 +858,106 @@ class NullRecorder:
         pass
 
 
-def record_path_problem(path: str) -> str | None:
-    """Why ``path`` cannot take a recording, or None. Only a regular file (or a new one) can: the MP4 muxer
-    seeks back to finish the file, and opening a FIFO blocks inside FFmpeg, out of reach of a stop request,
-    until someone reads it."""
-    import stat
+RECORD_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv")
+
+
+def _is_video_or_empty(path: str) -> bool:
+    """An empty file, or one that starts like an MP4/MOV, AVI or Matroska file (what the recorder writes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # unreadable here: the write check that follows says why
+    try:
+        head = os.read(fd, 12)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return (not head or head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:4] == b"\x1aE\xdf\xa3")
+
+
+def record_path_problem(path: str, key: str = "preview.record") -> str | None:
+    """Why ``path`` cannot take a recording, or None, found by trying: its directory is made (as the recorder
+    would), the file opened for writing and, when this made it, removed again. A path that can never be
+    recorded to (a read-only or missing tree, a file where a directory should be, a path the service's sandbox
+    hides) is a configuration error said at start, not a recording silently missing later. Only a regular file
+    (or a new one) can take it: the MP4 muxer seeks back to finish the file, and opening a FIFO blocks inside
+    FFmpeg, out of reach of a stop request, until someone reads it."""
+    from app.sandbox import hint
+    from app.sources import opencv_name_problem
+
+    def failed(what: str, exc: OSError) -> str:
+        return f"{key} = {path!r}: {what} ({exc.strerror or exc}){hint(path, exc.errno, writing=True)}"
 
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return None
+        mode = None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            return f"{key} = {path!r}: not a usable path ({exc})"
+        return failed("cannot be written", exc)
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"{key} = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+    if opencv_name_problem(path):
+        return f"{key}: {opencv_name_problem(path)}"
+    if os.path.splitext(path)[1].lower() not in RECORD_SUFFIXES:
+        # OpenCV picks the container by the suffix and opens nothing for any other (a swapped --record
+        # models/person.xnc was a record_error at the first frame): say it now.
+        return (f"{key} = {path!r}: not a video file name: the recording's container comes from its suffix "
+                f"({', '.join(RECORD_SUFFIXES)})")
+    if mode is not None and not _is_video_or_empty(path):
+        # The writer truncates what is there: only an earlier recording (or nothing) may be replaced.
+        return (f"{key} = {path!r} exists and is not a video: refusing to overwrite it; name a new file or "
+                f"an earlier recording")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
     except OSError as exc:
-        return f"preview.record = {path!r}: {exc.strerror}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "a device")
-    return f"preview.record = {path!r} is {kind}: a recording needs a regular file (MP4 seeks back to finish it)"
+        return failed(f"cannot make its directory {parent}", exc)
+    try:
+        # O_NONBLOCK: a FIFO put there since the stat above must not block the open.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL * (mode is None) | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
+    except FileExistsError:
+        return None  # made by someone else in between: the recorder will overwrite it as it would have
+    except OSError as exc:
+        return failed("cannot be written", exc)
+    os.close(fd)
+    if mode is None:
+        try:
+            os.unlink(path)  # a run stopped before its first frame leaves no empty file behind
+        except OSError:
+            pass
+    return None
+
+
+def writable_dir_problem(key: str, directory: str) -> str | None:
+    """Why files cannot be written in ``directory`` (made when missing, as its writer would), or None; found by
+    creating and removing a file there, so a read-only tree or the service's sandbox is said at start."""
+    from app.sandbox import hint
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.isdir(directory):
+            return f"{key} = {directory!r}: not a directory"
+        fd, probe = _tempfile_in(directory)
+        os.close(fd)
+        os.unlink(probe)
+    except ValueError as exc:
+        return f"{key} = {directory!r}: not a usable path ({exc})"
+    except OSError as exc:
+        return f"{key} = {directory!r}: cannot be written ({exc.strerror or exc}){hint(directory, exc.errno, True)}"
+    return None
+
+
+def _tempfile_in(directory: str) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=".xnorcam-check-", dir=directory)
 
 
 class Recorder:
@@ -811,15 +965,30 @@ class Recorder:
 
     needs_canvas = True
 
-    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v") -> None:
+    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v", on_event: Any = None) -> None:
         self.path = path
         self.fps = fps
         self.fourcc = fourcc
         self.frames = 0
         self.failures = 0
+        self.last_error: str | None = None
+        # Called with a ``record_error`` event (the log's ``event``): a recording lost after the start checks
+        # passed (the disk went away, the writer would not open) is a line in the log, not only a warning.
+        self.on_event = on_event
         self._writer = None
         self._size: tuple[int, int] | None = None
         self._broken = False
+
+    def _give_up(self, message: str) -> None:
+        self._broken = True
+        self.last_error = message
+        log.error("%s; not recording (detection goes on)", message)
+        if self.on_event is not None:
+            try:
+                self.on_event({"event": "record_error", "mono_ms": round(time.monotonic() * 1000.0, 3),
+                               "path": self.path, "message": message})
+            except Exception:
+                log.debug("logging the record_error event failed", exc_info=True)
 
     def write(self, canvas: np.ndarray | None) -> None:
         import cv2
@@ -828,21 +997,15 @@ class Recorder:
             return
         h, w = canvas.shape[:2]
         if self._writer is None:
-            problem = record_path_problem(self.path)  # checked at start too; it may have been made since
+            # Checked at start too (a bad path is refused there); the disk may have gone since: then the
+            # recording is lost, not the camera.
+            problem = record_path_problem(self.path)
             if problem:
-                self._broken = True
-                log.warning("%s; not recording", problem)
-                return
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            except OSError as exc:  # read-only or impossible path: lose the recording, not the camera
-                self._broken = True
-                log.warning("cannot record to %s (%s); not recording", self.path, exc)
+                self._give_up(problem)
                 return
             writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
             if not writer.isOpened():
-                self._broken = True
-                log.warning("cannot record to %s (cv2.VideoWriter did not open); not recording", self.path)
+                self._give_up(f"preview.record = {self.path!r}: cv2.VideoWriter did not open it")
                 return
             self._writer, self._size = writer, (w, h)
         if (w, h) != self._size:

@@ -70,6 +70,28 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def opencv_name_problem(path: object) -> str | None:
+    """Why OpenCV cannot be handed ``path`` by name, or None. A file name that is not UTF-8 (Latin-1 bytes:
+    Python keeps them as surrogates) crashes cv2.imread, VideoCapture and VideoWriter with SIGSEGV."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{os.fsencode(str(path))!r}: the name is not UTF-8, which OpenCV cannot open by name; rename it"
+    return None
+
+
+def imread(path: object, flags: int) -> np.ndarray | None:
+    """cv2.imread, safe for any file name: one OpenCV cannot take (``opencv_name_problem``) is read by Python
+    and decoded from memory."""
+    import cv2
+
+    if opencv_name_problem(path) is None:
+        return cv2.imread(str(path), flags)
+    with open(str(path), "rb") as fh:
+        data = np.frombuffer(fh.read(), np.uint8)
+    return cv2.imdecode(data, flags) if data.size else None
+
+
 def frame_problem(pixels: object) -> str | None:
     """Why ``pixels`` is not a usable frame, or None when it is."""
     if not isinstance(pixels, np.ndarray):
@@ -301,7 +323,7 @@ def load_image(path: Path, grey: bool = False, max_pixels: int = DEFAULT_MAX_PIX
     if w * h > max_pixels:
         return None, f"declares {w}x{h} = {w * h / 1e6:.1f} megapixels, over source.max_pixels = {max_pixels}"
     try:
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+        image = imread(path, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
     except Exception as exc:  # cv2.error (a corrupt stream, out of memory), MemoryError
         return None, f"cannot be decoded ({one_line(exc)})"
     if image is None:
@@ -320,12 +342,33 @@ def load_image(path: Path, grey: bool = False, max_pixels: int = DEFAULT_MAX_PIX
 def list_images(target: str) -> list[Path]:
     """The image files named by a directory or a glob pattern, sorted."""
     path = Path(target).expanduser()
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    else:
-        files = [Path(p) for p in glob.glob(os.path.expanduser(target))]
-        files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    try:  # a folder we may not enter (EACCES, the service's sandbox): no images, said by preflight with the reason
+        if path.is_dir():
+            files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        else:
+            files = [Path(p) for p in glob.glob(os.path.expanduser(target))]
+            files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    except (OSError, ValueError):
+        return []
     return sorted(files)
+
+
+def _unreadable_hint(target: str) -> str:
+    """Why ``target`` (a folder, a glob or a file) may be invisible here: the service's sandbox, or ''."""
+    from app.sandbox import hint
+
+    base = os.path.expanduser(target)
+    cut = min((i for i, c in enumerate(base) if c in "*?["), default=None)
+    if cut is not None:
+        base = os.path.dirname(base[:cut]) or "."
+    try:
+        os.stat(base)
+        error = None
+    except OSError as exc:
+        error = exc.errno
+    except ValueError:
+        return ""
+    return hint(base, error, writing=False)
 
 
 class ImagesSource(Source):
@@ -476,6 +519,8 @@ class OpenCVSource(Source):
             cap = cv2.VideoCapture(self.target, cv2.CAP_ANY,
                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
         else:
+            if opencv_name_problem(self.target):  # refused by preflight; a crash is never the answer
+                raise PermanentSourceError(f"opencv: {opencv_name_problem(self.target)}")
             cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
@@ -813,15 +858,43 @@ def preflight(spec: str) -> None:
     """Refuse a source that cannot work before anything is opened (exit 78, not a retry loop)."""
     kind, _, arg = spec.partition(":")
     if kind == "images" and not list_images(arg):
-        raise ConfigError(f"source.spec = {spec!r}: no image files there ({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"source.spec = {spec!r}: no image files there ({', '.join(IMAGE_SUFFIXES)})"
+                          f"{_unreadable_hint(arg)}")
     if kind == "opencv":
         target = parse_opencv_target(arg)
-        if isinstance(target, str) and not _is_url(target) and not Path(target).expanduser().exists():
-            raise ConfigError(f"source.spec = {spec!r}: no such file")
+        if isinstance(target, str) and not _is_url(target) and not _exists(target):
+            raise ConfigError(f"source.spec = {spec!r}: no such file{_unreadable_hint(target)}")
+        if isinstance(target, str) and opencv_name_problem(target):
+            raise ConfigError(f"source.spec: {opencv_name_problem(target)}")
+        if isinstance(target, str) and not _is_url(target):
+            kind = _not_a_video_file(target)
+            if kind:  # FFmpeg blocks opening a FIFO until someone writes, out of reach of a stop request
+                raise ConfigError(f"source.spec = {spec!r} is {kind}: a video source is a file, a camera device "
+                                  f"or a URL")
     if kind == "picamera2" and importlib.util.find_spec("picamera2") is None:
         raise ConfigError(f"source.spec = 'picamera2': the picamera2 module is not installed ({PICAMERA2_FIX})")
     if kind == "demo" and not list_images(str(DEMO_DIR)):
         raise ConfigError(f"source.spec = 'demo': the bundled photos are missing from {DEMO_DIR}")
+
+
+def _not_a_video_file(target: str) -> str:
+    """'a FIFO', 'a directory' or 'a socket' when ``target`` is one ('' for a file or a device like
+    /dev/video0)."""
+    import stat
+
+    try:
+        mode = os.stat(os.path.expanduser(target)).st_mode
+    except (OSError, ValueError):
+        return ""
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "")
+
+
+def _exists(target: str) -> bool:
+    try:
+        return Path(target).expanduser().exists()
+    except (OSError, ValueError):  # EACCES on a parent (before Python 3.12), a NUL
+        return False
 
 
 def make_factory(spec: str, cfg: SourceConfig, drm: DrmPreview | None = None,

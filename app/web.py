@@ -80,7 +80,10 @@ def read_secret(path: str, euid: int | None = None) -> str:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ConfigError(f"{key} = {path!r}: is a symbolic link; name the file itself") from None
-        raise ConfigError(f"{key} = {path!r}: cannot be read ({exc.strerror or exc})") from None
+        from app.sandbox import hint
+
+        raise ConfigError(f"{key} = {path!r}: cannot be read ({exc.strerror or exc})"
+                          f"{hint(path, exc.errno, writing=False)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -8,7 +8,8 @@
 #                                        without Raspberry Pi's packages, as in
 #                                        make test-emulated)
 #   sudo deploy/install.sh --uninstall   remove service, program and user;
-#                                        keep /etc/xnorcam and /var/log/xnorcam
+#                                        keep /etc/xnorcam, /var/lib/xnorcam (snapshots,
+#                                        recordings) and /var/log/xnorcam
 #   sudo deploy/install.sh --uninstall --purge   remove those too
 #
 # XNORCAM_SKIP_PI_CHECK=1 skips the Raspberry Pi / 64-bit checks (CI uses it
@@ -66,8 +67,8 @@ usage: $0 [--dry-run] [--no-start] [--no-camera] [--uninstall [--purge]]
   --no-start    install and enable, but do not (re)start the service now
   --no-camera   leave out python3-picamera2 (not in Debian): files and images only
   --uninstall   stop and remove the service, program, venv, cache and user;
-                keeps $CONF_DIR and $LOG_DIR
-  --purge       with --uninstall: remove $CONF_DIR and $LOG_DIR as well
+                keeps $CONF_DIR, $STATE_DIR and $LOG_DIR
+  --purge       with --uninstall: remove $CONF_DIR, $STATE_DIR and $LOG_DIR as well
 Environment: XNORCAM_SKIP_PI_CHECK=1 skips the Raspberry Pi / 64-bit checks.
 EOF
 }
@@ -408,11 +409,13 @@ do_uninstall() {
         run rm -f "$UNIT_DST" "$MQTT_DROPIN" "$WEB_DROPIN"
         run systemctl daemon-reload
     fi
-    run rm -rf "$PREFIX" "$CACHE_DIR" "$STATE_DIR"
+    run rm -rf "$PREFIX" "$CACHE_DIR"
+    # The state directory holds what the camera made (snapshots, recordings: the example config writes
+    # there, the only places besides the logs the unit's sandbox lets it write): kept like the logs.
     if ((PURGE)); then
-        run rm -rf "$CONF_DIR" "$LOG_DIR"
+        run rm -rf "$CONF_DIR" "$STATE_DIR" "$LOG_DIR"
     else
-        say "keeping $CONF_DIR and $LOG_DIR (--purge removes them)"
+        say "keeping $CONF_DIR, $STATE_DIR and $LOG_DIR (--purge removes them)"
     fi
     if getent passwd "$SERVICE_USER" >/dev/null || ((DRY_RUN)); then
         run userdel "$SERVICE_USER"

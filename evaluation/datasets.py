@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from app.limits import json_too_deep
+from app.sources import imread
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FORMATS = ("yolo", "voc", "coco")
@@ -91,7 +92,31 @@ def _finish_box(x1, y1, x2, y2, where: str):
     return x1, y1, x2, y2
 
 
+# Far beyond any real image (COCO's busiest has a few hundred): matching a million boxes ran for minutes
+# in gigabytes.
+MAX_BOXES_PER_IMAGE = 10_000
+
+
+def _regular(path: Path) -> Path:
+    """``path``, unless it exists and is not a regular file: a FIFO blocks the read for good, a device never
+    ends."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise LabelError(f"{path}: not a regular file (a FIFO, device or directory cannot be read as data)")
+    return path
+
+
 def _sample(img, boxes, names, source, mask=None) -> Sample:
+    if len(boxes) > MAX_BOXES_PER_IMAGE:
+        raise LabelError(f"{img}: {len(boxes)} labelled boxes, more than any image holds "
+                         f"(at most {MAX_BOXES_PER_IMAGE})")
     return Sample(Path(img), np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(names), source, mask)
 
 
@@ -171,7 +196,7 @@ def _names_from_ids(path: Path, names: dict) -> list:
 def _find_image(folder: Path, stem: str) -> Path | None:
     for suf in IMAGE_SUFFIXES:
         p = folder / (stem + suf)
-        if p.exists():
+        if p.is_file():
             return p
     return None
 
@@ -184,12 +209,13 @@ def load_yolo(folder, source: str = "", report: LoadReport | None = None, stop: 
     report = report if report is not None else LoadReport()
     folder = Path(folder)
     yaml = folder / "data.yaml"
-    names = parse_yaml_names(yaml) if yaml.exists() else (list(names) if names is not None else None)
+    names = parse_yaml_names(_regular(yaml)) if yaml.exists() else (list(names) if names is not None else None)
     img_dir, lab_dir = folder / "images", folder / "labels"
     if not img_dir.is_dir():
         raise LabelError(f"{folder}: no images/ folder")
     out = []
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Regular files only: a FIFO named x.jpg would block the decoder for good.
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if only is None:
         label_stems = {p.stem for p in lab_dir.glob("*.txt")} if lab_dir.is_dir() else set()
         for stem in sorted(label_stems - {p.stem for p in images}):
@@ -201,7 +227,8 @@ def load_yolo(folder, source: str = "", report: LoadReport | None = None, stop: 
         try:
             boxes, classes = [], []
             if lab.exists():
-                for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                text = _regular(lab).read_text(encoding="utf-8", errors="replace")
+                for ln, line in enumerate(text.splitlines(), 1):
                     if not line.strip():
                         continue
                     where = f"{lab}:{ln}"
@@ -240,7 +267,7 @@ def load_voc(folder, source: str = "", report: LoadReport | None = None, stop: b
     for xml in sorted(ann_dir.glob("*.xml")):
         try:
             try:
-                root = ET.parse(xml).getroot()
+                root = ET.parse(_regular(xml)).getroot()
             except ET.ParseError as exc:
                 raise LabelError(f"{xml}:{exc.position[0]}: malformed XML ({exc})") from None
             fname = (root.findtext("filename") or "").strip()
@@ -255,7 +282,7 @@ def load_voc(folder, source: str = "", report: LoadReport | None = None, stop: b
             except ValueError:
                 raise LabelError(f"{xml}: bad <size>") from None
             if w <= 0 or h <= 0:
-                shape = cv2.imread(str(img), cv2.IMREAD_GRAYSCALE)
+                shape = imread(img, cv2.IMREAD_GRAYSCALE)
                 if shape is None:
                     raise LabelError(f"{img}: cannot decode image")
                 h, w = shape.shape[:2]
@@ -286,7 +313,7 @@ def load_coco(json_path, img_dir, source: str = "", report: LoadReport | None = 
     report = report if report is not None else LoadReport()
     json_path, img_dir = Path(json_path), Path(img_dir)
     try:
-        text = json_path.read_bytes()
+        text = _regular(json_path).read_bytes()
         deep = json_too_deep(text)  # json.loads recurses once per level: refuse before the stack runs out
         if deep:
             raise LabelError(f"{json_path}: not a COCO detection file: {deep}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from app.sources import imread
 from evaluation.datasets import DataError
 from evaluation.metrics import coco_metrics, empty_images, frames_found, precision_recall, upright_found
 
@@ -53,7 +54,7 @@ def evaluate(
     samples = samples[:limit] if limit else samples
     gts, dets, shapes, scored = [], [], [], []
     for s in progress(samples) if progress else samples:
-        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
+        img = imread(s.image, cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"{s.image}: cannot decode image")
         h, w = img.shape[:2]

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from app.sources import imread
 from evaluation.metrics import match_image
 
 GREEN, RED, YELLOW = (60, 200, 60), (40, 40, 230), (0, 220, 255)  # BGR
@@ -28,7 +29,7 @@ def pick(n_total: int, n: int) -> list:
 
 def tile(scored, score_threshold: float, iou: float = 0.5) -> np.ndarray:
     """One image shrunk into a TILE_W x TILE_H tile (plus caption) with its boxes drawn."""
-    img = cv2.imread(str(scored.image), cv2.IMREAD_COLOR)
+    img = imread(scored.image, cv2.IMREAD_COLOR)
     h, w = scored.shape
     if img is None or img.shape[:2] != (h, w):
         img = np.full((h, w, 3), 96, np.uint8)  # the file changed since it was scored: keep the boxes readable
@@ -48,7 +49,9 @@ def tile(scored, score_threshold: float, iou: float = 0.5) -> np.ndarray:
     for d, t in zip(kept, true, strict=True):
         box(d, GREEN if t else RED, 2)
     tp, fp, missed = int(true.sum()), int((~true).sum()), int((~found).sum())
-    text = f"{Path(str(scored.image)).stem[:16]}  {tp} ok {fp} false {missed} missed"
+    # ASCII: the Hershey fonts have nothing else, and cv2.putText crashes on a name that is not UTF-8.
+    stem = Path(str(scored.image)).stem[:16].encode("ascii", "replace").decode()
+    text = f"{stem}  {tp} ok {fp} false {missed} missed"
     cv2.putText(out, text, (3, TILE_H + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (230, 230, 230), 1, cv2.LINE_AA)
     return out
 
@@ -76,6 +79,9 @@ def draw_sheet(scored: list, score_threshold: float, out_png, n: int = 48, colum
         sheet[head + r * th : head + (r + 1) * th, c * TILE_W : (c + 1) * TILE_W] = tile(sc, score_threshold)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out_png), sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
-        raise OSError(f"{out_png}: cannot write the sheet (is the suffix .png and the folder writable?)")
+    # Encoded here and written by Python: cv2.imwrite crashes on a file name that is not UTF-8.
+    ok, png = cv2.imencode(out_png.suffix or ".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise OSError(f"{out_png}: cannot write the sheet (is the suffix .png?)")
+    out_png.write_bytes(png.tobytes())
     return len(chosen)

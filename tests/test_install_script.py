@@ -157,15 +157,16 @@ def test_uninstall_keeps_config_and_logs(stubs):
     assert stub_calls(stubs) == "" and snapshot() == before
     out = result.stdout
     assert "systemctl disable --now xnorcam.service" in out
-    assert "rm -rf /opt/xnorcam /var/cache/xnorcam /var/lib/xnorcam" in out
-    assert "keeping /etc/xnorcam and /var/log/xnorcam" in out
-    assert not re.search(r"rm -rf .*(/etc/xnorcam|/var/log/xnorcam)", out)
+    assert "rm -rf /opt/xnorcam /var/cache/xnorcam" in out
+    # The state directory holds the snapshots and recordings (the example config's): kept like the logs.
+    assert "keeping /etc/xnorcam, /var/lib/xnorcam and /var/log/xnorcam" in out
+    assert not re.search(r"rm -rf .*(/etc/xnorcam|/var/log/xnorcam|/var/lib/xnorcam)", out)
 
 
 def test_uninstall_purge_removes_config_and_logs(stubs):
     result = install_sh(stubs, "--dry-run", "--uninstall", "--purge")
     assert result.returncode == 0, result.stderr
-    assert "rm -rf /etc/xnorcam /var/log/xnorcam" in result.stdout
+    assert "rm -rf /etc/xnorcam /var/lib/xnorcam /var/log/xnorcam" in result.stdout
     assert stub_calls(stubs) == ""
 
 
@@ -310,12 +311,15 @@ def test_real_install_into_a_staged_root(staged):
     assert conf.read_text() == "# edited by the owner\n"
     assert "keeping the existing" in result.stdout
 
-    # Uninstall keeps config and logs; purge removes them.
+    # Uninstall keeps config, state (snapshots, recordings) and logs; purge removes them.
     (root / "var/log/xnorcam").mkdir(parents=True)
+    (root / "var/lib/xnorcam/snapshots").mkdir(parents=True)
     result, calls = run("--uninstall")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not opt.exists() and conf.exists() and (root / "var/log/xnorcam").exists()
+    assert (root / "var/lib/xnorcam/snapshots").exists()
     assert "systemctl disable --now xnorcam.service" in calls and "userdel xnorcam" in calls
     result, _ = run("--uninstall", "--purge")
     assert result.returncode == 0
     assert not (root / "etc/xnorcam").exists() and not (root / "var/log/xnorcam").exists()
+    assert not (root / "var/lib/xnorcam").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -502,12 +503,29 @@ def test_recorder_writes_a_readable_video(tmp_path):
     assert n == 6 and rec.frames == 6
 
 
-def test_recorder_that_cannot_open_warns_and_continues(tmp_path, caplog):
-    rec = Recorder(str(tmp_path / "x.mp4"), fourcc="ZZZZ")
+def test_recorder_that_cannot_open_says_so_once_and_continues(tmp_path, caplog):
+    events = []
+    rec = Recorder(str(tmp_path / "x.mp4"), fourcc="ZZZZ", on_event=events.append)
     rec.write(np.zeros((48, 64, 3), np.uint8))
     rec.write(np.zeros((48, 64, 3), np.uint8))
     rec.close()
-    assert rec.frames == 0 and caplog.text.count("cannot record") == 1
+    assert rec.frames == 0 and caplog.text.count("not recording") == 1
+    assert [e["event"] for e in events] == ["record_error"] and "VideoWriter" in events[0]["message"]
+
+
+@pytest.mark.parametrize("make", ["file for its directory", "directory for the file"])
+def test_recorder_whose_path_broke_after_the_start_logs_a_record_error_event(tmp_path, caplog, make):
+    path = tmp_path / "d" / "x.mp4"
+    events = []
+    rec = Recorder(str(path), on_event=events.append)
+    if make == "file for its directory":
+        (tmp_path / "d").write_text("")
+    else:
+        path.mkdir(parents=True)
+    for _ in range(3):
+        rec.write(np.zeros((48, 64, 3), np.uint8))
+    assert rec.frames == 0 and len(events) == 1 and events[0]["path"] == str(path)
+    assert "ERROR" in caplog.text and caplog.text.count("not recording") == 1
 
 
 # --- only this program's logs are appended to or repaired ----------------------------------------------------
@@ -594,3 +612,155 @@ def test_stdout_closed_is_refused():
 def test_a_nul_in_the_path_is_refused_not_raised(path):
     with pytest.raises(LogRefused):
         JsonlLog(path)
+
+
+# --- rotation never renames over a numbered file that is not this program's log --------------------------------
+
+
+def our_lines(n, start=0):
+    return b"".join(b'{"v":1,"time":"t","seq":%d,"detections":[]}\n' % i for i in range(start, start + n))
+
+
+def make_foreign(path: Path, kind: str) -> bytes | None:
+    """Put something that is not our log at ``path``; the bytes it must keep (None: not a file)."""
+    if kind in NOT_LOGS:
+        path.write_bytes(NOT_LOGS[kind])
+        return NOT_LOGS[kind]
+    if kind == "a directory":
+        path.mkdir()
+        (path / "keep").write_text("x")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a link to our own old log":
+        (path.parent / "elsewhere.jsonl").write_bytes(our_lines(3))
+        path.symlink_to(path.parent / "elsewhere.jsonl")
+    elif kind == "a dangling link":
+        path.symlink_to(path.parent / "nowhere")
+    return None
+
+
+FOREIGN = sorted(NOT_LOGS) + ["a directory", "a FIFO", "a link to our own old log", "a dangling link"]
+
+
+def foreign_intact(path: Path, kind: str, kept: bytes | None) -> bool:
+    if kept is not None:
+        return path.read_bytes() == kept
+    if kind == "a directory":
+        return (path / "keep").read_text() == "x"
+    if kind == "a FIFO":
+        return path.is_fifo()
+    return path.is_symlink()
+
+
+@pytest.mark.parametrize("slot", [1, 2, 4])
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_a_numbered_file_that_is_not_our_log_is_refused_at_start(tmp_path, kind, slot):
+    path = tmp_path / "notes"
+    path.write_bytes(our_lines(2))
+    other = tmp_path / f"notes.{slot}"
+    kept = make_foreign(other, kind)
+    with pytest.raises(sinks.LogRefused, match=rf"rename over .*notes\.{slot}, which is not a log of this program"):
+        JsonlLog(str(path), max_bytes=1000, files=5)
+    assert foreign_intact(other, kind, kept) and path.read_bytes() == our_lines(2)
+    JsonlLog(str(path), max_bytes=1000, files=slot).close()  # fewer files never reach it: accepted
+    JsonlLog(str(path), max_bytes=0, files=5).close()  # no rotation: accepted
+
+
+@pytest.mark.parametrize("kind", ["an empty file", "our own rotated log", "our rotated log, torn last line"])
+def test_our_own_rotated_logs_and_empty_files_are_rotated_as_before(tmp_path, kind):
+    path = tmp_path / "d.jsonl"
+    old = {"an empty file": b"", "our own rotated log": our_lines(3, 100),
+           "our rotated log, torn last line": our_lines(3, 100) + b'{"v":1,"ti'}[kind]
+    (tmp_path / "d.jsonl.1").write_bytes(old)
+    one = len(our_lines(1))
+    log = JsonlLog(str(path), max_bytes=3 * one, files=3)
+    for i in range(7):
+        assert log.write({"time": "t", "seq": i, "detections": []} | {"v": 1})
+    log.close()
+    assert log.rotations == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.jsonl.1", "d.jsonl.2"]
+
+
+@pytest.mark.parametrize("slot", [1, 2])
+@pytest.mark.parametrize("kind", ["a one-line token", "notes.json, final newline", "a directory", "a FIFO",
+                                  "a link to our own old log"])
+def test_a_numbered_file_made_after_the_start_is_never_renamed_over(tmp_path, caplog, kind, slot):
+    """It appeared while the app ran: the rotation chain ends before it (the oldest of ours before it is
+    dropped instead), or, in slot 1, the log is emptied as with log.files = 1; said once."""
+    path = tmp_path / "d.jsonl"
+    one = len(our_lines(1))  # seq 0; seq 10..29 are a byte longer: 3 lines to a file either way
+    log = JsonlLog(str(path), max_bytes=3 * one + 3, files=4)
+    other = tmp_path / f"d.jsonl.{slot}"
+    kept = make_foreign(other, kind)
+    for i in range(30):
+        assert log.write({"v": 1, "time": "t", "seq": i, "detections": []})
+    log.close()
+    assert foreign_intact(other, kind, kept)
+    assert caplog.text.count("is not a log of this program") == 1
+    assert not (tmp_path / f"d.jsonl.{slot + 1}").exists() or slot == 1 and not (tmp_path / "d.jsonl.3").exists()
+    assert os.path.getsize(path) <= 3 * one + 3
+    if slot == 2:
+        assert [json.loads(x)["seq"] for x in lines_of(tmp_path / "d.jsonl.1")] == [24, 25, 26]
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [27, 28, 29]
+
+
+def test_the_app_refuses_a_log_whose_rotation_would_clobber_notes(tmp_path):
+    path = tmp_path / "notes"
+    (tmp_path / "notes.1").write_text("my notes, line one\nline two\n")
+    r = subprocess.run([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--log", str(path),
+                        "--model", str(tmp_path / "never-read.xnc")], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 78 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "notes.1, which is not a log of this program" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "notes.1").read_text() == "my notes, line one\nline two\n" and not path.exists()
+
+
+# --- a recording only replaces an earlier recording, and only under a video file name --------------------------
+
+
+@pytest.mark.parametrize("name,data", [
+    ("notes.mp4", b"my notes\nline two"),
+    ("token.mkv", b"s3cr3t"),
+    ("picture.avi", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),
+    ("model.mov", b"XNORCAM\x00" + b"\x01" * 40),
+    ("riff-wave.avi", b"RIFF\x00\x00\x00\x00WAVEfmt "),
+])
+def test_an_existing_file_that_is_not_a_video_is_never_overwritten(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    problem = sinks.record_path_problem(str(path))
+    assert problem and "exists and is not a video" in problem
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("name", ["person.xnc", "notes.txt", "recording", "clip.mp4.bak", "x.jpg"])
+def test_a_recording_needs_a_video_file_name(tmp_path, name):
+    path = tmp_path / name
+    problem = sinks.record_path_problem(str(path))
+    assert problem and "not a video file name" in problem and not path.exists()
+
+
+@pytest.mark.parametrize("suffix", list(sinks.RECORD_SUFFIXES) + [".MP4"])
+def test_an_earlier_recording_or_an_empty_file_may_be_replaced(tmp_path, suffix):
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    assert sinks.record_path_problem(str(empty)) is None and empty.exists()
+    earlier = tmp_path / f"earlier{suffix}"
+    rec = Recorder(str(earlier))
+    for _ in range(3):
+        rec.write(np.zeros((48, 64, 3), np.uint8))
+    rec.close()
+    assert rec.frames == 3 and sinks.record_path_problem(str(earlier)) is None
+    fresh = tmp_path / f"fresh{suffix}"
+    assert sinks.record_path_problem(str(fresh)) is None and not fresh.exists()  # tried, and removed again
+
+
+def test_the_app_refuses_to_record_over_the_model(tmp_path):
+    """--log and --record swapped: the model file is a refusal (exit 2, one line), not a record_error later."""
+    model = tmp_path / "person.xnc"
+    data = (Path(__file__).resolve().parents[1] / "models" / "person.xnc").read_bytes()
+    model.write_bytes(data)
+    r = subprocess.run([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--record", str(model),
+                        "--max-frames", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a video file name" in r.stderr and model.read_bytes() == data

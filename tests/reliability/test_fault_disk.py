@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +20,8 @@ from app.pipeline import Pipeline
 from app.sinks import JsonlLog
 from tests.fakes.fake_source import FakeSource
 from tests.reliability.logread import frames_and_events, read_log
-from tests.reliability.support import run_app, run_pipeline
+from tests.reliability.support import ROOT as ROOT_DIR
+from tests.reliability.support import child_env, run_app, run_pipeline
 
 
 class FrameHook:
@@ -203,16 +205,88 @@ def test_log_deleted_or_moved_away_is_recreated(tmp_path, detector):
     assert len(read_log(path, allow_torn_tail=False)[0]) >= 19  # everything after the move is in the new file
 
 
-def test_unwritable_recording_path_does_not_stop_detection(tmp_path, model_path):
-    """--record somewhere that cannot exist (a read-only or wrong path) must cost the recording, not the camera."""
-    not_a_dir = tmp_path / "a-file"
-    not_a_dir.write_text("")
+UNWRITABLE_RECORDINGS = {
+    "below a file": lambda t: t / "a-file" / "rec.mp4",
+    "two levels below a file": lambda t: t / "a-file" / "sub" / "rec.mp4",
+    "in a read-only directory": lambda t: t / "ro" / "rec.mp4",
+    "a NUL in the path": lambda t: str(t / "rec") + "\x00.mp4",
+}
+
+
+@pytest.mark.parametrize("via", ["flag", "config"])
+@pytest.mark.parametrize("case", sorted(UNWRITABLE_RECORDINGS))
+def test_an_unwritable_recording_path_is_refused_at_start(tmp_path, model_path, case, via):
+    """A recording path that can never be written is a configuration error found at start: exit 2 from the
+    flag, 78 from the config, one line naming the path, before the model loads and before anything is
+    logged. (It used to be found at the first frame, and the run went on without a recording: a warning in
+    a journal nobody reads.)"""
+    (tmp_path / "a-file").write_text("")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    target = UNWRITABLE_RECORDINGS[case](tmp_path)
     log = tmp_path / "log.jsonl"
-    r = run_app("--source", "demo", "--fps", "0", "--model", model_path, "--preview", "none", "--log", log,
-                "--record", not_a_dir / "rec.mp4", "--max-frames", 10)
+    args = ["--source", "demo", "--fps", "0", "--model", model_path, "--preview", "none", "--log", log,
+            "--max-frames", 10]
+    if case == "a NUL in the path" and via == "config":
+        target = str(target).replace("\x00", "\\u0000")  # TOML's escape: the config refuses it itself
+    if via == "flag":
+        if "\x00" in str(target):
+            pytest.skip("a NUL cannot be passed in argv")
+        args += ["--record", target]
+    else:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[preview]\nrecord = "{target}"\n')
+        args += ["--config", cfg]
+    if case == "in a read-only directory":
+        r = _run_read_only(ro, args)
+    else:
+        r = run_app(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == (2 if via == "flag" else 78), r.stderr
+    assert len(lines) == 1 and "preview.record" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not log.exists(), "the run started"
+    assert (tmp_path / "a-file").read_text() == "" and not list(ro.iterdir())  # nothing made or changed
+
+
+def _run_read_only(directory, args):
+    """The app with ``directory`` read-only to it (a private mount namespace; root ignores file modes)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    script = f"mount --make-rprivate / && mount --bind {directory} {directory} && " \
+             f"mount -o remount,bind,ro {directory} && exec \"$0\" -m app \"$@\""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, *map(str, args)], cwd=ROOT_DIR,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_a_recording_lost_after_the_start_is_an_event_and_detection_goes_on(tmp_path, model_path):
+    """The path passed the start check, then its directory became impossible before the first frame (a disk
+    unmounted, a file put in its place): the recording is lost, not the camera, and that is said once as an
+    error and once as a record_error line in the log."""
+    rec_dir = tmp_path / "rec"
+    log = tmp_path / "log.jsonl"
+    runner = tmp_path / "runner.py"
+    # The first detect() (the warm-up's) replaces the recording's directory with a file.
+    runner.write_text(
+        "import os, shutil, sys\n"
+        f"sys.path.insert(0, {str(ROOT_DIR)!r})\n"
+        "import app.detector as d\n"
+        "orig = d.Detector.detect\n"
+        "def detect(self, image):\n"
+        f"    if os.path.isdir({str(rec_dir)!r}):\n"
+        f"        shutil.rmtree({str(rec_dir)!r}); open({str(rec_dir)!r}, 'w').close()\n"
+        "    return orig(self, image)\n"
+        "d.Detector.detect = detect\n"
+        "from app.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, str(runner), "--source", "demo", "--fps", "0", "--model", str(model_path),
+                        "--preview", "none", "--log", str(log), "--record", str(rec_dir / "x.mp4"), "--max-frames",
+                        "10"], capture_output=True, text=True, timeout=300, env=child_env())
     assert r.returncode == 0, r.stderr
     assert "processed=10" in r.stderr and r.stderr.count("not recording") == 1
-    assert len(frames_and_events(read_log(log, allow_torn_tail=False)[0])[0]) == 10
+    frames, events = frames_and_events(read_log(log, allow_torn_tail=False)[0])
+    assert len(frames) == 10
+    lost = [e for e in events if e["event"] == "record_error"]
+    assert len(lost) == 1 and lost[0]["path"] == str(rec_dir / "x.mp4") and "Not a directory" in lost[0]["message"]
 
 
 # --- the log's real state: an external truncate, a full disk, two writers ---------------------------------
