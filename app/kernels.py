@@ -40,9 +40,10 @@ BORDER = 1  # border of every binary activation buffer; enough for kernels up to
 # Bytes per vector of the XOR+popcount loop: one NEON register on the Pi, one AVX2/AVX-512VL ymm on x86.
 # XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
 VEC_BYTES = int(os.environ.get("XNORCAM_VEC_BYTES", "16" if platform.machine().lower() in ("aarch64", "arm64") else "32"))
-_CHUNK = 31  # vectors summed in byte lanes before widening: 31 * 8 <= 255
-# patch bytes summed in 16-bit lanes before they go to the int32 sums: (4064 - 1 + _CHUNK) * 8 <= 32767
-_FLUSH16 = 4064
+_AARCH64 = platform.machine().lower() in ("aarch64", "arm64")  # NEON's pairwise add-accumulate (UADALP) by name
+# patch byte pairs counted in 16-bit lanes before they go to the int32 sums: each pair adds at most 16,
+# 4094 * 16 <= 65535 (and even, as the pairs of one 32-bit patch unit stay together)
+_FLUSH_PAIRS = 4094
 
 
 @intrinsic
@@ -60,97 +61,105 @@ def popc(typingctx, x):
 
 def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
     """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes)."""
+    lanes = vec // 2  # output channels per vector: each holds two patch bytes of each of its channels
 
-    def xorcols(typingctx, patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride):
-        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ wt[wt_off + j*o_stride + o])
-        for p < pats, o < blocks*vec, j < nbytes.
+    def xorcols(typingctx, patch, mpatch, p_stride, npairs, wt, wt_off, w_stride, ys, ys_off, y_stride):
+        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ byte j of channel o's weights)
+        for p < pats, o < blocks*lanes, j < 2*npairs (npairs even); byte 2i + t of channel o is
+        wt[wt_off + i*w_stride + 2*o + t] (compact_weights).
 
-        Each patch byte is broadcast against ``blocks`` vectors of consecutive output
-        channels (weight loads shared by ``pats`` pixels); the counts add up in byte
-        lanes (at most 8 per byte, so 31 bytes fit) and go to the int32 sums once per
-        31 bytes: no horizontal sums at all.
+        Each pair of patch bytes is broadcast to every 16-bit lane and meets ``blocks``
+        vectors of ``lanes`` output channels (weight loads shared by ``pats`` pixels): XOR,
+        per-byte popcount, and the two bytes of a lane added into its 16-bit count in one
+        pairwise add-accumulate (NEON UADALP). No horizontal sums, no byte-lane overflow
+        to manage; the 16-bit counts go to the int32 sums every _FLUSH_PAIRS pairs.
         """
         for arr in (patch, mpatch, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
         if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride)
+        sig = types.none(patch, mpatch, p_stride, npairs, wt, wt_off, w_stride, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
-            i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
-            vty, dty = ir.VectorType(i8, vec), ir.VectorType(i32, vec)
+            i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+            vty, hty, dty = ir.VectorType(i8, vec), ir.VectorType(i16, lanes), ir.VectorType(i32, lanes)
             sa = signature.args
             p_arr = context.make_array(sa[0])(context, builder, args[0])
             m_arr = context.make_array(sa[1])(context, builder, args[1])
             w_arr = context.make_array(sa[4])(context, builder, args[4])
             y_arr = context.make_array(sa[7])(context, builder, args[7])
-            pst, nb, woff, ost, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (2, 3, 5, 6, 8, 9))
+            pst, npr, woff, wst, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64)
+                                              for i in (2, 3, 5, 6, 8, 9))
             w_base = builder.gep(w_arr.data, [woff])
             p_bases = [builder.gep(p_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
             m_bases = [builder.gep(m_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
             y_ptrs = {(q, b): builder.bitcast(
-                builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * vec)))]),
+                builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * lanes)))]),
                 dty.as_pointer()) for q in range(pats) for b in range(blocks)}
             for ptr in y_ptrs.values():
                 builder.store(ir.Constant(dty, None), ptr, align=4)
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
+            if _AARCH64:
+                uaddlp = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(hty, [vty]), f"llvm.aarch64.neon.uaddlp.v{lanes}i16.v{vec}i8")
+
+                def pairsum(c):
+                    return builder.call(uaddlp, [c])
+            else:
+                even = ir.Constant(ir.VectorType(i32, lanes), list(range(0, vec, 2)))
+                odd = ir.Constant(ir.VectorType(i32, lanes), list(range(1, vec, 2)))
+                bty = ir.VectorType(i8, lanes)
+
+                def pairsum(c):
+                    u = ir.Constant(vty, ir.Undefined)
+                    return builder.add(builder.zext(builder.shuffle_vector(c, u, even), hty),
+                                       builder.zext(builder.shuffle_vector(c, u, odd), hty))
             j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
-            acc8 = {key: cgutils.alloca_once(builder, vty) for key in y_ptrs}
-            hty = ir.VectorType(ir.IntType(16), vec)
-            acc16 = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in y_ptrs}
-            flushed_p = cgutils.alloca_once_value(builder, i64(0))
+            acc = {key: cgutils.alloca_once(builder, hty) for key in y_ptrs}
             fn = builder.function
-            oc, ob, ic, ib, ie, fl, oe = (fn.append_basic_block(f"xorcols.{n}")
-                                          for n in ("oc", "ob", "ic", "ib", "ie", "fl", "oe"))
+            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorcols.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
             builder.branch(oc)
-            builder.position_at_end(oc)  # chunks of at most _CHUNK patch bytes
-            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), nb), ob, oe)
+            builder.position_at_end(oc)  # chunks of at most _FLUSH_PAIRS pairs
+            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), npr), ob, oe)
             builder.position_at_end(ob)
-            for ptr in acc8.values():
-                builder.store(ir.Constant(vty, None), ptr)
-            e = builder.add(builder.load(j_p), i64(_CHUNK))
-            builder.store(builder.select(builder.icmp_signed("<", e, nb), e, nb), end_p)
+            for ptr in acc.values():
+                builder.store(ir.Constant(hty, None), ptr)
+            e = builder.add(builder.load(j_p), i64(_FLUSH_PAIRS))
+            builder.store(builder.select(builder.icmp_signed("<", e, npr), e, npr), end_p)
             builder.branch(ic)
             builder.position_at_end(ic)
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
-            j = builder.load(j_p)
+            j0 = builder.load(j_p)
+            for step in range(2):  # two pairs (one 32-bit unit of the patch) per iteration: npairs is even
+                j = builder.add(j0, i64(step))
 
-            def splat(base):
-                byte = builder.load(builder.gep(base, [j]))
-                return builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
-                    ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec))
+                def splat(base):
+                    ptr = builder.bitcast(builder.gep(base, [builder.mul(j, i64(2))]), i16.as_pointer())
+                    half = builder.load(ptr, align=1)
+                    s = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(hty, ir.Undefined), half, i32(0)),
+                        ir.Constant(hty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                    return builder.bitcast(s, vty)
 
-            splats = [splat(p_bases[q]) for q in range(pats)]
-            msplats = [splat(m_bases[q]) for q in range(pats)] if masked else []
-            row = builder.gep(w_base, [builder.mul(j, ost)])
-            for b in range(blocks):
-                wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
-                for q in range(pats):
-                    x = builder.xor(splats[q], wv)
-                    c = builder.call(ctpop, [builder.and_(x, msplats[q]) if masked else x])
-                    builder.store(builder.add(builder.load(acc8[q, b]), c), acc8[q, b])
-            builder.store(builder.add(j, i64(1)), j_p)
+                splats = [splat(p_bases[q]) for q in range(pats)]
+                msplats = [splat(m_bases[q]) for q in range(pats)] if masked else []
+                row = builder.gep(w_base, [builder.mul(j, wst)])
+                for b in range(blocks):
+                    wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
+                    for q in range(pats):
+                        x = builder.xor(splats[q], wv)
+                        c = builder.call(ctpop, [builder.and_(x, msplats[q]) if masked else x])
+                        builder.store(builder.add(builder.load(acc[q, b]), pairsum(c)), acc[q, b])
+            builder.store(builder.add(j0, i64(2)), j_p)
             builder.branch(ic)
-            # The byte lanes go to 16-bit sums once per chunk (one widening add per 8 lanes), those to the
-            # int32 sums only at the end or every _FLUSH16 bytes (the int32 add costs 3x the 16-bit one).
             builder.position_at_end(ie)
-            for key, ptr in acc16.items():
-                builder.store(builder.add(builder.load(ptr), builder.zext(builder.load(acc8[key]), hty)), ptr)
-            j = builder.load(j_p)
-            done = builder.icmp_signed(">=", j, nb)
-            full = builder.icmp_signed(">=", builder.sub(j, builder.load(flushed_p)), i64(_FLUSH16))
-            builder.cbranch(builder.or_(done, full), fl, oc)
-            builder.position_at_end(fl)
             for key, ptr in y_ptrs.items():
-                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc16[key]), dty))
+                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc[key]), dty))
                 builder.store(total, ptr, align=4)
-                builder.store(ir.Constant(hty, None), acc16[key])
-            builder.store(j, flushed_p)
             builder.branch(oc)
             builder.position_at_end(oe)
             return context.get_dummy_value()
@@ -249,17 +258,19 @@ def patch_layout(kernel: int, in_ch: int) -> tuple[int, int]:
 
 
 def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
-    """(out, k, k, words) uint64 weights -> (patch bytes, out padded to whole vectors) uint8.
+    """(out, k, k, words) uint64 weights -> (patch bytes / 2, 2 * out padded to whole vectors) uint8.
 
-    Row j holds byte j of every output channel's compacted patch, so one patch byte meets
-    a vector of consecutive output channels.
+    Row i holds patch bytes 2i and 2i + 1 of every output channel, side by side: one vector
+    of the row is VEC_BYTES / 2 consecutive output channels, two bytes each, which meets a
+    broadcast pair of patch bytes and adds into that channel's 16-bit lane (``xorcols*``).
     """
     out, k = weight.shape[0], weight.shape[1]
     nup, nb = patch_layout(k, in_ch)
+    lanes = VEC_BYTES // 2
     raw = np.ascontiguousarray(weight, dtype="<u8").view(np.uint8).reshape(out, k * k, -1)[:, :, : 4 * nup]
-    wt = np.zeros((nb, -(-out // VEC_BYTES) * VEC_BYTES), np.uint8)
-    wt[:, :out] = raw.reshape(out, nb).T
-    return wt
+    wt = np.zeros((nb // 2, -(-out // lanes) * lanes, 2), np.uint8)
+    wt[:, :out] = raw.reshape(out, nb // 2, 2).transpose(1, 0, 2)
+    return wt.reshape(nb // 2, -1)
 
 
 # ------------------------------------------------------------------ stem
@@ -513,38 +524,41 @@ def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32
         _gather(src32, src64, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, patch64, q * pstride // 4)
 
 
+_LANES = VEC_BYTES // 2  # output channels per vector of xorcols*
+
+
 @njit(cache=True, inline="always")
 def _sums(patch, pstride, nb, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
-    while o_stride - ob >= 8 * VEC_BYTES:
-        xorcols8(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 8 * VEC_BYTES
-    if o_stride - ob >= 4 * VEC_BYTES:
-        xorcols4(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 4 * VEC_BYTES
-    if o_stride - ob >= 2 * VEC_BYTES:
-        xorcols2(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 2 * VEC_BYTES
-    if o_stride - ob >= VEC_BYTES:
-        xorcols1(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+    while o_stride - ob >= 8 * _LANES:
+        xorcols8(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 8 * _LANES
+    if o_stride - ob >= 4 * _LANES:
+        xorcols4(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 4 * _LANES
+    if o_stride - ob >= 2 * _LANES:
+        xorcols2(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 2 * _LANES
+    if o_stride - ob >= _LANES:
+        xorcols1(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True, inline="always")
 def _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount((sign bytes q ^ weights of o) & nonzero bytes q)."""
     ob = 0
-    while o_stride - ob >= 8 * VEC_BYTES:
-        andcols8(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 8 * VEC_BYTES
-    if o_stride - ob >= 4 * VEC_BYTES:
-        andcols4(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 4 * VEC_BYTES
-    if o_stride - ob >= 2 * VEC_BYTES:
-        andcols2(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 2 * VEC_BYTES
-    if o_stride - ob >= VEC_BYTES:
-        andcols1(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+    while o_stride - ob >= 8 * _LANES:
+        andcols8(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 8 * _LANES
+    if o_stride - ob >= 4 * _LANES:
+        andcols4(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 4 * _LANES
+    if o_stride - ob >= 2 * _LANES:
+        andcols2(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        ob += 2 * _LANES
+    if o_stride - ob >= _LANES:
+        andcols1(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True, nogil=True)
@@ -576,8 +590,9 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     sets bit o (lo plane) and bit out_ch + o (hi plane).
     """
     n_out = thr.shape[0] // planes
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
+    npairs, wrow = wt.shape
+    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
     src64 = inp.reshape(inp.size)
     src32 = src64.view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
@@ -616,8 +631,9 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
 def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
     n_out = scale.shape[0]
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
+    npairs, wrow = wt.shape
+    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
     src64 = inp.reshape(inp.size)
     src32 = src64.view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
@@ -632,8 +648,10 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
             _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
             _sums(patch, pstride, nb, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
+                # y in int32 (|y| <= K < 2^31, exact in float32 below 2^24 as before): the loop then runs
+                # 4 channels a vector, where int64 arithmetic and its conversion kept it scalar
                 for o in range(n_out):
-                    out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * o_stride + o]) + bias[o]
+                    out[oy, ox + p, o] = scale[o] * np.float32(np.int32(kk - 2 * ys[p * o_stride + o])) + bias[o]
 
 
 # ------------------------------------------------------------------ convs over a ternary input
@@ -673,8 +691,9 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     wt: compact_weights(weight, C) of the logical C channels; thr, flip: rules on y = sum w·v.
     """
     n_out = thr.shape[0] // planes
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
+    npairs, wrow = wt.shape
+    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
     src32 = inp.reshape(inp.size).view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
@@ -715,8 +734,9 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
 def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
     """Binary weights over a ternary input with a real output r = scale * y + bias, y = sum w·v."""
     n_out = scale.shape[0]
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
+    npairs, wrow = wt.shape
+    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
     src32 = inp.reshape(inp.size).view(np.uint32)
     wp, upp = inp.shape[1], inp.shape[2] * 2
     off = BORDER - k // 2
@@ -733,8 +753,8 @@ def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
             _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 nz = nzs[p]
-                for o in range(n_out):
-                    out[oy, ox + p, o] = scale[o] * np.float32(nz - 2 * ys[p * o_stride + o]) + bias[o]
+                for o in range(n_out):  # in int32, as bconv_real_rows
+                    out[oy, ox + p, o] = scale[o] * np.float32(np.int32(nz - 2 * ys[p * o_stride + o])) + bias[o]
 
 
 # ------------------------------------------------------------------ Bi-Real blocks (rbconv)
