@@ -63,42 +63,47 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
     """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes)."""
     lanes = vec // 2  # output channels per vector: each holds two patch bytes of each of its channels
 
-    def xorcols(typingctx, patch, mpatch, p_stride, npairs, wt, wt_off, w_stride, ys, ys_off, y_stride):
-        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ byte j of channel o's weights)
-        for p < pats, o < blocks*lanes, j < 2*npairs (npairs even); byte 2i + t of channel o is
-        wt[wt_off + i*w_stride + 2*o + t] (compact_weights).
+    def xorcols(typingctx, src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, w_stride, ys, ys_off, y_stride):
+        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch_p[j] ^ byte j of channel o's weights)
+        for p < pats, o < blocks*lanes, j < 2 * nseg * seg_pairs (seg_pairs even).
+
+        The patch of pixel p is read in place: ``nseg`` runs (the kernel rows) of 2*seg_pairs
+        bytes, run s at src[p_offs[p] + s*seg_stride] (and msrc for the mask); byte 2i + t of
+        channel o's weights is wt[wt_off + i*w_stride + 2*o + t] (compact_weights).
 
         Each pair of patch bytes is broadcast to every 16-bit lane and meets ``blocks``
         vectors of ``lanes`` output channels (weight loads shared by ``pats`` pixels): XOR,
         per-byte popcount, and the two bytes of a lane added into its 16-bit count in one
         pairwise add-accumulate (NEON UADALP). No horizontal sums, no byte-lane overflow
-        to manage; the 16-bit counts go to the int32 sums every _FLUSH_PAIRS pairs.
+        to manage; the 16-bit counts go to the int32 sums every _FLUSH_PAIRS pairs and at the end.
         """
-        for arr in (patch, mpatch, wt):
+        for arr in (src, msrc, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
+        if not (isinstance(p_offs, types.Array) and p_offs.dtype == types.int64 and p_offs.ndim == 1):
+            return None
         if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(patch, mpatch, p_stride, npairs, wt, wt_off, w_stride, ys, ys_off, y_stride)
+        sig = types.none(src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, w_stride, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
-            i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+            i64, i32, i16, i8, i1 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8), ir.IntType(1)
             vty, hty, dty = ir.VectorType(i8, vec), ir.VectorType(i16, lanes), ir.VectorType(i32, lanes)
             sa = signature.args
-            p_arr = context.make_array(sa[0])(context, builder, args[0])
+            s_arr = context.make_array(sa[0])(context, builder, args[0])
             m_arr = context.make_array(sa[1])(context, builder, args[1])
-            w_arr = context.make_array(sa[4])(context, builder, args[4])
-            y_arr = context.make_array(sa[7])(context, builder, args[7])
-            pst, npr, woff, wst, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64)
-                                              for i in (2, 3, 5, 6, 8, 9))
+            o_arr = context.make_array(sa[2])(context, builder, args[2])
+            w_arr = context.make_array(sa[6])(context, builder, args[6])
+            y_arr = context.make_array(sa[9])(context, builder, args[9])
+            sst, nsg, spr, woff, wst, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64)
+                                                   for i in (3, 4, 5, 7, 8, 10, 11))
             w_base = builder.gep(w_arr.data, [woff])
-            p_bases = [builder.gep(p_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
-            m_bases = [builder.gep(m_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
+            offs = [builder.load(builder.gep(o_arr.data, [i64(q)])) for q in range(pats)]
+            p_bases = [builder.gep(s_arr.data, [offs[q]]) for q in range(pats)]
+            m_bases = [builder.gep(m_arr.data, [offs[q]]) for q in range(pats)]
             y_ptrs = {(q, b): builder.bitcast(
                 builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * lanes)))]),
                 dty.as_pointer()) for q in range(pats) for b in range(blocks)}
-            for ptr in y_ptrs.values():
-                builder.store(ir.Constant(dty, None), ptr, align=4)
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
             if _AARCH64:
@@ -110,44 +115,69 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             else:
                 even = ir.Constant(ir.VectorType(i32, lanes), list(range(0, vec, 2)))
                 odd = ir.Constant(ir.VectorType(i32, lanes), list(range(1, vec, 2)))
-                bty = ir.VectorType(i8, lanes)
 
                 def pairsum(c):
                     u = ir.Constant(vty, ir.Undefined)
                     return builder.add(builder.zext(builder.shuffle_vector(c, u, even), hty),
                                        builder.zext(builder.shuffle_vector(c, u, odd), hty))
+            seg_p = cgutils.alloca_once_value(builder, i64(0))
             j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
-            acc = {key: cgutils.alloca_once(builder, hty) for key in y_ptrs}
+            since_p = cgutils.alloca_once_value(builder, i64(0))  # pairs in the 16-bit counts
+            first_p = cgutils.alloca_once_value(builder, ir.Constant(i1, 1))  # no flush yet: store, not add
+            acc = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in y_ptrs}
             fn = builder.function
-            oc, ob, ic, ib, ie, oe = (fn.append_basic_block(f"xorcols.{n}") for n in ("oc", "ob", "ic", "ib", "ie", "oe"))
-            builder.branch(oc)
-            builder.position_at_end(oc)  # chunks of at most _FLUSH_PAIRS pairs
-            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), npr), ob, oe)
-            builder.position_at_end(ob)
-            for ptr in acc.values():
-                builder.store(ir.Constant(hty, None), ptr)
-            e = builder.add(builder.load(j_p), i64(_FLUSH_PAIRS))
-            builder.store(builder.select(builder.icmp_signed("<", e, npr), e, npr), end_p)
+            sc, sb, cc, cb, ic, ib, ie, fl, sn, dn = (
+                fn.append_basic_block(f"xorcols.{n}") for n in ("sc", "sb", "cc", "cb", "ic", "ib", "ie", "fl", "sn", "dn"))
+
+            def flush():
+                first = builder.load(first_p)
+                for key, ptr in y_ptrs.items():
+                    wide = builder.zext(builder.load(acc[key]), dty)
+                    old = builder.select(first, ir.Constant(dty, None), builder.load(ptr, align=4))
+                    builder.store(builder.add(old, wide), ptr, align=4)
+                    builder.store(ir.Constant(hty, None), acc[key])
+                builder.store(ir.Constant(i1, 0), first_p)
+                builder.store(i64(0), since_p)
+
+            builder.branch(sc)
+            builder.position_at_end(sc)  # the kernel rows (runs of the patch)
+            builder.cbranch(builder.icmp_signed("<", builder.load(seg_p), nsg), sb, dn)
+            builder.position_at_end(sb)
+            seg = builder.load(seg_p)
+            rowoff = builder.mul(seg, sst)
+            srcs = [builder.gep(p_bases[q], [rowoff]) for q in range(pats)]
+            msrcs = [builder.gep(m_bases[q], [rowoff]) for q in range(pats)]
+            wrow = builder.gep(w_base, [builder.mul(builder.mul(seg, spr), wst)])
+            builder.store(i64(0), j_p)
+            builder.branch(cc)
+            builder.position_at_end(cc)  # chunks of the run that fit the 16-bit counts
+            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), spr), cb, sn)
+            builder.position_at_end(cb)
+            j = builder.load(j_p)
+            e = builder.add(j, builder.sub(i64(_FLUSH_PAIRS), builder.load(since_p)))
+            end = builder.select(builder.icmp_signed("<", e, spr), e, spr)
+            builder.store(end, end_p)
+            builder.store(builder.add(builder.load(since_p), builder.sub(end, j)), since_p)
             builder.branch(ic)
             builder.position_at_end(ic)
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
             j0 = builder.load(j_p)
-            for step in range(2):  # two pairs (one 32-bit unit of the patch) per iteration: npairs is even
-                j = builder.add(j0, i64(step))
+            for step in range(2):  # two pairs (one 32-bit unit of the patch) per iteration: seg_pairs is even
+                jj = builder.add(j0, i64(step))
 
                 def splat(base):
-                    ptr = builder.bitcast(builder.gep(base, [builder.mul(j, i64(2))]), i16.as_pointer())
+                    ptr = builder.bitcast(builder.gep(base, [builder.mul(jj, i64(2))]), i16.as_pointer())
                     half = builder.load(ptr, align=1)
                     s = builder.shuffle_vector(
                         builder.insert_element(ir.Constant(hty, ir.Undefined), half, i32(0)),
                         ir.Constant(hty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
                     return builder.bitcast(s, vty)
 
-                splats = [splat(p_bases[q]) for q in range(pats)]
-                msplats = [splat(m_bases[q]) for q in range(pats)] if masked else []
-                row = builder.gep(w_base, [builder.mul(j, wst)])
+                splats = [splat(srcs[q]) for q in range(pats)]
+                msplats = [splat(msrcs[q]) for q in range(pats)] if masked else []
+                row = builder.gep(wrow, [builder.mul(jj, wst)])
                 for b in range(blocks):
                     wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
                     for q in range(pats):
@@ -157,11 +187,15 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             builder.store(builder.add(j0, i64(2)), j_p)
             builder.branch(ic)
             builder.position_at_end(ie)
-            for key, ptr in y_ptrs.items():
-                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc[key]), dty))
-                builder.store(total, ptr, align=4)
-            builder.branch(oc)
-            builder.position_at_end(oe)
+            builder.cbranch(builder.icmp_signed(">=", builder.load(since_p), i64(_FLUSH_PAIRS)), fl, cc)
+            builder.position_at_end(fl)
+            flush()
+            builder.branch(cc)
+            builder.position_at_end(sn)
+            builder.store(builder.add(builder.load(seg_p), i64(1)), seg_p)
+            builder.branch(sc)
+            builder.position_at_end(dn)
+            flush()
             return context.get_dummy_value()
 
         return sig, codegen
@@ -484,81 +518,81 @@ def pool_rows(inp, out, r0, r1):
 
 
 # ------------------------------------------------------------------ binary conv
+# The convs read each patch in place, as k runs (its kernel rows) of k * nup 32-bit units:
+# the input's rows are first copied with only the nup units per pixel that hold channels
+# (all of them when the channels fill whole 64-bit words: then the input itself is read),
+# once per input pixel, not once per tap of every output pixel as a gather would.
 @njit(cache=True, inline="always")
-def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
-    """Copy the first nu units of each of the k x k pixels at padded (sy, sx) to dst[n:]."""
-    for ky in range(k):
-        base = ((sy + ky) * wp + sx) * upp
-        if nu == upp:
-            # every unit is kept: the k pixels of a kernel row are one contiguous run
-            for j in range(k * nu):
-                dst[n + j] = src[base + j]
-            n += k * nu
-        elif nu == 1 and k == 3:
-            dst[n] = src[base]
-            dst[n + 1] = src[base + upp]
-            dst[n + 2] = src[base + 2 * upp]
-            n += 3
-        else:
-            for kx in range(k):
-                for b in range(nu):
-                    dst[n + b] = src[base + kx * upp + b]
-                n += nu
+def _row_span(r0, r1, k, stride, hp):
+    """The padded input rows [y0, y1) that output rows [r0, r1) read."""
+    off = BORDER - k // 2
+    if r1 <= r0:
+        return 0, 0
+    return r0 * stride + off, min((r1 - 1) * stride + off + k, hp)
+
+
+@njit(cache=True, nogil=True)
+def _binary_source(inp, nup, k, stride, r0, r1):
+    """The padded input as bytes, nup units per pixel: inp itself when those are all its units."""
+    hp, wp, upp = inp.shape[0], inp.shape[1], inp.shape[2] * 2
+    flat = inp.reshape(inp.size)
+    if nup == upp:
+        return flat.view(np.uint8)
+    src32 = flat.view(np.uint32)
+    comp = np.empty(hp * wp * nup, np.uint32)
+    y0, y1 = _row_span(r0, r1, k, stride, hp)
+    for y in range(y0, y1):
+        for x in range(wp):
+            s, d = (y * wp + x) * upp, (y * wp + x) * nup
+            for u in range(nup):
+                comp[d + u] = src32[s + u]
+    return comp.view(np.uint8)
 
 
 @njit(cache=True, inline="always")
-def _gather(src32, src64, wp, upp, nup, k, sy, sx, patch32, patch64, n):
-    """Gather the patch at padded (sy, sx) to unit n: the nup 32-bit units of each tap that hold
-    channels (copied as 64-bit units when nup is even)."""
-    if nup % 2 == 0:
-        _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patch64, n // 2)
-    else:
-        _gather_units(src32, wp, upp, nup, k, sy, sx, patch32, n)
-
-
-@njit(cache=True, inline="always")
-def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride):
-    """The patches of output pixels ox .. ox+PATS-1, pstride bytes apart (past the row end: the last pixel)."""
+def _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs):
+    """Byte offsets of the patches of output pixels ox .. ox+PATS-1 (past the row end: the last pixel)."""
+    off = BORDER - k // 2
     for q in range(PATS):
         x = min(ox + q, wo - 1)
-        _gather(src32, src64, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, patch64, q * pstride // 4)
+        p_offs[q] = ((oy * stride + off) * wp + x * stride + off) * nup * 4
 
 
 _LANES = VEC_BYTES // 2  # output channels per vector of xorcols*
 
 
 @njit(cache=True, inline="always")
-def _sums(patch, pstride, nb, wflat, o_stride, ys):
+def _sums(src, p_offs, seg_stride, k, seg_pairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
     while o_stride - ob >= 8 * _LANES:
-        xorcols8(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols8(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 8 * _LANES
     if o_stride - ob >= 4 * _LANES:
-        xorcols4(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols4(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 4 * _LANES
     if o_stride - ob >= 2 * _LANES:
-        xorcols2(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols2(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 2 * _LANES
     if o_stride - ob >= _LANES:
-        xorcols1(patch, patch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols1(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True, inline="always")
-def _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys):
+def _masked_sums(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount((sign bytes q ^ weights of o) & nonzero bytes q)."""
     ob = 0
     while o_stride - ob >= 8 * _LANES:
-        andcols8(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols8(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 8 * _LANES
     if o_stride - ob >= 4 * _LANES:
-        andcols4(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols4(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 4 * _LANES
     if o_stride - ob >= 2 * _LANES:
-        andcols2(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols2(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
         ob += 2 * _LANES
     if o_stride - ob >= _LANES:
-        andcols1(patch, mpatch, pstride, nb // 2, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols1(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
 
 
 @njit(cache=True, nogil=True)
@@ -591,33 +625,32 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     """
     n_out = thr.shape[0] // planes
     npairs, wrow = wt.shape
-    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    o_stride = wrow // 2  # output channels padded to whole vectors
     wflat = wt.reshape(npairs * wrow)
-    src64 = inp.reshape(inp.size)
-    src32 = src64.view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    src = _binary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
     g8 = b8.view(np.uint64)
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
+    wpp = n_out // 64  # words per plane when vec
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
-            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 if vec:  # whole words: each plane's 64 channels at a time
-                    for wi in range(words):
-                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64(
-                            ys, base + (wi * 64) % n_out, qq, wi * 64, 0) ^ flipw[wi]
+                    for pl in range(planes):
+                        for w in range(wpp):
+                            wi = pl * wpp + w
+                            out[oy + BORDER, ox + p + BORDER, wi] = bitmask64(
+                                ys, base + 64 * w, qq, wi * 64, 0) ^ flipw[wi]
                     continue
                 for o in range(n_out):
                     b8[o] = np.uint8((ys[base + o] ^ fm[o]) > q[o])
@@ -632,21 +665,17 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
     n_out = scale.shape[0]
     npairs, wrow = wt.shape
-    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    o_stride = wrow // 2  # output channels padded to whole vectors
     wflat = wt.reshape(npairs * wrow)
-    src64 = inp.reshape(inp.size)
-    src32 = src64.view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    src = _binary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
-            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 # y in int32 (|y| <= K < 2^31, exact in float32 below 2^24 as before): the loop then runs
                 # 4 channels a vector, where int64 arithmetic and its conversion kept it scalar
@@ -656,32 +685,45 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
 
 # ------------------------------------------------------------------ convs over a ternary input
 # A ternary input of C channels (C % 32 == 0) is 2C packed bits: per pixel the lo plane's C/32
-# units, then the hi plane's (app/bits.py). The gather turns them into sign units (lo: bit 1 iff
-# v = -1) and nonzero units (lo | ~hi), so y = sum w·v = M - 2·popcount((sign ^ w) & nonzero),
-# M the patch's nonzero count: one masked pass over the patch bytes, not one pass per plane.
-@njit(cache=True, inline="always")
-def _gather_ternary(src32, wp, upp, nup, k, sy, sx, patch32, mpatch32, n):
-    """Sign and nonzero units of the k x k pixels at padded (sy, sx) to unit n; returns M."""
-    nz = 0
-    for ky in range(k):
-        for kx in range(k):
-            base = ((sy + ky) * wp + sx + kx) * upp
-            for b in range(nup):
-                lo = src32[base + b]
-                m = lo | ~src32[base + nup + b]
-                patch32[n] = lo
-                mpatch32[n] = m
+# units, then the hi plane's (app/bits.py). Its rows are first turned into sign units (lo: bit 1
+# iff v = -1) and nonzero units (lo | ~hi), with each pixel's nonzero count, so y = sum w·v =
+# M - 2·popcount((sign ^ w) & nonzero), M the patch's nonzero count: one masked pass over the
+# patch bytes, not one pass per plane.
+@njit(cache=True, nogil=True)
+def _ternary_source(inp, nup, k, stride, r0, r1):
+    """(sign bytes, nonzero bytes, nonzero count per padded pixel) of the input rows that rows r0..r1 read."""
+    hp, wp, upp = inp.shape[0], inp.shape[1], inp.shape[2] * 2
+    src32 = inp.reshape(inp.size).view(np.uint32)
+    sgn = np.empty(hp * wp * nup, np.uint32)
+    msk = np.empty(hp * wp * nup, np.uint32)
+    nzp = np.empty(hp * wp, np.int32)
+    y0, y1 = _row_span(r0, r1, k, stride, hp)
+    for y in range(y0, y1):
+        for x in range(wp):
+            s, d = (y * wp + x) * upp, (y * wp + x) * nup
+            nz = 0
+            for u in range(nup):
+                lo = src32[s + u]
+                m = lo | ~src32[s + nup + u]
+                sgn[d + u] = lo
+                msk[d + u] = m
                 nz += popc(m)
-                n += 1
-    return np.int32(nz)
+            nzp[y * wp + x] = nz
+    return sgn.view(np.uint8), msk.view(np.uint8), nzp
 
 
 @njit(cache=True, inline="always")
-def _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs):
+def _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs):
+    """M of the patches of output pixels ox .. ox+PATS-1 (past the row end: the last pixel)."""
+    off = BORDER - k // 2
     for q in range(PATS):
         x = min(ox + q, wo - 1)
-        nzs[q] = _gather_ternary(src32, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, mpatch32,
-                                 q * pstride // 4)
+        base = (oy * stride + off) * wp + x * stride + off
+        nz = 0
+        for ky in range(k):
+            for kx in range(k):
+                nz += nzp[base + ky * wp + kx]
+        nzs[q] = nz
 
 
 @njit(cache=True, nogil=True)
@@ -692,17 +734,13 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     """
     n_out = thr.shape[0] // planes
     npairs, wrow = wt.shape
-    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    o_stride = wrow // 2  # output channels padded to whole vectors
     wflat = wt.reshape(npairs * wrow)
-    src32 = inp.reshape(inp.size).view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    sgn, msk, nzp = _ternary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    mpatch = np.zeros(PATS * pstride, np.uint8)
-    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     nzs = np.zeros(PATS, np.int32)
     fm, q = _int_thresholds(thr, flip)
@@ -710,17 +748,21 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     g8 = b8.view(np.uint64)
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
+    wpp = n_out // 64  # words per plane when vec
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
-            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 nz = nzs[p]
                 if vec:
-                    for wi in range(words):
-                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64_masked(
-                            ys, base + (wi * 64) % n_out, qq, wi * 64, nz) ^ flipw[wi]
+                    for pl in range(planes):
+                        for w in range(wpp):
+                            wi = pl * wpp + w
+                            out[oy + BORDER, ox + p + BORDER, wi] = bitmask64_masked(
+                                ys, base + 64 * w, qq, wi * 64, nz) ^ flipw[wi]
                     continue
                 for o in range(n_out):
                     b8[o] = np.uint8(((nz - 2 * ys[base + o]) ^ fm[o]) > q[o])
@@ -735,22 +777,19 @@ def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
     """Binary weights over a ternary input with a real output r = scale * y + bias, y = sum w·v."""
     n_out = scale.shape[0]
     npairs, wrow = wt.shape
-    nb, o_stride = 2 * npairs, wrow // 2  # patch bytes, output channels padded to whole vectors
+    o_stride = wrow // 2  # output channels padded to whole vectors
     wflat = wt.reshape(npairs * wrow)
-    src32 = inp.reshape(inp.size).view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    sgn, msk, nzp = _ternary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    mpatch = np.zeros(PATS * pstride, np.uint8)
-    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     nzs = np.zeros(PATS, np.int32)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
-            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 nz = nzs[p]
                 for o in range(n_out):  # in int32, as bconv_real_rows
