@@ -59,32 +59,44 @@ def popc(typingctx, x):
     return sig, codegen
 
 
-def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
-    """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes)."""
+def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False, bits: bool = False):
+    """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes).
+    ``bits``: the counts are thresholded into packed bit words in registers, not stored as int32 sums."""
     lanes = vec // 2  # output channels per vector: each holds two patch bytes of each of its channels
 
-    def xorcols(typingctx, src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, w_stride, ys, ys_off, y_stride):
+    def xorcols(typingctx, src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, ys, ys_off, y_stride):
         """ys[ys_off + p*y_stride + o] = sum_j popcount(patch_p[j] ^ byte j of channel o's weights)
         for p < pats, o < blocks*lanes, j < 2 * nseg * seg_pairs (seg_pairs even).
 
         The patch of pixel p is read in place: ``nseg`` runs (the kernel rows) of 2*seg_pairs
         bytes, run s at src[p_offs[p] + s*seg_stride] (and msrc for the mask); byte 2i + t of
-        channel o's weights is wt[wt_off + i*w_stride + 2*o + t] (compact_weights).
+        channel o's weights is wt[wt_off + i*blocks*vec + 2*o + t] (compact_weights: the pairs
+        of one pass's channels are one stream, so every weight load is a constant offset from
+        one pointer).
 
         Each pair of patch bytes is broadcast to every 16-bit lane and meets ``blocks``
         vectors of ``lanes`` output channels (weight loads shared by ``pats`` pixels): XOR,
         per-byte popcount, and the two bytes of a lane added into its 16-bit count in one
         pairwise add-accumulate (NEON UADALP). No horizontal sums, no byte-lane overflow
         to manage; the 16-bit counts go to the int32 sums every _FLUSH_PAIRS pairs and at the end.
+
+        With ``bits`` (blocks * lanes a multiple of 64, every count below 2^15, so one chunk):
+        ys is the int16 rules, ys_off the first channel ob of the pass, y_stride the uint64 words
+        that take the bits, and p_offs holds after the pats offsets the pats nonzero counts (masked),
+        n_out and planes: see ``_emit_bits``. (Arrays in a tuple would cost reference counts a call.)
         """
         for arr in (src, msrc, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
         if not (isinstance(p_offs, types.Array) and p_offs.dtype == types.int64 and p_offs.ndim == 1):
             return None
-        if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
+        if bits:
+            if not (isinstance(ys, types.Array) and ys.dtype == types.int16 and isinstance(y_stride, types.Array)
+                    and y_stride.dtype == types.uint64):
+                return None
+        elif not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
             return None
-        sig = types.none(src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, w_stride, ys, ys_off, y_stride)
+        sig = types.none(src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
             i64, i32, i16, i8, i1 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8), ir.IntType(1)
@@ -94,16 +106,19 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             m_arr = context.make_array(sa[1])(context, builder, args[1])
             o_arr = context.make_array(sa[2])(context, builder, args[2])
             w_arr = context.make_array(sa[6])(context, builder, args[6])
-            y_arr = context.make_array(sa[9])(context, builder, args[9])
-            sst, nsg, spr, woff, wst, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64)
-                                                   for i in (3, 4, 5, 7, 8, 10, 11))
+            sst, nsg, spr, woff, yoff = (context.cast(builder, args[i], sa[i], types.int64) for i in (3, 4, 5, 7, 9))
+            wst = i64(blocks * vec)
             w_base = builder.gep(w_arr.data, [woff])
             offs = [builder.load(builder.gep(o_arr.data, [i64(q)])) for q in range(pats)]
             p_bases = [builder.gep(s_arr.data, [offs[q]]) for q in range(pats)]
             m_bases = [builder.gep(m_arr.data, [offs[q]]) for q in range(pats)]
-            y_ptrs = {(q, b): builder.bitcast(
-                builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * lanes)))]),
-                dty.as_pointer()) for q in range(pats) for b in range(blocks)}
+            keys = [(q, b) for q in range(pats) for b in range(blocks)]
+            if not bits:
+                y_arr = context.make_array(sa[8])(context, builder, args[8])
+                yst = context.cast(builder, args[10], sa[10], types.int64)
+                y_ptrs = {(q, b): builder.bitcast(
+                    builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * lanes)))]),
+                    dty.as_pointer()) for q, b in keys}
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
             if _AARCH64:
@@ -125,12 +140,14 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             end_p = cgutils.alloca_once_value(builder, i64(0))
             since_p = cgutils.alloca_once_value(builder, i64(0))  # pairs in the 16-bit counts
             first_p = cgutils.alloca_once_value(builder, ir.Constant(i1, 1))  # no flush yet: store, not add
-            acc = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in y_ptrs}
+            acc = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in keys}
             fn = builder.function
             sc, sb, cc, cb, ic, ib, ie, fl, sn, dn = (
                 fn.append_basic_block(f"xorcols.{n}") for n in ("sc", "sb", "cc", "cb", "ic", "ib", "ie", "fl", "sn", "dn"))
 
             def flush():
+                if bits:  # one chunk by the caller's promise: the counts stay in registers for _emit_bits
+                    return
                 first = builder.load(first_p)
                 for key, ptr in y_ptrs.items():
                     wide = builder.zext(builder.load(acc[key]), dty)
@@ -164,7 +181,9 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
             j0 = builder.load(j_p)
-            for step in range(2):  # two pairs (one 32-bit unit of the patch) per iteration: seg_pairs is even
+            # Two pairs (one 32-bit unit of the patch) per iteration: seg_pairs is even. (One LD2R for both
+            # pairs' broadcasts let LLVM's scheduler hoist both halves' loads and spill: slower.)
+            for step in range(2):
                 jj = builder.add(j0, i64(step))
 
                 def splat(base):
@@ -195,12 +214,99 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
             builder.store(builder.add(builder.load(seg_p), i64(1)), seg_p)
             builder.branch(sc)
             builder.position_at_end(dn)
-            flush()
+            if bits:
+                qq_arr = context.make_array(sa[8])(context, builder, args[8])
+                wd_arr = context.make_array(sa[10])(context, builder, args[10])
+                ctl = [builder.load(builder.gep(o_arr.data, [i64(pats + i)])) for i in range(pats + 2)]
+                _emit_bits(builder, qq_arr.data, wd_arr.data, ctl[:pats], yoff, ctl[pats], ctl[pats + 1],
+                           {key: builder.load(p) for key, p in acc.items()}, pats, blocks, lanes, masked)
+            else:
+                flush()
             return context.get_dummy_value()
 
         return sig, codegen
 
     return intrinsic(xorcols)
+
+
+def _emit_bits(builder, qq_ptr, wd_ptr, nzs, ob, n_out, planes, counts, pats, blocks, lanes, masked):
+    """Threshold the 16-bit counts of one pass into packed words, in registers.
+
+    The pass covers output channels ob .. ob + blocks*lanes (whole 64-bit words); plane pl's
+    bit of channel o is (t > qq16[pl*n_out + o]), t = s (the count) or, masked, nzs[p] - 2s
+    (y over a ternary input; exact in 16-bit arithmetic as |y| < 2^15). Pixel p's word of
+    plane pl and channel word w goes to words[p * planes * n_out/64 + pl * n_out/64 + ob/64 + w],
+    flip not applied.
+
+    On aarch64 the 64 compare lanes become a word by narrowing to bytes, one AND with
+    each byte's bit and three pairwise adds (ADDP): about 20 instructions a word, where
+    LLVM's own lowering of a <64 x i1> bitcast takes about 50.
+    """
+    i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+    hty = ir.VectorType(i16, lanes)
+    wpp = builder.sdiv(n_out, i64(64))
+    per_word = 64 // lanes
+    n_words = blocks * lanes // 64
+
+    def splat16(v):
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(hty, ir.Undefined), v, i32(0)),
+                                      ir.Constant(hty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+    ts = {}
+    for q in range(pats):
+        if masked:
+            nz = splat16(builder.trunc(nzs[q], i16))
+            for b in range(blocks):
+                ts[q, b] = builder.sub(nz, builder.shl(counts[q, b], ir.Constant(hty, [1] * lanes)))
+        else:
+            for b in range(blocks):
+                ts[q, b] = counts[q, b]
+    mod = builder.module
+    if _AARCH64:
+        bty = ir.VectorType(i8, 16)
+        addp = cgutils.get_or_insert_function(mod, ir.FunctionType(bty, [bty, bty]), "llvm.aarch64.neon.addp.v16i8")
+        bitc = ir.Constant(bty, [1 << (i % 8) for i in range(16)])
+
+    def word(cmps):
+        """cmps: 64 // lanes <lanes x i1> of channels 0.. 63 -> i64, bit i = channel i."""
+        if _AARCH64 and lanes == 8:
+            regs = []
+            for r in range(4):
+                lo, hi = (builder.sext(cmps[2 * r + t], ir.VectorType(i8, 8)) for t in range(2))
+                both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                regs.append(builder.and_(both, bitc))
+            a = builder.call(addp, [regs[0], regs[1]])
+            b = builder.call(addp, [regs[2], regs[3]])
+            c = builder.call(addp, [a, b])
+            d = builder.call(addp, [c, c])
+            return builder.extract_element(builder.bitcast(d, ir.VectorType(i64, 2)), i32(0))
+        level = list(cmps)
+        while len(level) > 1:  # concatenate neighbours: lanes, 2 * lanes, ... 64 channels
+            n = 2 * level[0].type.count
+            cat = ir.Constant(ir.VectorType(i32, n), list(range(n)))
+            level = [builder.shuffle_vector(level[i], level[i + 1], cat) for i in range(0, len(level), 2)]
+        return builder.bitcast(level[0], i64)
+
+    fn = builder.function
+    for pl in range(2):
+        body = fn.append_basic_block(f"bits.plane{pl}")
+        after = fn.append_basic_block(f"bits.after{pl}")
+        builder.cbranch(builder.icmp_signed(">", planes, i64(pl)), body, after)
+        builder.position_at_end(body)
+        qbase = builder.add(builder.mul(n_out, i64(pl)), ob)
+        stores = []
+        for w in range(n_words):
+            qqs = [builder.load(builder.bitcast(builder.gep(qq_ptr, [builder.add(qbase, i64(64 * w + lanes * k))]),
+                                                hty.as_pointer()), align=2) for k in range(per_word)]
+            for q in range(pats):
+                cmps = [builder.icmp_signed(">", ts[q, w * per_word + k], qqs[k]) for k in range(per_word)]
+                idx = builder.add(builder.add(builder.mul(i64(q), builder.mul(planes, wpp)), builder.mul(wpp, i64(pl))),
+                                  builder.add(builder.sdiv(ob, i64(64)), i64(w)))
+                stores.append((idx, word(cmps)))
+        for idx, val in stores:
+            builder.store(val, builder.gep(wd_ptr, [idx]))
+        builder.branch(after)
+        builder.position_at_end(after)
 
 
 def _make_bitmask64(masked: bool):
@@ -265,6 +371,35 @@ def _word_rules(fm, q, n_out, planes):
     return qq, flipw
 
 
+@njit(cache=True, nogil=True)
+def _rules16(qq, lo, hi):
+    """The per-bit rules qq (bit = t > qq) clamped to [lo, hi] as int16: the same bits for every t in
+    (lo, hi], the range of the count or y of a conv whose patch has at most hi < 2^15 bits."""
+    out = np.empty(qq.shape[0], np.int16)
+    for i in range(qq.shape[0]):
+        out[i] = min(max(np.int64(qq[i]), lo), hi)
+    return out
+
+
+@njit(cache=True, inline="always")
+def _bits_passes(src, msrc, ctl, seg_stride, k, seg_pairs, npairs, wflat, masked, qq16, n_out, wbuf):
+    """Every pass of a conv whose output words are thresholded in registers (xorbits*/andbits*)."""
+    ob = 0
+    while ob < n_out:
+        if n_out - ob >= 8 * _LANES:
+            if masked:
+                andbits8(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            else:
+                xorbits8(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            ob += 8 * _LANES
+        elif 4 * _LANES % 64 == 0:  # a last pass of 4 vectors (x86's 16 channels a vector)
+            if masked:
+                andbits4(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            else:
+                xorbits4(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            ob += 4 * _LANES
+
+
 PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
 xorcols8 = _make_xorcols(PATS, 8, VEC_BYTES)
 xorcols4 = _make_xorcols(PATS, 4, VEC_BYTES)
@@ -275,6 +410,11 @@ andcols8 = _make_xorcols(PATS, 8, VEC_BYTES, masked=True)
 andcols4 = _make_xorcols(PATS, 4, VEC_BYTES, masked=True)
 andcols2 = _make_xorcols(PATS, 2, VEC_BYTES, masked=True)
 andcols1 = _make_xorcols(PATS, 1, VEC_BYTES, masked=True)
+# counts thresholded in registers into packed words (passes of whole words only: 8 or 4 vectors)
+xorbits8 = _make_xorcols(PATS, 8, VEC_BYTES, bits=True)
+xorbits4 = _make_xorcols(PATS, 4, VEC_BYTES, bits=True)
+andbits8 = _make_xorcols(PATS, 8, VEC_BYTES, masked=True, bits=True)
+andbits4 = _make_xorcols(PATS, 4, VEC_BYTES, masked=True, bits=True)
 
 
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
@@ -291,20 +431,40 @@ def patch_layout(kernel: int, in_ch: int) -> tuple[int, int]:
     return nup, kernel * kernel * nup * 4
 
 
+def pass_blocks(o_pad: int) -> list[int]:
+    """Vectors of output channels per pass of the binary convs (``_sums``): 8 while 8 are left, then 4, 2, 1."""
+    left, out = o_pad // (VEC_BYTES // 2), []
+    while left >= 8:
+        out.append(8)
+        left -= 8
+    for b in (4, 2, 1):
+        if left >= b:
+            out.append(b)
+            left -= b
+    return out
+
+
 def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
     """(out, k, k, words) uint64 weights -> (patch bytes / 2, 2 * out padded to whole vectors) uint8.
 
-    Row i holds patch bytes 2i and 2i + 1 of every output channel, side by side: one vector
-    of the row is VEC_BYTES / 2 consecutive output channels, two bytes each, which meets a
-    broadcast pair of patch bytes and adds into that channel's 16-bit lane (``xorcols*``).
+    Patch bytes 2i and 2i + 1 of an output channel sit side by side: one vector is
+    VEC_BYTES / 2 consecutive output channels, two bytes each, which meets a broadcast pair
+    of patch bytes and adds into that channel's 16-bit lane (``xorcols*``). The shape says
+    the sizes; the bytes are ordered by pass (``pass_blocks``): a pass's channels, pair
+    after pair, so that its kernel streams them with one pointer.
     """
     out, k = weight.shape[0], weight.shape[1]
     nup, nb = patch_layout(k, in_ch)
     lanes = VEC_BYTES // 2
     raw = np.ascontiguousarray(weight, dtype="<u8").view(np.uint8).reshape(out, k * k, -1)[:, :, : 4 * nup]
-    wt = np.zeros((nb // 2, -(-out // lanes) * lanes, 2), np.uint8)
-    wt[:, :out] = raw.reshape(out, nb // 2, 2).transpose(1, 0, 2)
-    return wt.reshape(nb // 2, -1)
+    o_pad = -(-out // lanes) * lanes
+    pairs = np.zeros((nb // 2, o_pad, 2), np.uint8)
+    pairs[:, :out] = raw.reshape(out, nb // 2, 2).transpose(1, 0, 2)
+    runs, ob = [], 0
+    for b in pass_blocks(o_pad):
+        runs.append(pairs[:, ob : ob + b * lanes].reshape(-1))
+        ob += b * lanes
+    return np.concatenate(runs).reshape(nb // 2, 2 * o_pad)
 
 
 # ------------------------------------------------------------------ stem
@@ -562,37 +722,37 @@ _LANES = VEC_BYTES // 2  # output channels per vector of xorcols*
 
 
 @njit(cache=True, inline="always")
-def _sums(src, p_offs, seg_stride, k, seg_pairs, wflat, o_stride, ys):
+def _sums(src, p_offs, seg_stride, k, seg_pairs, npairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
     while o_stride - ob >= 8 * _LANES:
-        xorcols8(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols8(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 8 * _LANES
     if o_stride - ob >= 4 * _LANES:
-        xorcols4(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols4(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 4 * _LANES
     if o_stride - ob >= 2 * _LANES:
-        xorcols2(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols2(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 2 * _LANES
     if o_stride - ob >= _LANES:
-        xorcols1(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        xorcols1(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
 
 
 @njit(cache=True, inline="always")
-def _masked_sums(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, o_stride, ys):
+def _masked_sums(sgn, msk, p_offs, seg_stride, k, seg_pairs, npairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount((sign bytes q ^ weights of o) & nonzero bytes q)."""
     ob = 0
     while o_stride - ob >= 8 * _LANES:
-        andcols8(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols8(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 8 * _LANES
     if o_stride - ob >= 4 * _LANES:
-        andcols4(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols4(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 4 * _LANES
     if o_stride - ob >= 2 * _LANES:
-        andcols2(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols2(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
         ob += 2 * _LANES
     if o_stride - ob >= _LANES:
-        andcols1(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * ob, 2 * o_stride, ys, ob, o_stride)
+        andcols1(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
 
 
 @njit(cache=True, nogil=True)
@@ -631,7 +791,6 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
@@ -639,10 +798,22 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
     wpp = n_out // 64  # words per plane when vec
+    # counts below 2^15 (every real layer): thresholds in 16-bit lanes, words built in registers
+    fast = vec and 16 * npairs < 1 << 15
+    wbuf = np.zeros(PATS * words, np.uint64)
+    qq16 = _rules16(qq, -1, 16 * npairs) if fast else np.zeros(1, np.int16)
+    p_offs = np.zeros(2 * PATS + 2, np.int64)  # the patches' offsets, then (xorbits) nonzero counts, n_out, planes
+    p_offs[2 * PATS], p_offs[2 * PATS + 1] = n_out, planes
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
-            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
+            if fast:
+                _bits_passes(src, src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, False, qq16, n_out, wbuf)
+                for p in range(min(PATS, wo - ox)):
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = wbuf[p * words + wi] ^ flipw[wi]
+                continue
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 if vec:  # whole words: each plane's 64 channels at a time
@@ -675,7 +846,7 @@ def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
-            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 # y in int32 (|y| <= K < 2^31, exact in float32 below 2^24 as before): the loop then runs
                 # 4 channels a vector, where int64 arithmetic and its conversion kept it scalar
@@ -740,7 +911,6 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     nzs = np.zeros(PATS, np.int32)
     fm, q = _int_thresholds(thr, flip)
@@ -749,11 +919,24 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
     wpp = n_out // 64  # words per plane when vec
+    fast = vec and 16 * npairs < 1 << 15  # as in bconv_bits_rows, on y = M - 2s in [-K, K]
+    wbuf = np.zeros(PATS * words, np.uint64)
+    qq16 = _rules16(qq, -16 * npairs - 1, 16 * npairs) if fast else np.zeros(1, np.int16)
+    p_offs = np.zeros(2 * PATS + 2, np.int64)  # the patches' offsets, then (andbits) nonzero counts, n_out, planes
+    p_offs[2 * PATS], p_offs[2 * PATS + 1] = n_out, planes
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
             _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
             _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
-            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
+            if fast:
+                for p in range(PATS):
+                    p_offs[PATS + p] = nzs[p]
+                _bits_passes(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, True, qq16, n_out, wbuf)
+                for p in range(min(PATS, wo - ox)):
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = wbuf[p * words + wi] ^ flipw[wi]
+                continue
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 nz = nzs[p]
@@ -789,7 +972,7 @@ def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
         for ox in range(0, wo, PATS):
             _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
             _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
-            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, wflat, o_stride, ys)
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 nz = nzs[p]
                 for o in range(n_out):  # in int32, as bconv_real_rows
