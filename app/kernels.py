@@ -5,16 +5,19 @@ one-pixel border of zero words: a zero word is +1 on every channel, which is
 exactly the +1 padding of app/bits.py, so 3x3 convolutions read their padding
 for free and never branch on borders. ``interior(buf)`` is the real tensor.
 
-Binary convolutions work on bytes. Each output pixel's k*k patch is gathered
-into one contiguous run, keeping only the 32-bit units that hold channels
-(ceil(in_ch / 32) per tap; the rest are zero in activations and weights alike,
-so dropping them changes no popcount). The weights are stored transposed
-(``compact_weights``: patch byte j, then output channel), and ``xorcols*``
-(explicit LLVM vector code) broadcasts one patch byte against a vector of
-output channels: XOR, per-byte popcount (NEON CNT, AVX-512 VPOPCNTB), sums in
-byte lanes widened only every 31 bytes. Output channels sit in vector lanes,
-so there are no horizontal sums and no padding of K to whole vectors; each
-weight vector load serves PATS = 2 neighbouring output pixels. LLVM's own
+Binary convolutions work on bytes. Each output pixel's k*k patch is read in place
+as k runs (its kernel rows) of k * nup 32-bit units, keeping only the units that
+hold channels (ceil(in_ch / 32) per tap; the rest are zero in activations and
+weights alike, so dropping them changes no popcount): the input's rows are read
+as they are, or first copied without the other units, once per input pixel.
+The weights are stored as pairs of patch bytes per output channel
+(``compact_weights``), and ``xorcols*`` (explicit LLVM vector code) broadcasts
+one pair of patch bytes against vectors of output channels: XOR, per-byte
+popcount (NEON CNT, AVX-512 VPOPCNTB), and both bytes' counts added into the
+channel's 16-bit lane (NEON UADALP). Output channels sit in vector lanes, so
+there are no horizontal sums and no padding of K to whole vectors; each weight
+vector load serves PATS = 2 neighbouring output pixels. Bits outputs are
+thresholded while the counts are in registers (``xorbits*``). LLVM's own
 vectoriser would widen every count to 64 bits, three extra NEON instructions
 per vector on the Pi.
 
@@ -186,7 +189,7 @@ def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False, bits: 
             for step in range(2):
                 jj = builder.add(j0, i64(step))
 
-                def splat(base):
+                def splat(base, jj=jj):
                     ptr = builder.bitcast(builder.gep(base, [builder.mul(jj, i64(2))]), i16.as_pointer())
                     half = builder.load(ptr, align=1)
                     s = builder.shuffle_vector(
