@@ -6,11 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app import bits, kernels, reference
+from tests.arm.kernel_checks import _two_plane_rules
 
 # The ARM meter runs the same cases without pytest; one copy of the case makers serves both.
 from tests.arm.kernel_checks import edge_thresholds as _edge_thresholds
 from tests.arm.kernel_checks import padded as _padded
-from tests.arm.kernel_checks import _two_plane_rules
 from tests.arm.kernel_checks import ternary_want as _ternary_want
 
 
