@@ -5,16 +5,19 @@ one-pixel border of zero words: a zero word is +1 on every channel, which is
 exactly the +1 padding of app/bits.py, so 3x3 convolutions read their padding
 for free and never branch on borders. ``interior(buf)`` is the real tensor.
 
-Binary convolutions work on bytes. Each output pixel's k*k patch is gathered
-into one contiguous run, keeping only the 32-bit units that hold channels
-(ceil(in_ch / 32) per tap; the rest are zero in activations and weights alike,
-so dropping them changes no popcount). The weights are stored transposed
-(``compact_weights``: patch byte j, then output channel), and ``xorcols*``
-(explicit LLVM vector code) broadcasts one patch byte against a vector of
-output channels: XOR, per-byte popcount (NEON CNT, AVX-512 VPOPCNTB), sums in
-byte lanes widened only every 31 bytes. Output channels sit in vector lanes,
-so there are no horizontal sums and no padding of K to whole vectors; each
-weight vector load serves PATS = 2 neighbouring output pixels. LLVM's own
+Binary convolutions work on bytes. Each output pixel's k*k patch is read in place
+as k runs (its kernel rows) of k * nup 32-bit units, keeping only the units that
+hold channels (ceil(in_ch / 32) per tap; the rest are zero in activations and
+weights alike, so dropping them changes no popcount): the input's rows are read
+as they are, or first copied without the other units, once per input pixel.
+The weights are stored as pairs of patch bytes per output channel
+(``compact_weights``), and ``xorcols*`` (explicit LLVM vector code) broadcasts
+one pair of patch bytes against vectors of output channels: XOR, per-byte
+popcount (NEON CNT, AVX-512 VPOPCNTB), and both bytes' counts added into the
+channel's 16-bit lane (NEON UADALP). Output channels sit in vector lanes, so
+there are no horizontal sums and no padding of K to whole vectors; each weight
+vector load serves PATS = 2 neighbouring output pixels. Bits outputs are
+thresholded while the counts are in registers (``xorbits*``). LLVM's own
 vectoriser would widen every count to 64 bits, three extra NEON instructions
 per vector on the Pi.
 
@@ -40,9 +43,10 @@ BORDER = 1  # border of every binary activation buffer; enough for kernels up to
 # Bytes per vector of the XOR+popcount loop: one NEON register on the Pi, one AVX2/AVX-512VL ymm on x86.
 # XNORCAM_VEC_BYTES overrides it (to test the Pi's layout on x86; use a separate NUMBA_CACHE_DIR then).
 VEC_BYTES = int(os.environ.get("XNORCAM_VEC_BYTES", "16" if platform.machine().lower() in ("aarch64", "arm64") else "32"))
-_CHUNK = 31  # vectors summed in byte lanes before widening: 31 * 8 <= 255
-# patch bytes summed in 16-bit lanes before they go to the int32 sums: (4064 - 1 + _CHUNK) * 8 <= 32767
-_FLUSH16 = 4064
+_AARCH64 = platform.machine().lower() in ("aarch64", "arm64")  # NEON's pairwise add-accumulate (UADALP) by name
+# patch byte pairs counted in 16-bit lanes before they go to the int32 sums: each pair adds at most 16,
+# 4094 * 16 <= 65535 (and even, as the pairs of one 32-bit patch unit stay together)
+_FLUSH_PAIRS = 4094
 
 
 @intrinsic
@@ -58,106 +62,254 @@ def popc(typingctx, x):
     return sig, codegen
 
 
-def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False):
-    """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes)."""
+def _make_xorcols(pats: int, blocks: int, vec: int, masked: bool = False, bits: bool = False):
+    """``masked``: the counts are popcount((patch ^ w) & mask), for a ternary input (sign and nonzero bytes).
+    ``bits``: the counts are thresholded into packed bit words in registers, not stored as int32 sums."""
+    lanes = vec // 2  # output channels per vector: each holds two patch bytes of each of its channels
 
-    def xorcols(typingctx, patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride):
-        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch[p*p_stride + j] ^ wt[wt_off + j*o_stride + o])
-        for p < pats, o < blocks*vec, j < nbytes.
+    def xorcols(typingctx, src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, ys, ys_off, y_stride):
+        """ys[ys_off + p*y_stride + o] = sum_j popcount(patch_p[j] ^ byte j of channel o's weights)
+        for p < pats, o < blocks*lanes, j < 2 * nseg * seg_pairs (seg_pairs even).
 
-        Each patch byte is broadcast against ``blocks`` vectors of consecutive output
-        channels (weight loads shared by ``pats`` pixels); the counts add up in byte
-        lanes (at most 8 per byte, so 31 bytes fit) and go to the int32 sums once per
-        31 bytes: no horizontal sums at all.
+        The patch of pixel p is read in place: ``nseg`` runs (the kernel rows) of 2*seg_pairs
+        bytes, run s at src[p_offs[p] + s*seg_stride] (and msrc for the mask); byte 2i + t of
+        channel o's weights is wt[wt_off + i*blocks*vec + 2*o + t] (compact_weights: the pairs
+        of one pass's channels are one stream, so every weight load is a constant offset from
+        one pointer).
+
+        Each pair of patch bytes is broadcast to every 16-bit lane and meets ``blocks``
+        vectors of ``lanes`` output channels (weight loads shared by ``pats`` pixels): XOR,
+        per-byte popcount, and the two bytes of a lane added into its 16-bit count in one
+        pairwise add-accumulate (NEON UADALP). No horizontal sums, no byte-lane overflow
+        to manage; the 16-bit counts go to the int32 sums every _FLUSH_PAIRS pairs and at the end.
+
+        With ``bits`` (blocks * lanes a multiple of 64, every count below 2^15, so one chunk):
+        ys is the int16 rules, ys_off the first channel ob of the pass, y_stride the uint64 words
+        that take the bits, and p_offs holds after the pats offsets the pats nonzero counts (masked),
+        n_out and planes: see ``_emit_bits``. (Arrays in a tuple would cost reference counts a call.)
         """
-        for arr in (patch, mpatch, wt):
+        for arr in (src, msrc, wt):
             if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
                 return None
-        if not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
+        if not (isinstance(p_offs, types.Array) and p_offs.dtype == types.int64 and p_offs.ndim == 1):
             return None
-        sig = types.none(patch, mpatch, p_stride, nbytes, wt, wt_off, o_stride, ys, ys_off, y_stride)
+        if bits:
+            if not (isinstance(ys, types.Array) and ys.dtype == types.int16 and isinstance(y_stride, types.Array)
+                    and y_stride.dtype == types.uint64):
+                return None
+        elif not (isinstance(ys, types.Array) and ys.dtype == types.int32 and ys.ndim == 1):
+            return None
+        sig = types.none(src, msrc, p_offs, seg_stride, nseg, seg_pairs, wt, wt_off, ys, ys_off, y_stride)
 
         def codegen(context, builder, signature, args):
-            i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
-            vty, dty = ir.VectorType(i8, vec), ir.VectorType(i32, vec)
+            i64, i32, i16, i8, i1 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8), ir.IntType(1)
+            vty, hty, dty = ir.VectorType(i8, vec), ir.VectorType(i16, lanes), ir.VectorType(i32, lanes)
             sa = signature.args
-            p_arr = context.make_array(sa[0])(context, builder, args[0])
+            s_arr = context.make_array(sa[0])(context, builder, args[0])
             m_arr = context.make_array(sa[1])(context, builder, args[1])
-            w_arr = context.make_array(sa[4])(context, builder, args[4])
-            y_arr = context.make_array(sa[7])(context, builder, args[7])
-            pst, nb, woff, ost, yoff, yst = (context.cast(builder, args[i], sa[i], types.int64) for i in (2, 3, 5, 6, 8, 9))
+            o_arr = context.make_array(sa[2])(context, builder, args[2])
+            w_arr = context.make_array(sa[6])(context, builder, args[6])
+            sst, nsg, spr, woff, yoff = (context.cast(builder, args[i], sa[i], types.int64) for i in (3, 4, 5, 7, 9))
+            wst = i64(blocks * vec)
             w_base = builder.gep(w_arr.data, [woff])
-            p_bases = [builder.gep(p_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
-            m_bases = [builder.gep(m_arr.data, [builder.mul(pst, i64(q))]) for q in range(pats)]
-            y_ptrs = {(q, b): builder.bitcast(
-                builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * vec)))]),
-                dty.as_pointer()) for q in range(pats) for b in range(blocks)}
-            for ptr in y_ptrs.values():
-                builder.store(ir.Constant(dty, None), ptr, align=4)
+            offs = [builder.load(builder.gep(o_arr.data, [i64(q)])) for q in range(pats)]
+            p_bases = [builder.gep(s_arr.data, [offs[q]]) for q in range(pats)]
+            m_bases = [builder.gep(m_arr.data, [offs[q]]) for q in range(pats)]
+            keys = [(q, b) for q in range(pats) for b in range(blocks)]
+            if not bits:
+                y_arr = context.make_array(sa[8])(context, builder, args[8])
+                yst = context.cast(builder, args[10], sa[10], types.int64)
+                y_ptrs = {(q, b): builder.bitcast(
+                    builder.gep(y_arr.data, [builder.add(yoff, builder.add(builder.mul(yst, i64(q)), i64(b * lanes)))]),
+                    dty.as_pointer()) for q, b in keys}
             mod = builder.module
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{vec}i8")
+            if _AARCH64:
+                uaddlp = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(hty, [vty]), f"llvm.aarch64.neon.uaddlp.v{lanes}i16.v{vec}i8")
+
+                def pairsum(c):
+                    return builder.call(uaddlp, [c])
+            else:
+                even = ir.Constant(ir.VectorType(i32, lanes), list(range(0, vec, 2)))
+                odd = ir.Constant(ir.VectorType(i32, lanes), list(range(1, vec, 2)))
+
+                def pairsum(c):
+                    u = ir.Constant(vty, ir.Undefined)
+                    return builder.add(builder.zext(builder.shuffle_vector(c, u, even), hty),
+                                       builder.zext(builder.shuffle_vector(c, u, odd), hty))
+            seg_p = cgutils.alloca_once_value(builder, i64(0))
             j_p = cgutils.alloca_once_value(builder, i64(0))
             end_p = cgutils.alloca_once_value(builder, i64(0))
-            acc8 = {key: cgutils.alloca_once(builder, vty) for key in y_ptrs}
-            hty = ir.VectorType(ir.IntType(16), vec)
-            acc16 = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in y_ptrs}
-            flushed_p = cgutils.alloca_once_value(builder, i64(0))
+            since_p = cgutils.alloca_once_value(builder, i64(0))  # pairs in the 16-bit counts
+            first_p = cgutils.alloca_once_value(builder, ir.Constant(i1, 1))  # no flush yet: store, not add
+            acc = {key: cgutils.alloca_once_value(builder, ir.Constant(hty, None)) for key in keys}
             fn = builder.function
-            oc, ob, ic, ib, ie, fl, oe = (fn.append_basic_block(f"xorcols.{n}")
-                                          for n in ("oc", "ob", "ic", "ib", "ie", "fl", "oe"))
-            builder.branch(oc)
-            builder.position_at_end(oc)  # chunks of at most _CHUNK patch bytes
-            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), nb), ob, oe)
-            builder.position_at_end(ob)
-            for ptr in acc8.values():
-                builder.store(ir.Constant(vty, None), ptr)
-            e = builder.add(builder.load(j_p), i64(_CHUNK))
-            builder.store(builder.select(builder.icmp_signed("<", e, nb), e, nb), end_p)
+            sc, sb, cc, cb, ic, ib, ie, fl, sn, dn = (
+                fn.append_basic_block(f"xorcols.{n}") for n in ("sc", "sb", "cc", "cb", "ic", "ib", "ie", "fl", "sn", "dn"))
+
+            def flush():
+                if bits:  # one chunk by the caller's promise: the counts stay in registers for _emit_bits
+                    return
+                first = builder.load(first_p)
+                for key, ptr in y_ptrs.items():
+                    wide = builder.zext(builder.load(acc[key]), dty)
+                    old = builder.select(first, ir.Constant(dty, None), builder.load(ptr, align=4))
+                    builder.store(builder.add(old, wide), ptr, align=4)
+                    builder.store(ir.Constant(hty, None), acc[key])
+                builder.store(ir.Constant(i1, 0), first_p)
+                builder.store(i64(0), since_p)
+
+            builder.branch(sc)
+            builder.position_at_end(sc)  # the kernel rows (runs of the patch)
+            builder.cbranch(builder.icmp_signed("<", builder.load(seg_p), nsg), sb, dn)
+            builder.position_at_end(sb)
+            seg = builder.load(seg_p)
+            rowoff = builder.mul(seg, sst)
+            srcs = [builder.gep(p_bases[q], [rowoff]) for q in range(pats)]
+            msrcs = [builder.gep(m_bases[q], [rowoff]) for q in range(pats)]
+            wrow = builder.gep(w_base, [builder.mul(builder.mul(seg, spr), wst)])
+            builder.store(i64(0), j_p)
+            builder.branch(cc)
+            builder.position_at_end(cc)  # chunks of the run that fit the 16-bit counts
+            builder.cbranch(builder.icmp_signed("<", builder.load(j_p), spr), cb, sn)
+            builder.position_at_end(cb)
+            j = builder.load(j_p)
+            e = builder.add(j, builder.sub(i64(_FLUSH_PAIRS), builder.load(since_p)))
+            end = builder.select(builder.icmp_signed("<", e, spr), e, spr)
+            builder.store(end, end_p)
+            builder.store(builder.add(builder.load(since_p), builder.sub(end, j)), since_p)
             builder.branch(ic)
             builder.position_at_end(ic)
             builder.cbranch(builder.icmp_signed("<", builder.load(j_p), builder.load(end_p)), ib, ie)
             builder.position_at_end(ib)
-            j = builder.load(j_p)
+            j0 = builder.load(j_p)
+            # Two pairs (one 32-bit unit of the patch) per iteration: seg_pairs is even. (One LD2R for both
+            # pairs' broadcasts let LLVM's scheduler hoist both halves' loads and spill: slower.)
+            for step in range(2):
+                jj = builder.add(j0, i64(step))
 
-            def splat(base):
-                byte = builder.load(builder.gep(base, [j]))
-                return builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vty, ir.Undefined), byte, i32(0)),
-                    ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, vec), [0] * vec))
+                def splat(base, jj=jj):
+                    ptr = builder.bitcast(builder.gep(base, [builder.mul(jj, i64(2))]), i16.as_pointer())
+                    half = builder.load(ptr, align=1)
+                    s = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(hty, ir.Undefined), half, i32(0)),
+                        ir.Constant(hty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                    return builder.bitcast(s, vty)
 
-            splats = [splat(p_bases[q]) for q in range(pats)]
-            msplats = [splat(m_bases[q]) for q in range(pats)] if masked else []
-            row = builder.gep(w_base, [builder.mul(j, ost)])
-            for b in range(blocks):
-                wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
-                for q in range(pats):
-                    x = builder.xor(splats[q], wv)
-                    c = builder.call(ctpop, [builder.and_(x, msplats[q]) if masked else x])
-                    builder.store(builder.add(builder.load(acc8[q, b]), c), acc8[q, b])
-            builder.store(builder.add(j, i64(1)), j_p)
+                splats = [splat(srcs[q]) for q in range(pats)]
+                msplats = [splat(msrcs[q]) for q in range(pats)] if masked else []
+                row = builder.gep(wrow, [builder.mul(jj, wst)])
+                for b in range(blocks):
+                    wv = builder.load(builder.bitcast(builder.gep(row, [i64(b * vec)]), vty.as_pointer()), align=1)
+                    for q in range(pats):
+                        x = builder.xor(splats[q], wv)
+                        c = builder.call(ctpop, [builder.and_(x, msplats[q]) if masked else x])
+                        builder.store(builder.add(builder.load(acc[q, b]), pairsum(c)), acc[q, b])
+            builder.store(builder.add(j0, i64(2)), j_p)
             builder.branch(ic)
-            # The byte lanes go to 16-bit sums once per chunk (one widening add per 8 lanes), those to the
-            # int32 sums only at the end or every _FLUSH16 bytes (the int32 add costs 3x the 16-bit one).
             builder.position_at_end(ie)
-            for key, ptr in acc16.items():
-                builder.store(builder.add(builder.load(ptr), builder.zext(builder.load(acc8[key]), hty)), ptr)
-            j = builder.load(j_p)
-            done = builder.icmp_signed(">=", j, nb)
-            full = builder.icmp_signed(">=", builder.sub(j, builder.load(flushed_p)), i64(_FLUSH16))
-            builder.cbranch(builder.or_(done, full), fl, oc)
+            builder.cbranch(builder.icmp_signed(">=", builder.load(since_p), i64(_FLUSH_PAIRS)), fl, cc)
             builder.position_at_end(fl)
-            for key, ptr in y_ptrs.items():
-                total = builder.add(builder.load(ptr, align=4), builder.zext(builder.load(acc16[key]), dty))
-                builder.store(total, ptr, align=4)
-                builder.store(ir.Constant(hty, None), acc16[key])
-            builder.store(j, flushed_p)
-            builder.branch(oc)
-            builder.position_at_end(oe)
+            flush()
+            builder.branch(cc)
+            builder.position_at_end(sn)
+            builder.store(builder.add(builder.load(seg_p), i64(1)), seg_p)
+            builder.branch(sc)
+            builder.position_at_end(dn)
+            if bits:
+                qq_arr = context.make_array(sa[8])(context, builder, args[8])
+                wd_arr = context.make_array(sa[10])(context, builder, args[10])
+                ctl = [builder.load(builder.gep(o_arr.data, [i64(pats + i)])) for i in range(pats + 2)]
+                _emit_bits(builder, qq_arr.data, wd_arr.data, ctl[:pats], yoff, ctl[pats], ctl[pats + 1],
+                           {key: builder.load(p) for key, p in acc.items()}, pats, blocks, lanes, masked)
+            else:
+                flush()
             return context.get_dummy_value()
 
         return sig, codegen
 
     return intrinsic(xorcols)
+
+
+def _emit_bits(builder, qq_ptr, wd_ptr, nzs, ob, n_out, planes, counts, pats, blocks, lanes, masked):
+    """Threshold the 16-bit counts of one pass into packed words, in registers.
+
+    The pass covers output channels ob .. ob + blocks*lanes (whole 64-bit words); plane pl's
+    bit of channel o is (t > qq16[pl*n_out + o]), t = s (the count) or, masked, nzs[p] - 2s
+    (y over a ternary input; exact in 16-bit arithmetic as |y| < 2^15). Pixel p's word of
+    plane pl and channel word w goes to words[p * planes * n_out/64 + pl * n_out/64 + ob/64 + w],
+    flip not applied.
+
+    On aarch64 the 64 compare lanes become a word by narrowing to bytes, one AND with
+    each byte's bit and three pairwise adds (ADDP): about 20 instructions a word, where
+    LLVM's own lowering of a <64 x i1> bitcast takes about 50.
+    """
+    i64, i32, i16, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+    hty = ir.VectorType(i16, lanes)
+    wpp = builder.sdiv(n_out, i64(64))
+    per_word = 64 // lanes
+    n_words = blocks * lanes // 64
+
+    def splat16(v):
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(hty, ir.Undefined), v, i32(0)),
+                                      ir.Constant(hty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+    ts = {}
+    for q in range(pats):
+        if masked:
+            nz = splat16(builder.trunc(nzs[q], i16))
+            for b in range(blocks):
+                ts[q, b] = builder.sub(nz, builder.shl(counts[q, b], ir.Constant(hty, [1] * lanes)))
+        else:
+            for b in range(blocks):
+                ts[q, b] = counts[q, b]
+    mod = builder.module
+    if _AARCH64:
+        bty = ir.VectorType(i8, 16)
+        addp = cgutils.get_or_insert_function(mod, ir.FunctionType(bty, [bty, bty]), "llvm.aarch64.neon.addp.v16i8")
+        bitc = ir.Constant(bty, [1 << (i % 8) for i in range(16)])
+
+    def word(cmps):
+        """cmps: 64 // lanes <lanes x i1> of channels 0.. 63 -> i64, bit i = channel i."""
+        if _AARCH64 and lanes == 8:
+            regs = []
+            for r in range(4):
+                lo, hi = (builder.sext(cmps[2 * r + t], ir.VectorType(i8, 8)) for t in range(2))
+                both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                regs.append(builder.and_(both, bitc))
+            a = builder.call(addp, [regs[0], regs[1]])
+            b = builder.call(addp, [regs[2], regs[3]])
+            c = builder.call(addp, [a, b])
+            d = builder.call(addp, [c, c])
+            return builder.extract_element(builder.bitcast(d, ir.VectorType(i64, 2)), i32(0))
+        level = list(cmps)
+        while len(level) > 1:  # concatenate neighbours: lanes, 2 * lanes, ... 64 channels
+            n = 2 * level[0].type.count
+            cat = ir.Constant(ir.VectorType(i32, n), list(range(n)))
+            level = [builder.shuffle_vector(level[i], level[i + 1], cat) for i in range(0, len(level), 2)]
+        return builder.bitcast(level[0], i64)
+
+    fn = builder.function
+    for pl in range(2):
+        body = fn.append_basic_block(f"bits.plane{pl}")
+        after = fn.append_basic_block(f"bits.after{pl}")
+        builder.cbranch(builder.icmp_signed(">", planes, i64(pl)), body, after)
+        builder.position_at_end(body)
+        qbase = builder.add(builder.mul(n_out, i64(pl)), ob)
+        stores = []
+        for w in range(n_words):
+            qqs = [builder.load(builder.bitcast(builder.gep(qq_ptr, [builder.add(qbase, i64(64 * w + lanes * k))]),
+                                                hty.as_pointer()), align=2) for k in range(per_word)]
+            for q in range(pats):
+                cmps = [builder.icmp_signed(">", ts[q, w * per_word + k], qqs[k]) for k in range(per_word)]
+                idx = builder.add(builder.add(builder.mul(i64(q), builder.mul(planes, wpp)), builder.mul(wpp, i64(pl))),
+                                  builder.add(builder.sdiv(ob, i64(64)), i64(w)))
+                stores.append((idx, word(cmps)))
+        for idx, val in stores:
+            builder.store(val, builder.gep(wd_ptr, [idx]))
+        builder.branch(after)
+        builder.position_at_end(after)
 
 
 def _make_bitmask64(masked: bool):
@@ -222,6 +374,35 @@ def _word_rules(fm, q, n_out, planes):
     return qq, flipw
 
 
+@njit(cache=True, nogil=True)
+def _rules16(qq, lo, hi):
+    """The per-bit rules qq (bit = t > qq) clamped to [lo, hi] as int16: the same bits for every t in
+    (lo, hi], the range of the count or y of a conv whose patch has at most hi < 2^15 bits."""
+    out = np.empty(qq.shape[0], np.int16)
+    for i in range(qq.shape[0]):
+        out[i] = min(max(np.int64(qq[i]), lo), hi)
+    return out
+
+
+@njit(cache=True, inline="always")
+def _bits_passes(src, msrc, ctl, seg_stride, k, seg_pairs, npairs, wflat, masked, qq16, n_out, wbuf):
+    """Every pass of a conv whose output words are thresholded in registers (xorbits*/andbits*)."""
+    ob = 0
+    while ob < n_out:
+        if n_out - ob >= 8 * _LANES:
+            if masked:
+                andbits8(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            else:
+                xorbits8(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            ob += 8 * _LANES
+        elif 4 * _LANES % 64 == 0:  # a last pass of 4 vectors (x86's 16 channels a vector)
+            if masked:
+                andbits4(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            else:
+                xorbits4(src, msrc, ctl, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, qq16, ob, wbuf)
+            ob += 4 * _LANES
+
+
 PATS = 2  # output pixels per pass over the weights (each weight vector load serves PATS patches)
 xorcols8 = _make_xorcols(PATS, 8, VEC_BYTES)
 xorcols4 = _make_xorcols(PATS, 4, VEC_BYTES)
@@ -232,6 +413,11 @@ andcols8 = _make_xorcols(PATS, 8, VEC_BYTES, masked=True)
 andcols4 = _make_xorcols(PATS, 4, VEC_BYTES, masked=True)
 andcols2 = _make_xorcols(PATS, 2, VEC_BYTES, masked=True)
 andcols1 = _make_xorcols(PATS, 1, VEC_BYTES, masked=True)
+# counts thresholded in registers into packed words (passes of whole words only: 8 or 4 vectors)
+xorbits8 = _make_xorcols(PATS, 8, VEC_BYTES, bits=True)
+xorbits4 = _make_xorcols(PATS, 4, VEC_BYTES, bits=True)
+andbits8 = _make_xorcols(PATS, 8, VEC_BYTES, masked=True, bits=True)
+andbits4 = _make_xorcols(PATS, 4, VEC_BYTES, masked=True, bits=True)
 
 
 def padded_shape(h: int, w: int, words: int) -> tuple[int, int, int]:
@@ -248,18 +434,40 @@ def patch_layout(kernel: int, in_ch: int) -> tuple[int, int]:
     return nup, kernel * kernel * nup * 4
 
 
-def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
-    """(out, k, k, words) uint64 weights -> (patch bytes, out padded to whole vectors) uint8.
+def pass_blocks(o_pad: int) -> list[int]:
+    """Vectors of output channels per pass of the binary convs (``_sums``): 8 while 8 are left, then 4, 2, 1."""
+    left, out = o_pad // (VEC_BYTES // 2), []
+    while left >= 8:
+        out.append(8)
+        left -= 8
+    for b in (4, 2, 1):
+        if left >= b:
+            out.append(b)
+            left -= b
+    return out
 
-    Row j holds byte j of every output channel's compacted patch, so one patch byte meets
-    a vector of consecutive output channels.
+
+def compact_weights(weight: np.ndarray, in_ch: int) -> np.ndarray:
+    """(out, k, k, words) uint64 weights -> (patch bytes / 2, 2 * out padded to whole vectors) uint8.
+
+    Patch bytes 2i and 2i + 1 of an output channel sit side by side: one vector is
+    VEC_BYTES / 2 consecutive output channels, two bytes each, which meets a broadcast pair
+    of patch bytes and adds into that channel's 16-bit lane (``xorcols*``). The shape says
+    the sizes; the bytes are ordered by pass (``pass_blocks``): a pass's channels, pair
+    after pair, so that its kernel streams them with one pointer.
     """
     out, k = weight.shape[0], weight.shape[1]
     nup, nb = patch_layout(k, in_ch)
+    lanes = VEC_BYTES // 2
     raw = np.ascontiguousarray(weight, dtype="<u8").view(np.uint8).reshape(out, k * k, -1)[:, :, : 4 * nup]
-    wt = np.zeros((nb, -(-out // VEC_BYTES) * VEC_BYTES), np.uint8)
-    wt[:, :out] = raw.reshape(out, nb).T
-    return wt
+    o_pad = -(-out // lanes) * lanes
+    pairs = np.zeros((nb // 2, o_pad, 2), np.uint8)
+    pairs[:, :out] = raw.reshape(out, nb // 2, 2).transpose(1, 0, 2)
+    runs, ob = [], 0
+    for b in pass_blocks(o_pad):
+        runs.append(pairs[:, ob : ob + b * lanes].reshape(-1))
+        ob += b * lanes
+    return np.concatenate(runs).reshape(nb // 2, 2 * o_pad)
 
 
 # ------------------------------------------------------------------ stem
@@ -473,78 +681,81 @@ def pool_rows(inp, out, r0, r1):
 
 
 # ------------------------------------------------------------------ binary conv
+# The convs read each patch in place, as k runs (its kernel rows) of k * nup 32-bit units:
+# the input's rows are first copied with only the nup units per pixel that hold channels
+# (all of them when the channels fill whole 64-bit words: then the input itself is read),
+# once per input pixel, not once per tap of every output pixel as a gather would.
 @njit(cache=True, inline="always")
-def _gather_units(src, wp, upp, nu, k, sy, sx, dst, n):
-    """Copy the first nu units of each of the k x k pixels at padded (sy, sx) to dst[n:]."""
-    for ky in range(k):
-        base = ((sy + ky) * wp + sx) * upp
-        if nu == upp:
-            # every unit is kept: the k pixels of a kernel row are one contiguous run
-            for j in range(k * nu):
-                dst[n + j] = src[base + j]
-            n += k * nu
-        elif nu == 1 and k == 3:
-            dst[n] = src[base]
-            dst[n + 1] = src[base + upp]
-            dst[n + 2] = src[base + 2 * upp]
-            n += 3
-        else:
-            for kx in range(k):
-                for b in range(nu):
-                    dst[n + b] = src[base + kx * upp + b]
-                n += nu
+def _row_span(r0, r1, k, stride, hp):
+    """The padded input rows [y0, y1) that output rows [r0, r1) read."""
+    off = BORDER - k // 2
+    if r1 <= r0:
+        return 0, 0
+    return r0 * stride + off, min((r1 - 1) * stride + off + k, hp)
+
+
+@njit(cache=True, nogil=True)
+def _binary_source(inp, nup, k, stride, r0, r1):
+    """The padded input as bytes, nup units per pixel: inp itself when those are all its units."""
+    hp, wp, upp = inp.shape[0], inp.shape[1], inp.shape[2] * 2
+    flat = inp.reshape(inp.size)
+    if nup == upp:
+        return flat.view(np.uint8)
+    src32 = flat.view(np.uint32)
+    comp = np.empty(hp * wp * nup, np.uint32)
+    y0, y1 = _row_span(r0, r1, k, stride, hp)
+    for y in range(y0, y1):
+        for x in range(wp):
+            s, d = (y * wp + x) * upp, (y * wp + x) * nup
+            for u in range(nup):
+                comp[d + u] = src32[s + u]
+    return comp.view(np.uint8)
 
 
 @njit(cache=True, inline="always")
-def _gather(src32, src64, wp, upp, nup, k, sy, sx, patch32, patch64, n):
-    """Gather the patch at padded (sy, sx) to unit n: the nup 32-bit units of each tap that hold
-    channels (copied as 64-bit units when nup is even)."""
-    if nup % 2 == 0:
-        _gather_units(src64, wp, upp // 2, nup // 2, k, sy, sx, patch64, n // 2)
-    else:
-        _gather_units(src32, wp, upp, nup, k, sy, sx, patch32, n)
-
-
-@njit(cache=True, inline="always")
-def _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride):
-    """The patches of output pixels ox .. ox+PATS-1, pstride bytes apart (past the row end: the last pixel)."""
+def _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs):
+    """Byte offsets of the patches of output pixels ox .. ox+PATS-1 (past the row end: the last pixel)."""
+    off = BORDER - k // 2
     for q in range(PATS):
         x = min(ox + q, wo - 1)
-        _gather(src32, src64, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, patch64, q * pstride // 4)
+        p_offs[q] = ((oy * stride + off) * wp + x * stride + off) * nup * 4
+
+
+_LANES = VEC_BYTES // 2  # output channels per vector of xorcols*
 
 
 @njit(cache=True, inline="always")
-def _sums(patch, pstride, nb, wflat, o_stride, ys):
+def _sums(src, p_offs, seg_stride, k, seg_pairs, npairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount(patch q ^ weights of o), every output (padded to whole vectors)."""
     ob = 0
-    while o_stride - ob >= 8 * VEC_BYTES:
-        xorcols8(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 8 * VEC_BYTES
-    if o_stride - ob >= 4 * VEC_BYTES:
-        xorcols4(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 4 * VEC_BYTES
-    if o_stride - ob >= 2 * VEC_BYTES:
-        xorcols2(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 2 * VEC_BYTES
-    if o_stride - ob >= VEC_BYTES:
-        xorcols1(patch, patch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+    while o_stride - ob >= 8 * _LANES:
+        xorcols8(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 8 * _LANES
+    if o_stride - ob >= 4 * _LANES:
+        xorcols4(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 4 * _LANES
+    if o_stride - ob >= 2 * _LANES:
+        xorcols2(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 2 * _LANES
+    if o_stride - ob >= _LANES:
+        xorcols1(src, src, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
 
 
 @njit(cache=True, inline="always")
-def _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys):
+def _masked_sums(sgn, msk, p_offs, seg_stride, k, seg_pairs, npairs, wflat, o_stride, ys):
     """ys[q * o_stride + o] = popcount((sign bytes q ^ weights of o) & nonzero bytes q)."""
     ob = 0
-    while o_stride - ob >= 8 * VEC_BYTES:
-        andcols8(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 8 * VEC_BYTES
-    if o_stride - ob >= 4 * VEC_BYTES:
-        andcols4(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 4 * VEC_BYTES
-    if o_stride - ob >= 2 * VEC_BYTES:
-        andcols2(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
-        ob += 2 * VEC_BYTES
-    if o_stride - ob >= VEC_BYTES:
-        andcols1(patch, mpatch, pstride, nb, wflat, ob, o_stride, ys, ob, o_stride)
+    while o_stride - ob >= 8 * _LANES:
+        andcols8(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 8 * _LANES
+    if o_stride - ob >= 4 * _LANES:
+        andcols4(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 4 * _LANES
+    if o_stride - ob >= 2 * _LANES:
+        andcols2(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
+        ob += 2 * _LANES
+    if o_stride - ob >= _LANES:
+        andcols1(sgn, msk, p_offs, seg_stride, k, seg_pairs, wflat, 2 * npairs * ob, ys, ob, o_stride)
 
 
 @njit(cache=True, nogil=True)
@@ -576,33 +787,44 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
     sets bit o (lo plane) and bit out_ch + o (hi plane).
     """
     n_out = thr.shape[0] // planes
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
-    src64 = inp.reshape(inp.size)
-    src32 = src64.view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    npairs, wrow = wt.shape
+    o_stride = wrow // 2  # output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
+    src = _binary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
     ys = np.zeros(PATS * o_stride, np.int32)
     fm, q = _popcount_thresholds(thr, flip, kk)
     b8 = np.zeros(words * 64, np.uint8)
     g8 = b8.view(np.uint64)
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
+    wpp = n_out // 64  # words per plane when vec
+    # counts below 2^15 (every real layer): thresholds in 16-bit lanes, words built in registers
+    fast = vec and 16 * npairs < 1 << 15
+    wbuf = np.zeros(PATS * words, np.uint64)
+    qq16 = _rules16(qq, -1, 16 * npairs) if fast else np.zeros(1, np.int16)
+    p_offs = np.zeros(2 * PATS + 2, np.int64)  # the patches' offsets, then (xorbits) nonzero counts, n_out, planes
+    p_offs[2 * PATS], p_offs[2 * PATS + 1] = n_out, planes
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
-            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            if fast:
+                _bits_passes(src, src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, False, qq16, n_out, wbuf)
+                for p in range(min(PATS, wo - ox)):
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = wbuf[p * words + wi] ^ flipw[wi]
+                continue
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 if vec:  # whole words: each plane's 64 channels at a time
-                    for wi in range(words):
-                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64(
-                            ys, base + (wi * 64) % n_out, qq, wi * 64, 0) ^ flipw[wi]
+                    for pl in range(planes):
+                        for w in range(wpp):
+                            wi = pl * wpp + w
+                            out[oy + BORDER, ox + p + BORDER, wi] = bitmask64(
+                                ys, base + 64 * w, qq, wi * 64, 0) ^ flipw[wi]
                     continue
                 for o in range(n_out):
                     b8[o] = np.uint8((ys[base + o] ^ fm[o]) > q[o])
@@ -616,54 +838,66 @@ def bconv_bits_rows(inp, wt, nup, kk, k, stride, thr, flip, planes, out, r0, r1)
 def bconv_real_rows(inp, wt, nup, kk, k, stride, scale, bias, out, r0, r1):
     """Binary conv with a real output r = scale * y + bias (float32, (Ho, Wo, out_ch), no border)."""
     n_out = scale.shape[0]
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
-    src64 = inp.reshape(inp.size)
-    src32 = src64.view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    npairs, wrow = wt.shape
+    o_stride = wrow // 2  # output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
+    src = _binary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    patch32, patch64 = patch.view(np.uint32), patch.view(np.uint64)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_pats(src32, src64, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, patch64, pstride)
-            _sums(patch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _sums(src, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
+                # y in int32 (|y| <= K < 2^31, exact in float32 below 2^24 as before): the loop then runs
+                # 4 channels a vector, where int64 arithmetic and its conversion kept it scalar
                 for o in range(n_out):
-                    out[oy, ox + p, o] = scale[o] * np.float32(kk - 2 * ys[p * o_stride + o]) + bias[o]
+                    out[oy, ox + p, o] = scale[o] * np.float32(np.int32(kk - 2 * ys[p * o_stride + o])) + bias[o]
 
 
 # ------------------------------------------------------------------ convs over a ternary input
 # A ternary input of C channels (C % 32 == 0) is 2C packed bits: per pixel the lo plane's C/32
-# units, then the hi plane's (app/bits.py). The gather turns them into sign units (lo: bit 1 iff
-# v = -1) and nonzero units (lo | ~hi), so y = sum w·v = M - 2·popcount((sign ^ w) & nonzero),
-# M the patch's nonzero count: one masked pass over the patch bytes, not one pass per plane.
-@njit(cache=True, inline="always")
-def _gather_ternary(src32, wp, upp, nup, k, sy, sx, patch32, mpatch32, n):
-    """Sign and nonzero units of the k x k pixels at padded (sy, sx) to unit n; returns M."""
-    nz = 0
-    for ky in range(k):
-        for kx in range(k):
-            base = ((sy + ky) * wp + sx + kx) * upp
-            for b in range(nup):
-                lo = src32[base + b]
-                m = lo | ~src32[base + nup + b]
-                patch32[n] = lo
-                mpatch32[n] = m
+# units, then the hi plane's (app/bits.py). Its rows are first turned into sign units (lo: bit 1
+# iff v = -1) and nonzero units (lo | ~hi), with each pixel's nonzero count, so y = sum w·v =
+# M - 2·popcount((sign ^ w) & nonzero), M the patch's nonzero count: one masked pass over the
+# patch bytes, not one pass per plane.
+@njit(cache=True, nogil=True)
+def _ternary_source(inp, nup, k, stride, r0, r1):
+    """(sign bytes, nonzero bytes, nonzero count per padded pixel) of the input rows that rows r0..r1 read."""
+    hp, wp, upp = inp.shape[0], inp.shape[1], inp.shape[2] * 2
+    src32 = inp.reshape(inp.size).view(np.uint32)
+    sgn = np.empty(hp * wp * nup, np.uint32)
+    msk = np.empty(hp * wp * nup, np.uint32)
+    nzp = np.empty(hp * wp, np.int32)
+    y0, y1 = _row_span(r0, r1, k, stride, hp)
+    for y in range(y0, y1):
+        for x in range(wp):
+            s, d = (y * wp + x) * upp, (y * wp + x) * nup
+            nz = 0
+            for u in range(nup):
+                lo = src32[s + u]
+                m = lo | ~src32[s + nup + u]
+                sgn[d + u] = lo
+                msk[d + u] = m
                 nz += popc(m)
-                n += 1
-    return np.int32(nz)
+            nzp[y * wp + x] = nz
+    return sgn.view(np.uint8), msk.view(np.uint8), nzp
 
 
 @njit(cache=True, inline="always")
-def _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs):
+def _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs):
+    """M of the patches of output pixels ox .. ox+PATS-1 (past the row end: the last pixel)."""
+    off = BORDER - k // 2
     for q in range(PATS):
         x = min(ox + q, wo - 1)
-        nzs[q] = _gather_ternary(src32, wp, upp, nup, k, oy * stride + off, x * stride + off, patch32, mpatch32,
-                                 q * pstride // 4)
+        base = (oy * stride + off) * wp + x * stride + off
+        nz = 0
+        for ky in range(k):
+            for kx in range(k):
+                nz += nzp[base + ky * wp + kx]
+        nzs[q] = nz
 
 
 @njit(cache=True, nogil=True)
@@ -673,17 +907,13 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     wt: compact_weights(weight, C) of the logical C channels; thr, flip: rules on y = sum w·v.
     """
     n_out = thr.shape[0] // planes
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
-    src32 = inp.reshape(inp.size).view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    npairs, wrow = wt.shape
+    o_stride = wrow // 2  # output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
+    sgn, msk, nzp = _ternary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1] - 2 * BORDER
     words = out.shape[2]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    mpatch = np.zeros(PATS * pstride, np.uint8)
-    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
     ys = np.zeros(PATS * o_stride, np.int32)
     nzs = np.zeros(PATS, np.int32)
     fm, q = _int_thresholds(thr, flip)
@@ -691,17 +921,34 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
     g8 = b8.view(np.uint64)
     vec = n_out % 64 == 0
     qq, flipw = _word_rules(fm, q, n_out, planes) if vec else (q, g8)
+    wpp = n_out // 64  # words per plane when vec
+    fast = vec and 16 * npairs < 1 << 15  # as in bconv_bits_rows, on y = M - 2s in [-K, K]
+    wbuf = np.zeros(PATS * words, np.uint64)
+    qq16 = _rules16(qq, -16 * npairs - 1, 16 * npairs) if fast else np.zeros(1, np.int16)
+    p_offs = np.zeros(2 * PATS + 2, np.int64)  # the patches' offsets, then (andbits) nonzero counts, n_out, planes
+    p_offs[2 * PATS], p_offs[2 * PATS + 1] = n_out, planes
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
-            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
+            if fast:
+                for p in range(PATS):
+                    p_offs[PATS + p] = nzs[p]
+                _bits_passes(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, True, qq16, n_out, wbuf)
+                for p in range(min(PATS, wo - ox)):
+                    for wi in range(words):
+                        out[oy + BORDER, ox + p + BORDER, wi] = wbuf[p * words + wi] ^ flipw[wi]
+                continue
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 base = p * o_stride
                 nz = nzs[p]
                 if vec:
-                    for wi in range(words):
-                        out[oy + BORDER, ox + p + BORDER, wi] = bitmask64_masked(
-                            ys, base + (wi * 64) % n_out, qq, wi * 64, nz) ^ flipw[wi]
+                    for pl in range(planes):
+                        for w in range(wpp):
+                            wi = pl * wpp + w
+                            out[oy + BORDER, ox + p + BORDER, wi] = bitmask64_masked(
+                                ys, base + 64 * w, qq, wi * 64, nz) ^ flipw[wi]
                     continue
                 for o in range(n_out):
                     b8[o] = np.uint8(((nz - 2 * ys[base + o]) ^ fm[o]) > q[o])
@@ -715,26 +962,24 @@ def tconv_bits_rows(inp, wt, nup, k, stride, thr, flip, planes, out, r0, r1):
 def tconv_real_rows(inp, wt, nup, k, stride, scale, bias, out, r0, r1):
     """Binary weights over a ternary input with a real output r = scale * y + bias, y = sum w·v."""
     n_out = scale.shape[0]
-    nb, o_stride = wt.shape
-    wflat = wt.reshape(nb * o_stride)
-    src32 = inp.reshape(inp.size).view(np.uint32)
-    wp, upp = inp.shape[1], inp.shape[2] * 2
-    off = BORDER - k // 2
+    npairs, wrow = wt.shape
+    o_stride = wrow // 2  # output channels padded to whole vectors
+    wflat = wt.reshape(npairs * wrow)
+    sgn, msk, nzp = _ternary_source(inp, nup, k, stride, r0, r1)
+    wp = inp.shape[1]
     wo = out.shape[1]
-    pstride = -(-nb // 8) * 8
-    patch = np.zeros(PATS * pstride, np.uint8)
-    mpatch = np.zeros(PATS * pstride, np.uint8)
-    patch32, mpatch32 = patch.view(np.uint32), mpatch.view(np.uint32)
+    p_offs = np.zeros(PATS, np.int64)
     ys = np.zeros(PATS * o_stride, np.int32)
     nzs = np.zeros(PATS, np.int32)
     for oy in range(r0, r1):
         for ox in range(0, wo, PATS):
-            _gather_ternary_pats(src32, wp, upp, nup, k, stride, off, oy, ox, wo, patch32, mpatch32, pstride, nzs)
-            _masked_sums(patch, mpatch, pstride, nb, wflat, o_stride, ys)
+            _pixel_offsets(wp, nup, k, stride, oy, ox, wo, p_offs)
+            _patch_nonzeros(nzp, wp, k, stride, oy, ox, wo, nzs)
+            _masked_sums(sgn, msk, p_offs, wp * nup * 4, k, 2 * k * nup, npairs, wflat, o_stride, ys)
             for p in range(min(PATS, wo - ox)):
                 nz = nzs[p]
-                for o in range(n_out):
-                    out[oy, ox + p, o] = scale[o] * np.float32(nz - 2 * ys[p * o_stride + o]) + bias[o]
+                for o in range(n_out):  # in int32, as bconv_real_rows
+                    out[oy, ox + p, o] = scale[o] * np.float32(np.int32(nz - 2 * ys[p * o_stride + o])) + bias[o]
 
 
 # ------------------------------------------------------------------ Bi-Real blocks (rbconv)

@@ -6,10 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app import bits, kernels, reference
+from tests.arm.kernel_checks import _two_plane_rules
 
 # The ARM meter runs the same cases without pytest; one copy of the case makers serves both.
 from tests.arm.kernel_checks import edge_thresholds as _edge_thresholds
 from tests.arm.kernel_checks import padded as _padded
+from tests.arm.kernel_checks import ternary_want as _ternary_want
 
 
 def _row_splits(rng, n):
@@ -155,11 +157,14 @@ def test_pi_vector_width_layout(tmp_path):
     assert "vector bytes 16" in proc.stdout and "passed" in proc.stdout
 
 
+@pytest.mark.parametrize("c", [3616, 7424])
 @pytest.mark.parametrize("fill", ["ones", "random"])
-def test_patches_longer_than_the_16_bit_sums_hold(fill):
+def test_patches_longer_than_the_16_bit_sums_hold(fill, c):
     """The XOR counts gather in 16-bit lanes and go to int32 every few thousand patch bytes: patches of
-    8,352 bytes (3x3 over 7,424 channels) whose counts reach 66,816, past 16 bits, still count exactly."""
-    c, n_out, k = 7424, 64, 3
+    8,352 bytes (3x3 over 7,424 channels) whose counts reach 66,816, past 16 bits, still count exactly.
+    3x3 over 3,616 channels (counts up to 32,544) is the longest patch whose bits are thresholded in
+    16-bit lanes (xorbits*, andbits*); 7,424 takes the int32 sums and bitmask64 instead."""
+    n_out, k = 64, 3
     rng = np.random.default_rng(3)
     if fill == "ones":  # every input bit -1, every weight +1: each count is the whole patch
         x = bits.pack(np.ones((3, 3, c), bool))
@@ -184,3 +189,9 @@ def test_patches_longer_than_the_16_bit_sums_hold(fill):
     realt = np.zeros(yt.shape, np.float32)
     kernels.tconv_real_rows(_padded(xt), kernels.compact_weights(wt, c), c // 32, k, 1, scale, bias, realt, 0, 3)
     np.testing.assert_array_equal(realt, yt.astype(np.float32))
+    for planes in (1, 2):
+        thr, flip = _edge_thresholds(rng, yt) if planes == 1 else _two_plane_rules(rng, yt)
+        want = bits.pack(bits.threshold_bits(yt, thr, flip)) if planes == 1 else _ternary_want(yt, thr, flip)
+        outt = np.zeros(kernels.padded_shape(*want.shape), np.uint64)
+        kernels.tconv_bits_rows(_padded(xt), kernels.compact_weights(wt, c), c // 32, k, 1, thr, flip, planes, outt, 0, 3)
+        np.testing.assert_array_equal(kernels.interior(outt), want)
