@@ -123,8 +123,17 @@ def test_sigterm_while_the_camera_hangs_exits_0_within_2s(tmp_path, model_path, 
     proc = start_app(["--config", cfg, "--model", model_path, "--preview", "none", "--log", log],
                      env=make_env("12:hang"))
     try:
-        wait_for_lines(proc, log, 8)
-        time.sleep(0.5)  # the capture thread is now stuck inside the driver call
+        # Capture 12 stalls. The fake camera is unpaced and the slot keeps only the newest frame, so on a busy
+        # machine fewer than 12 are detected: wait for the log to stop growing, not for a number of lines.
+        wait_for_lines(proc, log, 1)
+        lines, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 1.0:
+            n = log.read_bytes().count(b"\n")
+            if n != lines:
+                lines, still_since = n, time.monotonic()
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        # the capture thread is now stuck inside the driver call
         err, elapsed = sigterm_and_wait(proc)
     finally:
         if proc.poll() is None:
@@ -133,7 +142,7 @@ def test_sigterm_while_the_camera_hangs_exits_0_within_2s(tmp_path, model_path, 
     assert elapsed < 2.0
     records, _ = read_log(log, allow_torn_tail=False)
     frames, _ = frames_and_events(records)
-    assert len(frames) == processed_in_summary(err) <= 12
+    assert 1 <= len(frames) == processed_in_summary(err) <= 12
 
 
 def test_sigkill_leaves_a_readable_log_and_a_restart_appends_cleanly(tmp_path, model_path):
