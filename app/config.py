@@ -53,10 +53,10 @@ class SourceConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     model: str = ""
-    # Two of the Zero 2 W's four cores: the detector's critical path halves (about 25 -> 13.5 M instructions,
-    # 17-25 -> 31-47 fps) for no more instructions in all and no more memory, and two cores stay free for capture,
-    # the overlay, the web encoder and MQTT. Four would cut latency again but contend with those threads, and the
-    # camera's 15 fps is already beaten twice over. ARCHITECTURE.md ("Threads") has the figures.
+    # Two of the Zero 2 W's four cores: the detector's critical path nearly halves (20.5 -> 11.2 M instructions,
+    # 20-31 -> 38-57 fps) for 0.8 % more instructions in all and no more memory, and two cores stay free for
+    # capture, the overlay, the web encoder and MQTT. Four would cut latency again but contend with those threads,
+    # and the camera's 15 fps is already beaten 2.5-4x. ARCHITECTURE.md ("Threads") has the figures.
     threads: int = 2
     score_threshold: float | None = None
     class_thresholds: dict[str, float] = field(default_factory=dict)
