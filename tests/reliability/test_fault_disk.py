@@ -213,8 +213,10 @@ UNWRITABLE_RECORDINGS = {
 }
 
 
-@pytest.mark.parametrize("via", ["flag", "config"])
-@pytest.mark.parametrize("case", sorted(UNWRITABLE_RECORDINGS))
+@pytest.mark.parametrize(("case", "via"), [
+    (case, via) for case in sorted(UNWRITABLE_RECORDINGS) for via in ("flag", "config")
+    if not (via == "flag" and case == "a NUL in the path")  # argv cannot hold a NUL; the config can
+])
 def test_an_unwritable_recording_path_is_refused_at_start(tmp_path, model_path, case, via):
     """A recording path that can never be written is a configuration error found at start: exit 2 from the
     flag, 78 from the config, one line naming the path, before the model loads and before anything is
@@ -230,8 +232,6 @@ def test_an_unwritable_recording_path_is_refused_at_start(tmp_path, model_path, 
     if case == "a NUL in the path" and via == "config":
         target = str(target).replace("\x00", "\\u0000")  # TOML's escape: the config refuses it itself
     if via == "flag":
-        if "\x00" in str(target):
-            pytest.skip("a NUL cannot be passed in argv")
         args += ["--record", target]
     else:
         cfg = tmp_path / "c.toml"
