@@ -68,7 +68,7 @@ test-arm: ## run tests/arm/kernel_checks.py under the aarch64 meter (skipped wit
 # make test-emulated EMULATED=trixie for the other release. Needs root, debootstrap and the network; the roots and
 # downloads are cached in .emulated/ (XNORCAM_EMULATED_CACHE overrides), so a second run only reinstalls.
 EMULATED ?= bookworm
-test-emulated: setup ## the whole stack on an emulated arm64 Debian: install.sh, the warm-up, 20 frames checked (~15 min)
+test-emulated: setup ## the whole stack on an emulated arm64 Debian: install.sh, the warm-up, 20 frames checked (5 min cached, 9-29 min first)
 	XNORCAM_HOST_PYTHON=$(abspath $(PY)) bash tests/emulated/arm64.sh $(EMULATED)
 
 bench: setup ## time the pipeline, then binary vs float network (last line: JSON)
