@@ -53,11 +53,11 @@ class SourceConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     model: str = ""
-    # Two of the Zero 2 W's four cores: the detector's critical path nearly halves (20.5 -> 11.2 M instructions,
-    # 20-31 -> 38-57 fps) for 0.8 % more instructions in all and no more memory, and two cores stay free for
-    # capture, the overlay, the web encoder and MQTT. Four would cut latency again but contend with those threads,
-    # and the camera's 15 fps is already beaten 2.5-4x. ARCHITECTURE.md ("Threads") has the figures.
-    threads: int = 2
+    # One: it already detects at 20-31 fps on the Zero 2 W (the camera gives 15), and a split frame waits for every
+    # worker at each of its ~10 parallel calls, so when anything else wants the cores (capture, the overlay, the web
+    # encoder, another program) two threads took 84 ms where one took 2.2. More help a Pi with nothing else to do.
+    # ARCHITECTURE.md ("Threads") has the figures.
+    threads: int = 1
     score_threshold: float | None = None
     class_thresholds: dict[str, float] = field(default_factory=dict)
     nms_iou: float | None = None

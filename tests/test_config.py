@@ -26,7 +26,7 @@ def test_builtin_defaults_when_default_file_absent(monkeypatch, tmp_path):
     monkeypatch.setattr(cfgmod, "DEFAULT_CONFIG_PATH", tmp_path / "missing.toml")
     c = load()
     assert c == Config()
-    assert c.source.spec == "auto" and c.detector.threads == 2 and c.preview.mode == "auto"
+    assert c.source.spec == "auto" and c.detector.threads == 1 and c.preview.mode == "auto"
 
 
 def test_default_file_is_used_when_present(monkeypatch, tmp_path):
