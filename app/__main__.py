@@ -237,7 +237,7 @@ def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
     # sandbox, a file where a directory should be) is refused with one line, not lost silently later.
     # (--warmup-only and --mqtt-clear write nothing there: install.sh's warm-up runs outside the sandbox.)
     writes = not args.warmup_only and not args.mqtt_clear
-    problem = record_path_problem(cfg.preview.record) if cfg.preview.record and writes else None
+    problem = record_path_problem(cfg.preview.record, files=cfg.preview.record_files) if cfg.preview.record and writes else None
     if problem:
         if args.record is not None:
             return _fail(EXIT_USAGE, "bad command line", problem)
@@ -452,7 +452,8 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
                      if e.snapshot_dir else NullSnapshots())
         events = Events(tracker, log_sink.event, detector.class_names, zones=e.zones, only_in_zones=e.only_in_zones,
                         line=e.line, update_every_s=e.update_every_s, snapshots=snapshots)
-    recorder = (sinks.Recorder(cfg.preview.record, cfg.preview.record_fps, on_event=log_sink.event)
+    recorder = (sinks.Recorder(cfg.preview.record, cfg.preview.record_fps, on_event=log_sink.event,
+                               max_mb=cfg.preview.record_max_mb, files=cfg.preview.record_files)
                 if cfg.preview.record else sinks.NullRecorder())
     pipeline = Pipeline(
         capture,

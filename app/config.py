@@ -70,6 +70,10 @@ class PreviewConfig:
     mode: str = "auto"
     record: str = ""
     record_fps: float = 10.0
+    # A recording is finished at this size and the next one started (0 = never split); `record_files` are kept
+    # in all (rec.mp4, rec.1.mp4 ...), so neither a restart nor a long run loses what was recorded or fills the disk.
+    record_max_mb: float = 256.0
+    record_files: int = 5
     hud: bool = True
 
 
@@ -209,6 +213,8 @@ _RULES: dict[str, tuple[str, Any]] = {
     "preview.mode": ("choice", PREVIEW_MODES),
     "preview.record": ("path", None),
     "preview.record_fps": ("float", (0.1, 240.0, False)),
+    "preview.record_max_mb": ("float0", (0.001, 1e6, "never split")),
+    "preview.record_files": ("int", (1, 1000)),
     "preview.hud": ("bool", None),
     "log.path": ("path", None),
     "log.only_detections": ("bool", None),

@@ -877,7 +877,34 @@ def _is_video_or_empty(path: str) -> bool:
             or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:4] == b"\x1aE\xdf\xa3")
 
 
-def record_path_problem(path: str, key: str = "preview.record") -> str | None:
+def numbered_recording(path: str, i: int) -> str:
+    """The ``i``-th earlier recording of ``path``: ``rec.mp4`` -> ``rec.1.mp4`` (the suffix stays last, so a
+    player still knows the file)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.{i}{ext}"
+
+
+def _slot_takes_a_recording(path: str) -> bool:
+    """Whether rotation may rename a recording over ``path``: nothing there, or a regular file (not a link)
+    that is empty or an earlier recording. Anything else is somebody's file and is never replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and _is_video_or_empty(path)
+
+
+def first_foreign_recording_slot(path: str, files: int) -> int | None:
+    """The first of ``numbered_recording(path, 1 .. files-1)`` that rotation may not rename over, or None."""
+    for i in range(1, files):
+        if not _slot_takes_a_recording(numbered_recording(path, i)):
+            return i
+    return None
+
+
+def record_path_problem(path: str, key: str = "preview.record", files: int = 1) -> str | None:
     """Why ``path`` cannot take a recording, or None, found by trying: its directory is made (as the recorder
     would), the file opened for writing and, when this made it, removed again. A path that can never be
     recorded to (a read-only or missing tree, a file where a directory should be, a path the service's sandbox
@@ -913,6 +940,11 @@ def record_path_problem(path: str, key: str = "preview.record") -> str | None:
         # The writer truncates what is there: only an earlier recording (or nothing) may be replaced.
         return (f"{key} = {path!r} exists and is not a video: refusing to overwrite it; name a new file or "
                 f"an earlier recording")
+    foreign = first_foreign_recording_slot(path, files)
+    if foreign is not None:
+        return (f"{key} = {path!r}: keeping earlier recordings would rename over "
+                f"{numbered_recording(path, foreign)!r}, which is not a recording; move it, or keep fewer "
+                f"(preview.record_files = {foreign})")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
@@ -961,17 +993,30 @@ def _tempfile_in(directory: str) -> tuple[int, str]:
 
 
 class Recorder:
-    """Writes the annotated frames to a video file (cv2.VideoWriter, mp4v), opened at the first frame."""
+    """Writes the annotated frames to a video file (cv2.VideoWriter, mp4v), opened at the first frame.
+
+    Nothing recorded is lost to a restart and the disk does not fill: an earlier recording at ``path`` is moved
+    to ``rec.1.mp4`` (``.1`` to ``.2`` ...) before a new one starts, ``files`` in all are kept, and a recording
+    that reaches ``max_mb`` MiB is finished and the next one started the same way (0: one file, never split).
+    """
 
     needs_canvas = True
+    # How often (frames) the file's size is looked at: a stat once a second or so at the usual 10-15 fps.
+    SIZE_CHECK_EVERY = 16
 
-    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v", on_event: Any = None) -> None:
+    def __init__(self, path: str, fps: float = 10.0, fourcc: str = "mp4v", on_event: Any = None,
+                 max_mb: float = 256.0, files: int = 5) -> None:
         self.path = path
         self.fps = fps
         self.fourcc = fourcc
+        self.max_bytes = max(1, int(max_mb * 2**20)) if max_mb > 0 else 0
+        self.files = max(1, int(files))
         self.frames = 0
         self.failures = 0
+        self.segments = 0  # recordings started by this run
         self.last_error: str | None = None
+        self._frames_in_file = 0
+        self._warned_foreign: set[str] = set()
         # Called with a ``record_error`` event (the log's ``event``): a recording lost after the start checks
         # passed (the disk went away, the writer would not open) is a line in the log, not only a warning.
         self.on_event = on_event
@@ -1003,18 +1048,64 @@ class Recorder:
             if problem:
                 self._give_up(problem)
                 return
-            writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+            problem = self._keep_earlier()
+            if problem:
+                self._give_up(problem)
+                return
+            size = self._size or (w, h)  # a later file keeps the first one's size
+            writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, size)
             if not writer.isOpened():
                 self._give_up(f"preview.record = {self.path!r}: cv2.VideoWriter did not open it")
                 return
-            self._writer, self._size = writer, (w, h)
+            self._writer, self._size, self._frames_in_file = writer, size, 0
+            self.segments += 1
         if (w, h) != self._size:
             canvas = cv2.resize(canvas, self._size)  # a reopened source may change size
         try:
             self._writer.write(canvas)
             self.frames += 1
+            self._frames_in_file += 1
         except cv2.error:
             self.failures += 1
+        if self.max_bytes and self._frames_in_file % self.SIZE_CHECK_EVERY == 0:
+            try:
+                full = os.stat(self.path).st_size >= self.max_bytes
+            except OSError:
+                full = False  # gone under us: the writer's own errors say so
+            if full:
+                # Finished here (the MP4 index written), so the file plays; the next frame starts the next one.
+                log.info("recording %s reached %.1f MiB: finished; the next frame starts a new one",
+                         self.path, self.max_bytes / 2**20)
+                self.close()
+
+    def _keep_earlier(self) -> str | None:
+        """Moves a non-empty earlier recording at ``path`` to ``.1`` (``.1`` to ``.2`` ...), keeping ``files``
+        in all; the oldest goes. Renames land only on earlier recordings: the chain ends before the first slot
+        that holds anything else (refused at start; one that appeared since shortens the chain, with a warning).
+        Returns why it could not, or None."""
+        try:
+            if self.files <= 1 or os.path.getsize(self.path) == 0:
+                return None  # replaced, as asked (one file), or nothing to keep
+        except OSError:
+            return None  # not there
+        keep = self.files
+        foreign = first_foreign_recording_slot(self.path, self.files)
+        if foreign is not None:
+            keep = foreign
+            name = numbered_recording(self.path, foreign)
+            if name not in self._warned_foreign:
+                self._warned_foreign.add(name)
+                log.warning("recording %s: %s is not a recording: keeping %s", self.path, name,
+                            f"{keep - 1} earlier one(s) only" if keep > 1 else "no earlier one (it is replaced)")
+        try:
+            for i in range(keep - 1, 0, -1):
+                src = self.path if i == 1 else numbered_recording(self.path, i - 1)
+                if os.path.lexists(src):
+                    os.replace(src, numbered_recording(self.path, i))
+        except OSError as exc:
+            return (f"preview.record = {self.path!r}: could not keep the earlier recording "
+                    f"({exc.strerror or exc}); not replacing it")
+        return None
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

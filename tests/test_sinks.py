@@ -764,3 +764,104 @@ def test_the_app_refuses_to_record_over_the_model(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "not a video file name" in r.stderr and model.read_bytes() == data
+
+
+def _frames_in(path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def _record(path, frames, value=0, **kw):
+    rec = Recorder(str(path), **kw)
+    for _ in range(frames):
+        rec.write(np.full((48, 64, 3), value, np.uint8))
+    rec.close()
+    return rec
+
+
+def test_a_restart_keeps_the_earlier_recordings_and_only_files_of_them(tmp_path):
+    path = tmp_path / "rec.mp4"
+    for n in (3, 4, 5, 6):  # four runs, one after another
+        _record(path, n, files=3)
+    # The newest in rec.mp4, the two before in .1 and .2; the first run's, the oldest, went.
+    assert [_frames_in(p) for p in (path, tmp_path / "rec.1.mp4", tmp_path / "rec.2.mp4")] == [6, 5, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.1.mp4", "rec.2.mp4", "rec.mp4"]
+
+
+def test_one_file_means_the_earlier_recording_is_replaced(tmp_path):
+    path = tmp_path / "rec.mp4"
+    _record(path, 3, files=1)
+    _record(path, 5, files=1)
+    assert _frames_in(path) == 5 and [p.name for p in tmp_path.iterdir()] == ["rec.mp4"]
+
+
+def test_a_long_recording_is_split_at_its_size_and_every_part_plays(tmp_path):
+    path = tmp_path / "rec.mp4"
+    rng = np.random.default_rng(0)
+    rec = Recorder(str(path), max_mb=0.05, files=4)  # noise compresses badly: a few frames each
+    for _ in range(200):
+        rec.write(rng.integers(0, 256, (120, 160, 3), np.uint8))
+    rec.close()
+    parts = [path] + [tmp_path / f"rec.{i}.mp4" for i in (1, 2, 3)]
+    counts = [_frames_in(p) for p in parts]
+    assert rec.segments > 4 and all(c > 0 for c in counts)  # more parts than kept: the oldest went
+    assert sum(counts) < rec.frames == 200
+    # Each finished part stopped at the first size check past the limit: at most one check's frames over it.
+    for p in parts[1:]:
+        assert 0.05 * 2**20 <= p.stat().st_size
+        assert _frames_in(p) % Recorder.SIZE_CHECK_EVERY == 0
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_never_split_when_the_size_limit_is_off(tmp_path):
+    path = tmp_path / "rec.mp4"
+    rng = np.random.default_rng(0)
+    rec = Recorder(str(path), max_mb=0, files=3)
+    for _ in range(64):
+        rec.write(rng.integers(0, 256, (120, 160, 3), np.uint8))
+    rec.close()
+    assert rec.segments == 1 and _frames_in(path) == 64 and path.stat().st_size > 0.05 * 2**20
+
+
+@pytest.mark.parametrize("foreign", ["text", "directory", "link"])
+def test_rotation_never_renames_over_a_file_that_is_not_a_recording(tmp_path, foreign, caplog):
+    path = tmp_path / "rec.mp4"
+    _record(path, 3, files=3)
+    slot = tmp_path / "rec.2.mp4"
+    if foreign == "text":
+        slot.write_text("my notes\n")
+    elif foreign == "directory":
+        slot.mkdir()
+    else:
+        (tmp_path / "target.mp4").write_bytes(b"")
+        slot.symlink_to(tmp_path / "target.mp4")
+    # Refused at start, naming the file and the way out.
+    problem = sinks.record_path_problem(str(path), files=3)
+    assert problem and "rec.2.mp4" in problem and "preview.record_files = 2" in problem
+    assert sinks.record_path_problem(str(path), files=2) is None
+    # Put there after the start: the chain ends before it, with one warning, and it is untouched.
+    _record(path, 4, files=3)
+    _record(path, 5, files=3)
+    assert _frames_in(path) == 5 and _frames_in(tmp_path / "rec.1.mp4") == 4
+    assert caplog.text.count("is not a recording") == 2  # one per run (each run's recorder warns once)
+    if foreign == "text":
+        assert slot.read_text() == "my notes\n"
+    elif foreign == "directory":
+        assert slot.is_dir() and not any(slot.iterdir())
+    else:
+        assert slot.is_symlink() and (tmp_path / "target.mp4").read_bytes() == b""
+
+
+def test_the_app_keeps_the_earlier_recording_across_runs(tmp_path):
+    """Through the command line and the config: two runs, both recordings there afterwards."""
+    path = tmp_path / "rec.mp4"
+    for n in (3, 5):
+        r = subprocess.run([sys.executable, "-m", "app", "--source", "demo", "--preview", "none", "--record",
+                            str(path), "--max-frames", str(n)], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert _frames_in(path) == 5 and _frames_in(tmp_path / "rec.1.mp4") == 3
