@@ -170,7 +170,7 @@ def _fail(code: int, what: str, message: str) -> int:
     return code
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], as_program: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a bad command line
     logging.basicConfig(
@@ -189,7 +189,7 @@ def run(argv: list[str]) -> int:
     try:
         return _run_args(args, stop, stopper)
     finally:
-        stopper.uninstall()
+        stopper.uninstall(exiting=as_program)
 
 
 def _run_args(args: argparse.Namespace, stop: threading.Event, stopper) -> int:
@@ -506,7 +506,7 @@ def _run_pipeline(cfg, spec, args, stop, notifier, detector, keep, tracker, web)
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, as_program: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         from app.bench import main as bench_main
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "run":
         argv = argv[1:]
     try:
-        return run(argv)
+        return run(argv, as_program=as_program)
     except SystemExit:
         raise
     except Exception:
@@ -523,5 +523,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def _end(rc: object) -> None:
+    """Ends the program once its run closed everything it writes: the logs flushed, then ``os._exit``. The
+    interpreter's own finalisation puts the default signal actions back while it tears down (a second or so
+    with numba loaded), and a stop request then (a second SIGTERM moments after the first) killed the
+    process by the signal instead of the clean stop's 0."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(rc if isinstance(rc, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _end(main(as_program=True))

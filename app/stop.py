@@ -78,15 +78,19 @@ class StopRequests:
         self._thread.start()
         return self
 
-    def uninstall(self) -> None:
-        """The run is over: no forced exit any more; the previous handlers back (for callers in one process)."""
+    def uninstall(self, exiting: bool = False) -> None:
+        """The run is over: no forced exit any more; the previous handlers back (for callers in one process).
+
+        ``exiting``: the process ends next (the program, not a caller in one process). A stop request in that
+        last moment (a second SIGTERM 50 ms after the first, once the clean stop is already done) then exits
+        0 at once, as during the run, instead of meeting the default action and dying by the signal."""
         self._finished.set()
         if self._fds is None:
             return
         try:
             signal.set_wakeup_fd(self._previous_fd)
             for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, (lambda _s, _f: self._exit(0)) if exiting else handler)
         except ValueError:  # not the main thread: leave them
             pass
         r, w = self._fds

@@ -281,3 +281,27 @@ def test_a_second_signal_exits_at_once(stopper):
     t0 = time.monotonic()
     os.kill(os.getpid(), signal.SIGINT)
     assert exits.called.wait(5) and exits.at[0] - t0 < 1.0
+
+
+@pytest.mark.parametrize("exiting, rc", [(True, 0), (False, -signal.SIGTERM)])
+def test_a_stop_request_after_the_run_ends_the_program_with_0(exiting, rc):
+    """A second SIGTERM that lands after the clean stop finished (the run's handlers gone, the interpreter
+    ending) exits 0, as during the run; a caller in one process gets its previous handlers back instead."""
+    code = ("import os, signal, threading, time\n"
+            "from app.stop import StopRequests\n"
+            "s = StopRequests(threading.Event()).install()\n"
+            f"s.uninstall(exiting={exiting})\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "raise SystemExit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc, r.stderr
+
+
+def test_the_program_asks_for_the_exit_after_its_run():
+    """The module run as a program ends its run with uninstall(exiting=True); main() called in one process not."""
+    import ast
+
+    tree = ast.parse((ROOT / "app" / "__main__.py").read_text())
+    calls = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert "main(as_program=True)" in calls and "stopper.uninstall(exiting=as_program)" in calls
