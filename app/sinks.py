@@ -133,6 +133,15 @@ def log_tail_state(fd: int, size: int) -> tuple[bool, int]:
 _NEVER_WRITABLE = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
 
 
+def shift_numbered(path: str, keep: int, numbered: Any) -> None:
+    """Rotation's renames: ``numbered(keep-2)`` -> ``numbered(keep-1)`` ... ``path`` -> ``numbered(1)``, so that
+    ``keep`` files remain in all and the oldest is replaced. Callers have checked every slot it lands on."""
+    for i in range(keep - 1, 0, -1):
+        src = path if i == 1 else numbered(i - 1)
+        if os.path.lexists(src):
+            os.replace(src, numbered(i))
+
+
 def _rotated_log_ours(path: str) -> bool:
     """``path`` may be renamed over by rotation: absent, empty, or a regular file (not a link) whose tail is
     this program's JSON lines."""
@@ -329,10 +338,7 @@ class JsonlLog:
                 os.ftruncate(self._fd, 0)
                 self._fresh_line = False
             else:
-                for i in range(keep - 1, 0, -1):
-                    src = self.path if i == 1 else f"{self.path}.{i - 1}"
-                    if os.path.exists(src):
-                        os.replace(src, f"{self.path}.{i}")
+                shift_numbered(self.path, keep, lambda i: f"{self.path}.{i}")
             self.rotations += 1
         except OSError as exc:
             self._note_failure(exc)
@@ -1098,10 +1104,7 @@ class Recorder:
                 log.warning("recording %s: %s is not a recording: keeping %s", self.path, name,
                             f"{keep - 1} earlier one(s) only" if keep > 1 else "no earlier one (it is replaced)")
         try:
-            for i in range(keep - 1, 0, -1):
-                src = self.path if i == 1 else numbered_recording(self.path, i - 1)
-                if os.path.lexists(src):
-                    os.replace(src, numbered_recording(self.path, i))
+            shift_numbered(self.path, keep, lambda i: numbered_recording(self.path, i))
         except OSError as exc:
             return (f"preview.record = {self.path!r}: could not keep the earlier recording "
                     f"({exc.strerror or exc}); not replacing it")
